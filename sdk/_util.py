@@ -1,0 +1,62 @@
+"""Small helpers shared across the package: hashing, atomic writes, label normalisation."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import re
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+_NON_ALNUM = re.compile(r"[^0-9a-z]+")
+
+
+def normalize_label(label: str) -> str:
+    """Canonical form of a dataset label or alias.
+
+    Lower-cased, every run of non-alphanumeric characters turned into one ``_``, leading and trailing ``_``
+    stripped: ``"Seborrheic keratosis"``, ``"seborrheic_keratosis"`` and ``"SEBORRHEIC-KERATOSIS"`` are one label.
+    """
+    return _NON_ALNUM.sub("_", str(label).strip().lower()).strip("_")
+
+
+def canonical_json(obj: Any) -> str:
+    """JSON with sorted keys and no whitespace: the form that is hashed."""
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+
+def sha256_json(obj: Any) -> str:
+    return hashlib.sha256(canonical_json(obj).encode("utf-8")).hexdigest()
+
+
+def sha256_file(path: str | os.PathLike[str], chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+@contextlib.contextmanager
+def atomic_write(path: str | os.PathLike[str], mode: str = "w", **kwargs: Any) -> Iterator[Any]:
+    """Open a temporary file beside ``path``; rename it over ``path`` only if the block succeeds.
+
+    Nothing half-written is ever left at ``path``: on an exception the temporary file is removed.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, mode, **kwargs) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise

@@ -1,0 +1,90 @@
+import csv
+import json
+
+from derm.cli import app
+from typer.testing import CliRunner
+
+runner = CliRunner()
+
+
+def test_version():
+    result = runner.invoke(app, ["--version"])
+    assert result.exit_code == 0 and result.output.startswith("derm ")
+
+
+def test_taxonomy_show_with_counts(ham_csv):
+    result = runner.invoke(app, ["taxonomy", "show", "--data", str(ham_csv), "--hide-empty"])
+    assert result.exit_code == 0, result.output
+    assert "10,015 images" in result.output
+    assert "Benign [benign]  8,061" in result.output
+    assert "Melanocytic nevus [melanocytic_nevus]  6,705" in result.output
+    assert "Inflammatory" not in result.output
+
+
+def test_taxonomy_show_depth():
+    result = runner.invoke(app, ["taxonomy", "show", "--depth", "1"])
+    assert result.exit_code == 0
+    assert "Malignant melanoma [malignant_melanoma]" in result.output
+    assert "Blue nevus" not in result.output
+
+
+def test_taxonomy_partition(ham_csv, tmp_path):
+    out = tmp_path / "p.json"
+    result = runner.invoke(
+        app,
+        ["taxonomy", "partition", "--data", str(ham_csv), "--max-class-size", "1000", "--json", str(out), "--matrix"],
+    )
+    assert result.exit_code == 0, result.output
+    assert "5 training classes from 10,015 images" in result.output
+    assert "Aggregation to level 'three'" in result.output and "Aggregation to level 'nine'" in result.output
+    assert "malignant_epidermal        841 images  <- classes [3]" in result.output
+    payload = json.loads(out.read_text())
+    assert [c["label"] for c in payload["partition"]["classes"]][:2] == ["benign_dermal", "benign_keratinocytic"]
+    assert len(payload["aggregation"]["nine"]["matrix"]) == 5
+    assert payload["dataset"]["images"] == 10015
+
+
+def test_partition_rejects_bad_max_class_size(ham_csv):
+    result = runner.invoke(
+        app, ["taxonomy", "partition", "--data", str(ham_csv), "--max-class-size", "0"], env={"COLUMNS": "200"}
+    )
+    assert result.exit_code == 2
+    assert "max_class_size must be a positive integer, received 0" in result.output
+
+
+def test_validate(tmp_path):
+    good = runner.invoke(app, ["taxonomy", "validate", "sdk/data/default_taxonomy.yaml"])
+    assert good.exit_code == 0 and good.output.startswith("OK: esteva2017-dermatology")
+    bad = tmp_path / "t.yaml"
+    bad.write_text("nodes:\n  - {id: a, name: A, parent: ghost}\n")
+    result = runner.invoke(app, ["taxonomy", "validate", str(bad)])
+    assert result.exit_code == 2
+    assert "node 'a': parent 'ghost' does not exist" in result.output
+
+
+def test_data_check(ham_csv, tmp_path):
+    ok = runner.invoke(app, ["data", "check", str(ham_csv)])
+    assert ok.exit_code == 0, ok.output
+    assert "OK: 10,015 images, 7470 groups" in ok.output
+    assert "akiec" in ok.output and "-> malignant_epidermal" in ok.output
+    bad = tmp_path / "bad.csv"
+    bad.write_text("image,label\nmissing.jpg,wat\n")
+    result = runner.invoke(app, ["data", "check", str(bad)])
+    assert result.exit_code == 1
+    assert "unknown label 'wat'" in result.output and "file not found" in result.output
+
+
+def test_data_split(pad_csv, tmp_path):
+    out = tmp_path / "folds.csv"
+    result = runner.invoke(app, ["data", "split", str(pad_csv), "--out", str(out), "--folds", "3"])
+    assert result.exit_code == 0, result.output
+    with out.open() as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 360
+    folds_by_patient = {}
+    for r in rows:
+        folds_by_patient.setdefault(r["patient_id"], set()).add(r["fold"])
+    assert all(len(f) == 1 for f in folds_by_patient.values())
+    assert (tmp_path / rows[0]["image"]).is_file() or rows[0]["image"].startswith("/")
+    again = runner.invoke(app, ["data", "split", str(pad_csv), "--out", str(out)])
+    assert again.exit_code == 2 and "--overwrite" in again.output
