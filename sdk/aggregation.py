@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import numpy as np
+
 from derm.errors import PartitionError
 from derm.partition import Partition
 from derm.taxonomy import BinaryTask, Taxonomy

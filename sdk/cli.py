@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+
 from derm._version import __version__
 
 app = typer.Typer(

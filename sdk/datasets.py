@@ -20,11 +20,12 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
+from PIL import Image
+
 from derm._progress import track
 from derm._util import sha256_file
 from derm.errors import DatasetError
 from derm.taxonomy import Taxonomy, default_taxonomy
-from PIL import Image
 
 log = logging.getLogger(__name__)
 

@@ -15,8 +15,9 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
-from derm._progress import track
 from PIL import Image, ImageOps
+
+from derm._progress import track
 
 log = logging.getLogger(__name__)
 

@@ -1,6 +1,7 @@
-import derm
 import numpy as np
 import pytest
+
+import derm
 from derm import (
     PartitionError,
     aggregation_matrix,

@@ -1,8 +1,9 @@
 import csv
 import json
 
-from derm.cli import app
 from typer.testing import CliRunner
+
+from derm.cli import app
 
 runner = CliRunner()
 

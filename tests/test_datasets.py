@@ -1,8 +1,9 @@
 import shutil
 import warnings
 
-import derm
 import pytest
+
+import derm
 from derm import DatasetError, read_dataset
 
 

@@ -1,9 +1,10 @@
-import derm
 import numpy as np
 import pytest
-from derm import PartitionError, aggregation_matrix, partition
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
+import derm
+from derm import PartitionError, aggregation_matrix, partition
 
 # A subset of the taxonomy with mock image counts, modelled on Esteva et al. 2017, Extended Data Fig. 1
 # (partition with maxClassSize = 1,000; inference classes benign and malignant; training classes such as

@@ -2,6 +2,8 @@ import io
 
 import numpy as np
 import pytest
+from PIL import Image
+
 from derm.splits import (
     Fingerprints,
     group_components,
@@ -12,7 +14,6 @@ from derm.splits import (
     thumbnail_vector,
     train_val_split,
 )
-from PIL import Image
 
 
 @pytest.fixture(scope="module")

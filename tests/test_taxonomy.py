@@ -2,9 +2,10 @@ import copy
 import json
 from importlib import resources
 
-import derm
 import pytest
 import yaml
+
+import derm
 from derm import TaxonomyError, load_taxonomy
 from derm._util import normalize_label
 from derm.taxonomy import format_tree

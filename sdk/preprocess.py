@@ -1,0 +1,127 @@
+"""The one preprocessing function, shared by the trainer and the SDK: any image in, RGB uint8 at the model size out.
+
+Decoding honours EXIF orientation and turns every mode (grayscale, palette, RGBA, CMYK, 16-bit, float) into
+8-bit RGB; resizing squashes to a square as the paper's pipeline did (299x299). Scaling to the network's range
+happens *inside* the model and every exported graph, so no caller can get normalisation wrong.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from derm.errors import DermError
+
+ImageSource = str | os.PathLike | bytes | bytearray | memoryview | Image.Image | np.ndarray
+
+#: Refuse images larger than this many pixels (decompression bombs); a 200-megapixel photo still loads.
+MAX_PIXELS = 200_000_000
+RESAMPLE = Image.Resampling.BILINEAR
+
+
+class ImageError(DermError, ValueError):
+    """An image could not be read; the message names the file."""
+
+
+@dataclass(frozen=True)
+class PreprocessSpec:
+    """What an app must do before the model: stamped into run directories and exported files."""
+
+    size: int = 299  # square input side, pixels
+    color: str = "RGB"  # channel order
+    dtype: str = "uint8"  # 0..255; the model scales to [-1, 1] itself
+    resize: str = "bilinear, aspect ratio not kept (squash), after EXIF orientation"
+    scaling_in_model: str = "x / 127.5 - 1"
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _name(source: Any) -> str:
+    if isinstance(source, (str, os.PathLike)):
+        return str(source)
+    return f"<{type(source).__name__}>"
+
+
+def _open(source: ImageSource) -> Image.Image:
+    if isinstance(source, Image.Image):
+        return source
+    if isinstance(source, np.ndarray):
+        arr = source
+        if arr.ndim == 3 and arr.shape[2] == 1:
+            arr = arr[..., 0]
+        if arr.ndim not in (2, 3) or (arr.ndim == 3 and arr.shape[2] not in (3, 4)):
+            raise ImageError(f"Array image must be HxW, HxWx3 or HxWx4, received shape {arr.shape}.")
+        if arr.dtype != np.uint8:
+            if np.issubdtype(arr.dtype, np.floating) and arr.size and float(np.nanmax(arr)) <= 1.0:
+                arr = arr * 255.0
+            elif arr.dtype == np.uint16:
+                arr = arr / 257.0
+            arr = np.clip(np.nan_to_num(arr), 0, 255).astype(np.uint8)
+        return Image.fromarray(arr)
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        return Image.open(io.BytesIO(bytes(source)))
+    path = Path(source)
+    if not path.is_file():
+        raise ImageError(f"Image not found: {str(path)!r}.")
+    return Image.open(path)
+
+
+def load_image(source: ImageSource) -> Image.Image:
+    """Decode any supported image to an upright 8-bit RGB PIL image. Raises :class:`ImageError` naming the file."""
+    try:
+        im = _open(source)
+        if im.width * im.height > MAX_PIXELS:
+            raise ImageError(
+                f"Image {_name(source)} is {im.width}x{im.height} pixels, over the {MAX_PIXELS:,}-pixel limit; "
+                "downscale it first."
+            )
+        im = ImageOps.exif_transpose(im)
+        return _to_rgb(im)
+    except ImageError:
+        raise
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+        raise ImageError(f"Cannot read image {_name(source)}: {type(exc).__name__}: {exc}") from exc
+
+
+def _to_rgb(im: Image.Image) -> Image.Image:
+    mode = im.mode
+    if mode == "RGB":
+        im.load()
+        return im
+    if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        arr = np.asarray(im, dtype=np.float64)
+        top = 65535.0 if mode.startswith("I;16") or arr.max(initial=0) > 255 else 255.0
+        if mode == "F" and arr.max(initial=0) <= 1.0:
+            top = 1.0
+        arr = np.clip(arr / top * 255.0, 0, 255).astype(np.uint8)
+        return Image.fromarray(arr).convert("RGB")
+    if mode in ("RGBA", "LA", "PA") or (mode == "P" and "transparency" in im.info):
+        rgba = im.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))  # transparent areas become white
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return im.convert("RGB")  # L, P, CMYK, YCbCr, 1, LAB, HSV
+
+
+def resize(im: Image.Image, size: int) -> np.ndarray:
+    """Square ``size`` x ``size`` RGB uint8 array (aspect ratio not kept, as in the paper's pipeline)."""
+    if im.size != (size, size):
+        if max(im.size) > 4 * size and hasattr(im, "reduce"):
+            factor = max(1, min(im.width, im.height) // (2 * size))
+            if factor > 1:
+                im = im.reduce(factor)  # fast box pre-shrink of huge photos; the final resize stays bilinear
+        im = im.resize((size, size), RESAMPLE)
+    return np.asarray(im, dtype=np.uint8)
+
+
+def preprocess(source: ImageSource, size: int = 299) -> np.ndarray:
+    """Decode and resize: (size, size, 3) uint8 RGB, ready for an exported model or the trainer."""
+    if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+        raise ValueError(f"size must be a positive integer, received {size!r}.")
+    return resize(load_image(source), size)
