@@ -1,12 +1,16 @@
-"""``derm-train``: the trainer's command line (so far: obtaining the pretrained weights)."""
+"""``derm-train``: train the classifier (``train``), cross-validate it (``cv``), obtain pretrained weights
+(``weights``). Every option is also a :class:`derm.trainer.train.TrainConfig` field and a config-file key."""
 
 from __future__ import annotations
 
 import logging
 import sys
+from pathlib import Path
+from typing import Annotated, Any
 
 import typer
 
+from derm.errors import DermError
 from derm.trainer.weights import weights_app
 
 app = typer.Typer(
@@ -22,6 +26,159 @@ app.add_typer(weights_app, name="weights")
 @app.callback()
 def _main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+
+
+def _opt(help: str, *names: str) -> Any:
+    return typer.Option(*names, help=help, show_default=False)
+
+
+def _config(config: Path | None, given: dict[str, Any]) -> Any:
+    from derm.trainer.train import TrainConfig, read_config_file
+
+    data = read_config_file(config) if config else {}
+    data.update({k: v for k, v in given.items() if v is not None})
+    if "pool_layers" in data and isinstance(data["pool_layers"], str):
+        data["pool_layers"] = [p.strip() for p in data["pool_layers"].split(",") if p.strip()]
+    if "within" in data and isinstance(data["within"], str) and "," in data["within"]:
+        data["within"] = [p.strip() for p in data["within"].split(",") if p.strip()]
+    return TrainConfig.from_dict(data, source=str(config) if config else "the options")
+
+
+CONFIG = Annotated[
+    Path | None,
+    typer.Option("--config", "-c", help="YAML/JSON file of options (CLI wins).", exists=True, dir_okay=False),
+]
+DATA = Annotated[str | None, _opt("Labelled CSV (image, label[, lesion_id/patient_id]).", "--data")]
+OUT = Annotated[str | None, _opt("Run directory to create.", "--out")]
+TAXONOMY = Annotated[str | None, _opt("Taxonomy YAML/JSON (default: the built-in tree).", "--taxonomy")]
+MCS = Annotated[int | None, _opt("The paper's maxClassSize [1000].", "--max-class-size")]
+WITHIN = Annotated[
+    str | None,
+    _opt(
+        "Inference level training classes must lie under: three, nine [default], "
+        "labels (the CSV's own diagnoses) or node ids joined by commas.",
+        "--within",
+    ),
+]
+MODE = Annotated[str | None, _opt("bottleneck [default] or finetune.", "--mode")]
+WEIGHTS = Annotated[str | None, _opt("inception-2015 [default], imagenet, none or a .weights.h5.", "--weights")]
+SIZE = Annotated[int | None, _opt("Input side in pixels [299].", "--input-size")]
+POOL = Annotated[
+    str | None, _opt("Pooled blocks feeding the head, e.g. mixed7,mixed8,mixed9,mixed10 [mixed10].", "--pool-layers")
+]
+VIEWS = Annotated[int | None, _opt("Augmented views per training image (bottleneck) [4].", "--views")]
+HEAD_EPOCHS = Annotated[int | None, _opt("Head epochs (bottleneck) [40].", "--head-epochs")]
+UNFREEZE = Annotated[
+    int | None, _opt("After the head, fine-tune this many top Inception blocks [0].", "--unfreeze-top")
+]
+EPOCHS = Annotated[int | None, _opt("Fine-tuning epochs [30].", "--epochs")]
+LR = Annotated[float | None, _opt("Fine-tuning learning rate [0.001].", "--lr")]
+BATCH = Annotated[int | None, _opt("Batch size [32].", "--batch-size")]
+STEPS = Annotated[int | None, _opt("Steps per fine-tuning epoch [one pass].", "--steps-per-epoch")]
+CW = Annotated[str | None, _opt("balanced [default] or none.", "--class-weighting")]
+VAL = Annotated[float | None, _opt("Validation fraction, whole groups [0.1].", "--val-fraction")]
+BLURRY = Annotated[float | None, _opt("Drop the blurriest fraction from validation/test [0].", "--blurry-quantile")]
+SEED = Annotated[int | None, _opt("Random seed [0].", "--seed")]
+CACHE = Annotated[str | None, _opt("Feature cache file [$DERM_CACHE/features/...].", "--feature-cache")]
+STRATEGY = Annotated[str | None, _opt("tf.distribute strategy: auto, default, mirrored.", "--strategy")]
+HOLDOUT = Annotated[
+    str | None, _opt("Fixed test set: rows whose COLUMN equals VALUE (e.g. split=validation).", "--holdout")
+]
+OVERWRITE = Annotated[bool, typer.Option("--overwrite", help="Replace an existing run directory.")]
+
+
+def _run(fn: Any, *args: Any) -> Any:
+    try:
+        return fn(*args)
+    except DermError as exc:
+        typer.secho(f"Error: {exc}", err=True, fg=typer.colors.RED)
+        raise typer.Exit(code=2) from None
+
+
+@app.command("train")
+def train_command(
+    config: CONFIG = None,
+    data: DATA = None,
+    out: OUT = None,
+    taxonomy: TAXONOMY = None,
+    max_class_size: MCS = None,
+    within: WITHIN = None,
+    mode: MODE = None,
+    weights: WEIGHTS = None,
+    input_size: SIZE = None,
+    pool_layers: POOL = None,
+    views: VIEWS = None,
+    head_epochs: HEAD_EPOCHS = None,
+    unfreeze_top: UNFREEZE = None,
+    epochs: EPOCHS = None,
+    lr: LR = None,
+    batch_size: BATCH = None,
+    steps_per_epoch: STEPS = None,
+    class_weighting: CW = None,
+    val_fraction: VAL = None,
+    blurry_quantile: BLURRY = None,
+    seed: SEED = None,
+    feature_cache: CACHE = None,
+    strategy: STRATEGY = None,
+    holdout: HOLDOUT = None,
+    overwrite: OVERWRITE = False,
+) -> None:
+    """Train one model into a run directory (model.keras, taxonomy, partition, preprocessing, config, metrics)."""
+    given = {k: v for k, v in locals().items() if k != "config"}
+    given["overwrite"] = overwrite or None
+    from derm.evaluation import format_summary
+    from derm.trainer.train import train
+
+    cfg = _run(_config, config, given)
+    out_dir = _run(train, cfg)
+    import json
+
+    metrics = json.loads((out_dir / "metrics.json").read_text(encoding="utf-8"))
+    typer.echo(f"Run: {out_dir}")
+    if "val" in metrics:
+        typer.echo("Validation:\n" + format_summary(metrics["val"]))
+
+
+@app.command("cv")
+def cv_command(
+    config: CONFIG = None,
+    data: DATA = None,
+    out: OUT = None,
+    taxonomy: TAXONOMY = None,
+    max_class_size: MCS = None,
+    within: WITHIN = None,
+    mode: MODE = None,
+    weights: WEIGHTS = None,
+    input_size: SIZE = None,
+    pool_layers: POOL = None,
+    views: VIEWS = None,
+    head_epochs: HEAD_EPOCHS = None,
+    unfreeze_top: UNFREEZE = None,
+    epochs: EPOCHS = None,
+    lr: LR = None,
+    batch_size: BATCH = None,
+    steps_per_epoch: STEPS = None,
+    class_weighting: CW = None,
+    val_fraction: VAL = None,
+    blurry_quantile: BLURRY = None,
+    seed: SEED = None,
+    feature_cache: CACHE = None,
+    strategy: STRATEGY = None,
+    holdout: HOLDOUT = None,
+    overwrite: OVERWRITE = False,
+    folds: Annotated[int, typer.Option("--folds", help="Number of group-aware folds (the paper: 9).")] = 9,
+) -> None:
+    """k-fold cross-validation: OUT/fold_K runs (each tested on its held-out fold) and OUT/cv.md."""
+    given = {k: v for k, v in locals().items() if k not in ("config", "folds")}
+    given["overwrite"] = overwrite or None
+    from derm.trainer.train import cross_validate
+
+    if folds < 2:
+        typer.secho(f"Error: --folds must be at least 2, received {folds}.", err=True, fg=typer.colors.RED)
+        raise typer.Exit(code=2)
+    cfg = _run(_config, config, given)
+    out_dir = _run(cross_validate, cfg, folds)
+    typer.echo((out_dir / "cv.md").read_text(encoding="utf-8"))
 
 
 def main() -> None:

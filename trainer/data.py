@@ -61,7 +61,8 @@ def image_dataset(
             idx = idx.shuffle(n, seed=seed + 1, reshuffle_each_iteration=True)
         return idx.map(lambda i: (i, epoch))
 
-    ds = epochs.flat_map(epoch_indices)
+    # Without repeat, a dataset of known cardinality: Keras' predict/evaluate then stop cleanly at the end.
+    ds = epochs.flat_map(epoch_indices) if repeat else epoch_indices(tf.constant(0, dtype=tf.int64))
     autotune = parallel or tf.data.AUTOTUNE
     if targets is not None:
         t = tf.constant(np.asarray(targets, dtype=np.int64))

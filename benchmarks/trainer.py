@@ -1,0 +1,398 @@
+"""Trainer benchmark on the real data in ../shared: bottleneck mode from the inception-2015 weights.
+
+- HAM10000, lesion-grouped 5-fold cross-validation: 7-diagnosis mean per-class accuracy, 3-way accuracy,
+  melanoma-vs-nevus AUC (per fold and pooled over folds, with bootstrap intervals), fold-to-fold spread.
+- ISIC 2017: trained on its training split, measured on its validation split (melanoma vs nevus, seborrheic
+  keratosis vs the rest).
+- PAD-UFES-20 smartphone photos, patient-grouped 5-fold: carcinoma vs seborrheic keratosis AUC, trained with all the
+  dermoscopy data in the mix, against the same model trained on dermoscopy only.
+- Baseline: a plain logistic regression on frozen mixed10 features of the plain view (no augmentation, no class
+  weights), on the same HAM folds.
+- Throughput: feature-cache extraction rate (decode and augmentation included) against raw ``model.predict`` on
+  pre-decoded arrays of the same images; peak memory.
+
+    python -m derm.benchmarks.trainer --shared ../shared --runs runs/bench
+
+writes ``benchmarks/results/trainer.json`` and ``trainer.md``. Slow on a laptop CPU (feature extraction of
+~12,500 images per view at 299x299): the feature cache makes reruns cheap.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+import json
+import logging
+import resource
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from derm import metrics
+
+RESULTS = Path(__file__).resolve().parent / "results"
+log = logging.getLogger("derm.benchmarks.trainer")
+
+
+def _rows(path: Path) -> list[dict[str, str]]:
+    with open(path, newline="", encoding="utf-8") as f:
+        return list(csv.DictReader(f))
+
+
+def _pooled(run_dirs: list[Path], classes_under: dict[str, list[str]]) -> dict[str, Any]:
+    """Concatenate the test predictions of several runs."""
+    rows = [r for d in run_dirs for r in _rows(d / "predictions_test.csv")]
+    return {"rows": rows}
+
+
+def _task_scores(rows: list[dict[str, str]], run: Path, task_id: str) -> tuple[np.ndarray, np.ndarray]:
+    import derm
+    from derm.partition import Partition
+    from derm.taxonomy import Taxonomy
+
+    tax = Taxonomy.from_dict(json.loads((run / "taxonomy.json").read_text()))
+    part = Partition.from_dict(json.loads((run / "partition.json").read_text()), tax)
+    probs = np.asarray([[float(r[c]) for c in part.labels] for r in rows])
+    y = derm.task_targets(tax, [r["node"] for r in rows], task_id)
+    score = derm.conditional_probability(probs, derm.task_matrix(part, task_id, dtype=np.float64))
+    keep = y >= 0
+    return y[keep].astype(int), score[keep]
+
+
+def _node_scores(rows: list[dict[str, str]], run: Path, node: str) -> tuple[np.ndarray, np.ndarray]:
+    """One-vs-rest: P(node) against images labelled under it."""
+    from derm.partition import Partition
+    from derm.taxonomy import Taxonomy
+
+    tax = Taxonomy.from_dict(json.loads((run / "taxonomy.json").read_text()))
+    part = Partition.from_dict(json.loads((run / "partition.json").read_text()), tax)
+    cols = [c.label for c in part.classes if tax.is_under(c.node, node)]
+    score = np.asarray([sum(float(r[c]) for c in cols) for r in rows])
+    y = np.asarray([tax.is_under(r["node"], node) for r in rows], dtype=int)
+    return y, score
+
+
+def _auc_entry(y: np.ndarray, s: np.ndarray) -> dict[str, Any]:
+    auc, lo, hi = metrics.bootstrap_auc(y, s, n_boot=1000, seed=0)
+    return {"auc": auc, "lo": lo, "hi": hi, "n_positive": int(y.sum()), "n_negative": int((1 - y).sum())}
+
+
+def ham_cv(base: Any, ham: Path, runs: Path, folds: int) -> dict[str, Any]:
+    from derm.trainer.train import cross_validate
+
+    cfg = dataclasses.replace(base, data=str(ham), out=str(runs / "ham_cv"), within="labels")
+    out = cross_validate(cfg, folds)
+    cv = json.loads((out / "cv.json").read_text())
+    fold_dirs = [out / f"fold_{k}" for k in range(folds)]
+    rows = [r for d in fold_dirs for r in _rows(d / "predictions_test.csv")]
+    y, s = _task_scores(rows, fold_dirs[0], "melanoma_vs_nevus")
+    return {
+        "folds": cv["folds"],
+        "summary": cv["summary"],
+        "pooled_melanoma_vs_nevus": _auc_entry(y, s),
+        "n_test_images": len(rows),
+    }
+
+
+def isic2017(base: Any, isic: Path, runs: Path) -> dict[str, Any]:
+    from derm.trainer.train import train
+
+    cfg = dataclasses.replace(
+        base, data=str(isic), out=str(runs / "isic2017"), within="labels", holdout="split=validation"
+    )
+    run = Path(cfg.out) if (Path(cfg.out) / "run.json").is_file() else train(cfg)
+    rows = _rows(run / "predictions_test.csv")
+    y, s = _task_scores(rows, run, "melanoma_vs_nevus")
+    ys, ss = _node_scores(rows, run, "seborrheic_keratosis")
+    m = json.loads((run / "metrics.json").read_text())["test"]
+    return {
+        "n_test_images": len(rows),
+        "melanoma_vs_nevus": _auc_entry(y, s),
+        "seborrheic_keratosis_vs_rest": _auc_entry(ys, ss),
+        "labels_mpca": m["levels"]["labels"]["mean_per_class_accuracy"],
+    }
+
+
+def _combined_csv(shared: Path, out: Path, folds: int, seed: int) -> Path:
+    """HAM10000 + ISIC 2017 (all) + PAD-UFES-20 in one CSV; PAD rows get a patient-grouped fold, others -1."""
+    import derm
+
+    pad = _rows(shared / "data/pad_ufes20/labels.csv")
+    comps = derm.group_components(len(pad), [r["patient_id"] for r in pad])
+    pad_folds = derm.kfold([r["label"] for r in pad], comps, k=folds, seed=seed)
+    rows = []
+    for name, group_col in (("ham10000", "lesion_id"), ("isic2017_trainval", None)):
+        base = shared / "data" / name
+        for r in _rows(base / "labels.csv"):
+            g = f"{name}:{r[group_col]}" if group_col else ""
+            rows.append(
+                {"image": str(base / r["image"]), "label": r["label"], "group": g, "source": name, "bench_fold": "-1"}
+            )
+    base = shared / "data/pad_ufes20"
+    for r, f in zip(pad, pad_folds, strict=True):
+        rows.append(
+            {
+                "image": str(base / r["image"]),
+                "label": r["label"],
+                "group": f"pad:{r['patient_id']}",
+                "source": "pad_ufes20",
+                "bench_fold": str(int(f)),
+            }
+        )
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out, "w", newline="", encoding="utf-8") as fh:
+        w = csv.DictWriter(fh, fieldnames=["image", "label", "group", "source", "bench_fold"])
+        w.writeheader()
+        w.writerows(rows)
+    return out
+
+
+def pad_phone(base: Any, shared: Path, runs: Path, folds: int) -> dict[str, Any]:
+    from derm.trainer.train import train
+
+    combined = _combined_csv(shared, runs / "combined.csv", folds, base.seed)
+    fold_dirs = []
+    for k in range(folds):
+        cfg = dataclasses.replace(
+            base, data=str(combined), out=str(runs / f"pad_fold_{k}"), within="labels", holdout=f"bench_fold={k}"
+        )
+        fold_dirs.append(Path(cfg.out) if (Path(cfg.out) / "run.json").is_file() else train(cfg))
+    rows = [r for d in fold_dirs for r in _rows(d / "predictions_test.csv")]
+    y, s = _task_scores(rows, fold_dirs[0], "carcinoma_vs_seborrheic_keratosis")
+    # the same model family trained on dermoscopy only, tested on every PAD photo
+    cfg = dataclasses.replace(
+        base, data=str(combined), out=str(runs / "pad_dermoscopy_only"), within="labels", holdout="source=pad_ufes20"
+    )
+    run = Path(cfg.out) if (Path(cfg.out) / "run.json").is_file() else train(cfg)
+    y0, s0 = _task_scores(_rows(run / "predictions_test.csv"), run, "carcinoma_vs_seborrheic_keratosis")
+    return {"mixed_training": _auc_entry(y, s), "dermoscopy_only": _auc_entry(y0, s0), "n_pad_images": len(rows)}
+
+
+def logistic_baseline(base: Any, ham_cv_dir: Path, cache_path: Path) -> dict[str, Any]:
+    """Plain logistic regression (no class weights) on frozen mixed10 features of the plain view, same folds."""
+    from sklearn.linear_model import LogisticRegression
+
+    from derm.trainer.features import FeatureCache, image_digests
+    from derm.trainer.model import feature_slice
+
+    rows_all = _rows(ham_cv_dir / "fold_0" / "split.csv")
+    paths = [r["image"] for r in rows_all]
+    digests = image_digests(paths)
+    import sqlite3
+
+    key_json = sqlite3.connect(cache_path).execute("SELECT v FROM meta WHERE k='key'").fetchone()[0]
+    from derm.trainer.features import CacheKey
+
+    key = json.loads(key_json)
+    key["layers"] = tuple(key["layers"])
+    with FeatureCache(cache_path, CacheKey(**key)) as cache:
+        x = cache.get(digests, [0])[0][:, feature_slice(["mixed10"])]
+    labels = np.asarray([r["label"] for r in rows_all])
+    out = {"folds": []}
+    ys, ss = [], []
+    k = 0
+    while (ham_cv_dir / f"fold_{k}").is_dir():
+        roles = np.asarray([r["role"] for r in _rows(ham_cv_dir / f"fold_{k}" / "split.csv")])
+        tr, te = roles != "test", roles == "test"
+        clf = LogisticRegression(max_iter=2000).fit(x[tr], labels[tr])
+        p = clf.predict_proba(x[te])
+        classes = list(clf.classes_)
+        yt = labels[te]
+        mpca, _ = metrics.mean_per_class_accuracy(np.asarray([classes.index(v) for v in yt]), p.argmax(1), len(classes))
+        sel = np.isin(yt, ["mel", "nv"])
+        score = p[:, classes.index("mel")] / (p[:, classes.index("mel")] + p[:, classes.index("nv")])
+        ys.append((yt[sel] == "mel").astype(int))
+        ss.append(score[sel])
+        out["folds"].append(
+            {"fold": k, "labels_mpca": float(mpca), "melanoma_vs_nevus_auc": metrics.auc(ys[-1], ss[-1])}
+        )
+        k += 1
+    out["pooled_melanoma_vs_nevus"] = _auc_entry(np.concatenate(ys), np.concatenate(ss))
+    out["labels_mpca_mean"] = float(np.mean([f["labels_mpca"] for f in out["folds"]]))
+    return out
+
+
+def throughput(base: Any, shared: Path, n: int = 256) -> dict[str, Any]:
+    """Feature-cache extraction (decode + resize in tf.data, overlapped) vs model.predict on decoded arrays."""
+    import tempfile
+
+    import derm
+    from derm.preprocess import preprocess
+    from derm.trainer.features import FeatureCache, cache_key, extract, image_digests
+    from derm.trainer.model import build_model, feature_extractor
+
+    ds = derm.read_dataset(shared / "data/ham10000/labels.csv")
+    paths = ds.paths[:n]
+    model = build_model(2, base.input_size, base.weights, ("mixed10",))
+    fe = feature_extractor(model)
+    digests = image_digests(paths)
+    with (
+        tempfile.TemporaryDirectory() as tmp,
+        FeatureCache(Path(tmp) / "c.sqlite", cache_key(fe, base.input_size, 0)) as cache,
+    ):
+        extract(fe, cache, paths[:32], digests[:32], [0], batch_size=32)  # warm-up (tracing)
+        st = extract(fe, cache, paths[32:], digests[32:], [0], batch_size=32)
+        st_aug = extract(fe, cache, paths[32:], digests[32:], [1], batch_size=32)
+    x = np.stack([preprocess(p, base.input_size) for p in paths[32:]]).astype(np.float32)
+    fe.predict(x[:32], batch_size=32, verbose=0)
+    t = time.perf_counter()
+    fe.predict(x, batch_size=32, verbose=0)
+    raw = len(x) / (time.perf_counter() - t)
+    single = []
+    for i in range(5):
+        t = time.perf_counter()
+        fe.predict(x[i : i + 1], verbose=0)
+        single.append(time.perf_counter() - t)
+    return {
+        "images": len(x),
+        "cache_plain_images_per_s": st.images_per_second,
+        "cache_augmented_images_per_s": st_aug.images_per_second,
+        "raw_predict_images_per_s": raw,
+        "ratio_plain": st.images_per_second / raw,
+        "ratio_augmented": st_aug.images_per_second / raw,
+        "single_image_ms_median": 1000 * float(np.median(single)),
+        "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    }
+
+
+def _fmt(e: dict[str, Any]) -> str:
+    return f"{e['auc']:.3f} ({e['lo']:.3f}-{e['hi']:.3f})"
+
+
+def markdown(res: dict[str, Any]) -> str:
+    c = res["config"]
+    lines = [
+        "# Trainer benchmark (bottleneck mode, inception-2015 weights)",
+        "",
+        f"Run `{res['command']}` on {res['machine']}, {res['date']}. Input {c['input_size']}x{c['input_size']}, "
+        f"head on pooled {', '.join(c['pool_layers'])}, {c['views']} augmented views per training image, "
+        f"{c['head_epochs']} head epochs, class weighting {c['class_weighting']}, seed {c['seed']}.",
+        "",
+    ]
+    if "ham" in res:
+        h = res["ham"]
+        s = h["summary"]
+
+        def ms(k: str) -> str:
+            return f"{s[k]['mean']:.3f} ± {s[k]['sd']:.3f}" if k in s else "n/a"
+
+        lines += [
+            "## HAM10000, lesion-grouped 5-fold cross-validation",
+            "",
+            "| metric | this model (mean ± sd over folds) | logistic regression baseline |",
+            "|---|---|---|",
+            f"| 7-diagnosis mean per-class accuracy | {ms('labels_mpca')} | "
+            f"{res.get('baseline', {}).get('labels_mpca_mean', float('nan')):.3f} |",
+            f"| 3-way accuracy | {ms('three_accuracy')} | |",
+            f"| 3-way mean per-class accuracy | {ms('three_mpca')} | |",
+            f"| melanoma vs nevus AUC (per fold) | {ms('melanoma_vs_nevus_auc')} | |",
+            f"| melanoma vs nevus AUC (pooled, 95% CI) | {_fmt(h['pooled_melanoma_vs_nevus'])} | "
+            f"{_fmt(res['baseline']['pooled_melanoma_vs_nevus']) if 'baseline' in res else ''} |",
+            "",
+        ]
+    if "isic2017" in res:
+        i = res["isic2017"]
+        lines += [
+            "## ISIC 2017 (train split -> validation split)",
+            "",
+            f"- melanoma vs nevus AUC {_fmt(i['melanoma_vs_nevus'])}",
+            f"- seborrheic keratosis vs rest AUC {_fmt(i['seborrheic_keratosis_vs_rest'])}",
+            f"- 3-diagnosis mean per-class accuracy {i['labels_mpca']:.3f} ({i['n_test_images']} images)",
+            "",
+        ]
+    if "pad" in res:
+        p = res["pad"]
+        lines += [
+            "## PAD-UFES-20 smartphone photos, patient-grouped 5-fold",
+            "",
+            f"- carcinoma vs seborrheic keratosis AUC, trained with dermoscopy + other PAD folds: "
+            f"{_fmt(p['mixed_training'])}",
+            f"- same, trained on dermoscopy only: {_fmt(p['dermoscopy_only'])}",
+            "",
+        ]
+    if "throughput" in res:
+        t = res["throughput"]
+        lines += [
+            "## Throughput (feature cache vs raw model.predict)",
+            "",
+            f"- feature cache, plain views: {t['cache_plain_images_per_s']:.1f} images/s; augmented views: "
+            f"{t['cache_augmented_images_per_s']:.1f} images/s (decode, resize, augmentation included)",
+            f"- raw `model.predict` on pre-decoded arrays: {t['raw_predict_images_per_s']:.1f} images/s; "
+            f"ratio {t['ratio_plain']:.2f} (plain), {t['ratio_augmented']:.2f} (augmented)",
+            f"- single image: {t['single_image_ms_median']:.0f} ms; peak RSS {t['peak_rss_mib']:.0f} MiB",
+            "",
+        ]
+    lines += ["## What limits these numbers", "", res.get("limits", ""), ""]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    from derm.trainer.train import TrainConfig
+
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--shared", type=Path, default=Path("../shared"))
+    ap.add_argument("--runs", type=Path, default=Path("runs/bench"))
+    ap.add_argument("--feature-cache", type=Path, default=None)
+    ap.add_argument("--views", type=int, default=4)
+    ap.add_argument("--head-epochs", type=int, default=40)
+    ap.add_argument("--pool-layers", default="mixed7,mixed8,mixed9,mixed10")
+    ap.add_argument("--folds", type=int, default=5)
+    ap.add_argument("--only", default="ham,baseline,isic,pad,throughput")
+    ap.add_argument("--out", type=Path, default=RESULTS)
+    ap.add_argument("--tag", default="trainer")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    base = TrainConfig(
+        data="",
+        out="",
+        views=args.views,
+        head_epochs=args.head_epochs,
+        pool_layers=args.pool_layers.split(","),
+        feature_cache=str(args.feature_cache) if args.feature_cache else None,
+    )
+    only = set(args.only.split(","))
+    import platform
+
+    res: dict[str, Any] = {
+        "command": "python -m derm.benchmarks.trainer "
+        + " ".join(argv if argv is not None else __import__("sys").argv[1:]),
+        "machine": f"{platform.machine()}, {__import__('os').cpu_count()} CPU cores, no GPU",
+        "date": time.strftime("%Y-%m-%d"),
+        "config": dataclasses.asdict(base),
+        "limits": "Images here are 200x150 to 256x256 (HAM10000 600x450 originals downsampled), upsampled to "
+        "299x299: fine texture the network could use is gone. The backbone is frozen (bottleneck mode): "
+        "on this 2-core CPU, fine-tuning all layers on 10,000 images is out of reach; the head sees "
+        "ImageNet features only.",
+    }
+    t0 = time.perf_counter()
+    runs = args.runs
+    if "ham" in only:
+        res["ham"] = ham_cv(base, args.shared / "data/ham10000/labels.csv", runs, args.folds)
+    if "baseline" in only and (runs / "ham_cv").is_dir():
+        from derm.trainer.train import feature_cache_path
+
+        cache = Path(base.feature_cache) if base.feature_cache else None
+        if cache is None:
+            cfg0 = json.loads((runs / "ham_cv" / "fold_0" / "config.json").read_text())
+            cache = Path(cfg0["feature_cache"]) if cfg0.get("feature_cache") else None
+        if cache is not None:
+            res["baseline"] = logistic_baseline(base, runs / "ham_cv", cache)
+        _ = feature_cache_path
+    if "isic" in only:
+        res["isic2017"] = isic2017(base, args.shared / "data/isic2017_trainval/labels.csv", runs)
+    if "pad" in only:
+        res["pad"] = pad_phone(base, args.shared, runs, args.folds)
+    if "throughput" in only:
+        res["throughput"] = throughput(base, args.shared)
+    res["seconds"] = time.perf_counter() - t0
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / f"{args.tag}.json").write_text(json.dumps(res, indent=2, default=float) + "\n")
+    (args.out / f"{args.tag}.md").write_text(markdown(res))
+    print(markdown(res))
+
+
+if __name__ == "__main__":
+    main()

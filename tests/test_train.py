@@ -1,0 +1,280 @@
+"""End-to-end training on a few dozen real HAM10000 images at a small input size, with the real pretrained weights."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tests.conftest import shared_dir
+
+pytest.importorskip("tensorflow")
+
+SIZE = 96  # small input: CI speed; the product default is 299
+PER_CLASS = {"mel": 12, "nv": 12, "bkl": 12, "bcc": 12}
+
+
+def _rows(path) -> list[dict[str, str]]:
+    with open(path, newline="", encoding="utf-8") as f:
+        return list(csv.DictReader(f))
+
+
+def _weights() -> Path:
+    path = shared_dir() / "weights" / "inception_v3_2015_notop.weights.h5"
+    if not path.is_file():
+        pytest.skip(f"reference weights not found at {path} (set DERM_SHARED)")
+    return path
+
+
+@pytest.fixture(scope="module")
+def small_csv(ham_csv, tmp_path_factory) -> Path:
+    """A few dozen HAM10000 images of 4 diagnoses, whole lesions, with the lesion ids."""
+    rows = _rows(ham_csv)
+    out, seen = [], dict.fromkeys(PER_CLASS, 0)
+    for r in rows:
+        if r["label"] in PER_CLASS and seen[r["label"]] < PER_CLASS[r["label"]]:
+            seen[r["label"]] += 1
+            out.append({"image": str(ham_csv.parent / r["image"]), "label": r["label"], "lesion_id": r["lesion_id"]})
+    path = tmp_path_factory.mktemp("data") / "small.csv"
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        w = csv.DictWriter(f, fieldnames=["image", "label", "lesion_id"])
+        w.writeheader()
+        w.writerows(out)
+    return path
+
+
+@pytest.fixture(scope="module")
+def bottleneck_run(small_csv, tmp_path_factory):
+    from derm.trainer.train import TrainConfig, train
+
+    tmp = tmp_path_factory.mktemp("runs")
+    cfg = TrainConfig(
+        data=str(small_csv),
+        out=str(tmp / "run"),
+        within="labels",
+        weights=str(_weights()),
+        input_size=SIZE,
+        views=2,
+        head_epochs=25,
+        head_lr=3e-3,
+        batch_size=16,
+        val_fraction=0.25,
+        seed=1,
+        feature_cache=str(tmp / "features.sqlite"),
+    )
+    return cfg, train(cfg)
+
+
+def test_bottleneck_run_directory(bottleneck_run):
+    _, run = bottleneck_run
+    names = {p.name for p in run.iterdir()}
+    assert {
+        "model.keras",
+        "config.json",
+        "taxonomy.json",
+        "partition.json",
+        "preprocess.json",
+        "versions.json",
+        "metrics.json",
+        "history.csv",
+        "split.csv",
+        "run.json",
+        "predictions_val.csv",
+    } <= names
+    assert not Path(str(run) + ".partial").exists()
+    part = json.loads((run / "partition.json").read_text())
+    assert [c["node"] for c in part["classes"]] and len(part["classes"]) == 4  # one class per diagnosis
+    assert json.loads((run / "preprocess.json").read_text())["size"] == SIZE
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["val"]["n"] > 0 and "labels" in metrics["val"]["levels"]
+    assert "melanoma_vs_nevus" in metrics["val"]["tasks"]
+    run_json = json.loads((run / "run.json").read_text())
+    from derm._util import sha256_file
+
+    assert run_json["files"]["model.keras"] == sha256_file(run / "model.keras")
+    # no lesion in both train and val
+    split = _rows(run / "split.csv")
+    roles: dict[str, set[str]] = {}
+    for r in split:
+        roles.setdefault(r["group"], set()).add(r["role"])
+    assert all(len(v) == 1 for v in roles.values())
+
+
+def test_head_loss_falls(bottleneck_run):
+    _, run = bottleneck_run
+    rows = [r for r in _rows(run / "history.csv") if r["stage"] == "head"]
+    losses = [float(r["loss"]) for r in rows]
+    assert len(losses) == 25
+    assert losses[-1] < 0.7 * losses[0], losses
+
+
+def test_run_reloads_and_matches_cached_predictions(bottleneck_run):
+    """The saved model on images gives what the head on cached (float16) features gave."""
+    from derm.preprocess import preprocess
+    from derm.trainer.model import load_model
+
+    _, run = bottleneck_run
+    model = load_model(run / "model.keras")
+    rows = _rows(run / "predictions_val.csv")[:6]
+    labels = json.loads((run / "run.json").read_text())["classes"]
+    x = np.stack([preprocess(r["image"], SIZE) for r in rows]).astype(np.float32)
+    got = model.predict(x, verbose=0)
+    want = np.asarray([[float(r[c]) for c in labels] for r in rows])
+    assert np.abs(got - want).max() < 2e-2
+    assert (got.argmax(1) == want.argmax(1)).mean() >= 5 / 6
+
+
+def test_feature_cache_resumes_and_refuses_other_models(bottleneck_run, small_csv, tmp_path):
+    from derm.trainer.features import CacheKey, FeatureCache, FeatureCacheError
+
+    cfg, _ = bottleneck_run
+    cache_path = Path(cfg.feature_cache)
+    key = json.loads(__import__("sqlite3").connect(cache_path).execute("SELECT v FROM meta").fetchone()[0])
+    with FeatureCache(cache_path, CacheKey(**{**key, "layers": tuple(key["layers"])})) as cache:
+        assert len(cache) > 0
+    other = CacheKey(**{**key, "layers": tuple(key["layers"]), "weights_sha256": "0" * 64})
+    with pytest.raises(FeatureCacheError, match="another backbone"):
+        FeatureCache(cache_path, other)
+
+
+def test_second_run_reuses_the_cache(bottleneck_run, tmp_path):
+    import dataclasses
+
+    from derm.trainer.train import train
+
+    cfg, _ = bottleneck_run
+    cfg2 = dataclasses.replace(cfg, out=str(tmp_path / "run2"), head_epochs=2)
+    run2 = train(cfg2)
+    m = json.loads((run2 / "metrics.json").read_text())
+    assert m["timings"]["features_s"] < 20  # nothing recomputed: every row comes from the cache
+
+
+def test_existing_run_directory_is_refused(bottleneck_run):
+    import dataclasses
+
+    from derm.trainer.train import TrainError, train
+
+    cfg, _ = bottleneck_run
+    with pytest.raises(TrainError, match="exists and is not empty"):
+        train(dataclasses.replace(cfg))
+
+
+def test_finetune_mode_uses_the_paper_optimizer(small_csv, tmp_path):
+    from derm.trainer.model import load_model
+    from derm.trainer.train import TrainConfig, train
+
+    cfg = TrainConfig(
+        data=str(small_csv),
+        out=str(tmp_path / "ft"),
+        within="labels",
+        mode="finetune",
+        weights=str(_weights()),
+        input_size=80,
+        epochs=2,
+        steps_per_epoch=2,
+        batch_size=8,
+        lr_drop_every=1,
+        val_fraction=0.25,
+        near_duplicates=False,
+    )
+    run = train(cfg)
+    rows = [r for r in _rows(run / "history.csv") if r["stage"] == "finetune"]
+    assert [int(r["epoch"]) for r in rows] == [1, 2]
+    assert all(np.isfinite(float(r["loss"])) for r in rows)
+    lrs = [float(r["lr"]) for r in rows]
+    assert lrs[0] == pytest.approx(1e-3) and lrs[1] == pytest.approx(1e-3 / 16)  # divided by 16 per drop
+    model = load_model(run / "model.keras")
+    assert model.input_shape == (None, 80, 80, 3)
+
+
+def test_config_errors_echo_the_bad_value(small_csv, tmp_path):
+    from derm.trainer.train import TrainConfig, TrainError
+
+    with pytest.raises(TrainError, match=r"mode must be one of .* received 'fast'"):
+        TrainConfig.from_dict({"data": str(small_csv), "out": str(tmp_path), "mode": "fast"})
+    with pytest.raises(TrainError, match=r"Unknown option\(s\) \['epochz'\]"):
+        TrainConfig.from_dict({"data": str(small_csv), "out": str(tmp_path), "epochz": 3})
+    with pytest.raises(TrainError, match="unfreeze_top applies to bottleneck"):
+        TrainConfig.from_dict({"data": "x", "out": "y", "mode": "finetune", "unfreeze_top": 2})
+
+
+def test_cli_train_with_config_file(small_csv, tmp_path, bottleneck_run):
+    from typer.testing import CliRunner
+
+    from derm.trainer.cli import app
+
+    cfg, _ = bottleneck_run
+    conf = tmp_path / "train.yaml"
+    conf.write_text(
+        f"data: {small_csv}\nwithin: labels\nweights: {_weights()}\ninput-size: {SIZE}\nviews: 2\n"
+        f"head_epochs: 3\nfeature_cache: {cfg.feature_cache}\nval_fraction: 0.25\nseed: 1\n"
+    )
+    res = CliRunner().invoke(app, ["train", "--config", str(conf), "--out", str(tmp_path / "cli_run")])
+    assert res.exit_code == 0, res.output
+    assert "Validation:" in res.output and (tmp_path / "cli_run" / "model.keras").is_file()
+    res = CliRunner().invoke(app, ["train", "--config", str(conf), "--out", str(tmp_path / "x"), "--mode", "fast"])
+    assert res.exit_code == 2 and "received 'fast'" in res.output
+
+
+def test_derm_eval_report(bottleneck_run, small_csv, tmp_path):
+    """derm-eval on the run's validation images: metrics, predictions, ROC/confusion/t-SNE/saliency, report.html."""
+    from derm.trainer.evaluate import run_eval
+
+    _, run = bottleneck_run
+    readers = tmp_path / "readers.csv"
+    readers.write_text("task,name,sensitivity,specificity\nmelanoma_vs_nevus,reader 1,0.8,0.7\n")
+    out = tmp_path / "eval"
+    result = run_eval(run, small_csv, out, role="val", readers=readers, tsne=50, saliency_images=4, n_boot=100)
+    assert result["n"] == sum(r["role"] == "val" for r in _rows(run / "split.csv"))
+    assert {"three", "nine", "labels"} <= set(result["levels"])
+    mvn = result["tasks"]["melanoma_vs_nevus"]
+    assert 0.0 <= mvn["auc"] <= 1.0 and mvn["auc_ci"][0] <= mvn["auc"] <= mvn["auc_ci"][1]
+    # the same numbers as training's own evaluation of the validation split (model on images vs cached features)
+    val = json.loads((run / "metrics.json").read_text())["val"]
+    assert abs(val["tasks"]["melanoma_vs_nevus"]["auc"] - mvn["auc"]) < 0.05
+    pngs = {p.name for p in (out / "plots").iterdir()}
+    assert {
+        "roc_melanoma_vs_nevus.png",
+        "confusion_three.png",
+        "confusion_nine.png",
+        "tsne.png",
+        "saliency.png",
+    } <= pngs
+    html = (out / "report.html").read_text()
+    assert html.count("data:image/png;base64,") >= 5 and "not a diagnostic device" in html
+    assert len(_rows(out / "predictions.csv")) == result["n"]
+
+
+def test_saliency_is_the_input_gradient(bottleneck_run):
+    from derm.preprocess import preprocess
+    from derm.trainer.evaluate import saliency
+    from derm.trainer.model import load_model
+
+    _, run = bottleneck_run
+    model = load_model(run / "model.keras")
+    img = preprocess(_rows(run / "split.csv")[0]["image"], SIZE)[None].astype(np.float32)
+    sal = saliency(model, img)
+    assert sal.shape == (1, SIZE, SIZE) and np.isfinite(sal).all() and sal.max() > 0
+    # finite-difference check on the most salient pixel
+    y, x = np.unravel_index(sal[0].argmax(), sal[0].shape)
+    c = int(model.predict(img, verbose=0)[0].argmax())
+    eps = 4.0
+    grads = []
+    for ch in range(3):
+        hi, lo = img.copy(), img.copy()
+        hi[0, y, x, ch] += eps
+        lo[0, y, x, ch] -= eps
+        grads.append((model.predict(hi, verbose=0)[0, c] - model.predict(lo, verbose=0)[0, c]) / (2 * eps))
+    assert np.sum(np.abs(grads)) == pytest.approx(sal[0, y, x], rel=0.3)
+
+
+def test_derm_eval_cli_errors(tmp_path, small_csv):
+    from typer.testing import CliRunner
+
+    from derm.trainer.evaluate import app
+
+    res = CliRunner().invoke(app, [str(tmp_path / "nope"), "--data", str(small_csv), "--out", str(tmp_path / "o")])
+    assert res.exit_code == 2 and "not a finished derm-train run directory" in res.output

@@ -1,0 +1,250 @@
+"""``derm-eval``: the paper's evaluation of a trained run on a labelled dataset, with plots and an HTML report.
+
+Outputs in ``--out``: ``metrics.json`` (see :func:`derm.evaluation.evaluate`), ``predictions.csv``, PNG plots (ROC
+curves with optional reader points, confusion matrices, t-SNE of the 2048-d embedding, saliency maps) and a
+self-contained ``report.html``.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Annotated, Any
+
+import numpy as np
+import typer
+
+from derm._util import atomic_write
+from derm.datasets import Dataset, read_dataset
+from derm.errors import DermError
+from derm.evaluation import evaluate, format_summary
+from derm.partition import Partition
+from derm.taxonomy import Taxonomy
+
+log = logging.getLogger(__name__)
+
+
+class EvalError(DermError, ValueError):
+    """A run cannot be evaluated as asked."""
+
+
+def load_run(run_dir: str | Path) -> tuple[Any, Taxonomy, Partition, dict[str, Any]]:
+    """``(model, taxonomy, partition, config)`` of a derm-train run directory."""
+    from derm.trainer.model import load_model
+
+    run = Path(run_dir)
+    missing = [n for n in ("model.keras", "taxonomy.json", "partition.json", "config.json") if not (run / n).is_file()]
+    if missing:
+        raise EvalError(f"{str(run)!r} is not a finished derm-train run directory: missing {missing}.")
+    tax = Taxonomy.from_dict(json.loads((run / "taxonomy.json").read_text(encoding="utf-8")), source=str(run))
+    part = Partition.from_dict(json.loads((run / "partition.json").read_text(encoding="utf-8")), tax)
+    cfg = json.loads((run / "config.json").read_text(encoding="utf-8"))
+    return load_model(run / "model.keras"), tax, part, cfg
+
+
+def predict(model: Any, paths: Sequence[str | Path], size: int, batch_size: int = 32) -> tuple[np.ndarray, np.ndarray]:
+    """Training-class probabilities and 2048-d embeddings of images (plain preprocessing)."""
+    from derm.trainer.data import image_dataset
+    from derm.trainer.model import with_embedding
+
+    both = with_embedding(model)
+    probs, emb = both.predict(image_dataset(list(paths), size, batch_size=batch_size), verbose=0)
+    return probs, emb
+
+
+def saliency(model: Any, images: np.ndarray, class_index: np.ndarray | None = None) -> np.ndarray:
+    """Saliency maps: L1 norm over RGB of the gradient of the (predicted or given) class probability with respect
+    to the input pixels. ``images`` (n, s, s, 3) in 0..255; returns (n, s, s)."""
+    import tensorflow as tf
+
+    x = tf.convert_to_tensor(np.asarray(images, dtype=np.float32))
+    with tf.GradientTape() as tape:
+        tape.watch(x)
+        p = model(x, training=False)
+        idx = tf.argmax(p, axis=1) if class_index is None else tf.constant(class_index, dtype=tf.int64)
+        chosen = tf.gather(p, idx, axis=1, batch_dims=1)
+    grad = tape.gradient(chosen, x)
+    return tf.reduce_sum(tf.abs(grad), axis=-1).numpy()
+
+
+def _select_rows(ds: Dataset, run_dir: Path, role: str | None) -> np.ndarray:
+    if role is None:
+        return np.arange(len(ds))
+    split = run_dir / "split.csv"
+    with open(split, newline="", encoding="utf-8") as f:
+        roles = {r["image"]: r["role"] for r in csv.DictReader(f)}
+    idx = np.asarray([i for i, p in enumerate(ds.paths) if roles.get(str(p)) == role], dtype=np.int64)
+    if len(idx) == 0:
+        known = sorted(set(roles.values()))
+        raise EvalError(f"No image of the dataset has role {role!r} in {str(split)!r} (roles there: {known}).")
+    return idx
+
+
+def _sample_per_class(y: np.ndarray, k: int, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    classes = [c for c in np.unique(y) if c >= 0]
+    picks: list[int] = []
+    while len(picks) < k and classes:
+        for c in classes:
+            pool = np.setdiff1d(np.nonzero(y == c)[0], picks)
+            if len(pool) and len(picks) < k:
+                picks.append(int(rng.choice(pool)))
+        if all(len(np.setdiff1d(np.nonzero(y == c)[0], picks)) == 0 for c in classes):
+            break
+    return np.asarray(picks, dtype=np.int64)
+
+
+def run_eval(
+    run_dir: str | Path,
+    data: str | Path,
+    out: str | Path,
+    *,
+    role: str | None = None,
+    readers: str | Path | None = None,
+    tsne: int = 1000,
+    saliency_images: int = 8,
+    batch_size: int = 32,
+    n_boot: int = 1000,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Evaluate a run on a labelled CSV and write metrics, predictions, plots and report.html into ``out``."""
+    from derm.aggregation import inference_targets
+    from derm.evaluation import resolve_level
+    from derm.preprocess import preprocess
+    from derm.trainer import report
+
+    run_dir, out = Path(run_dir), Path(out)
+    model, tax, part, cfg = load_run(run_dir)
+    size = int(model.input_shape[1])
+    ds = read_dataset(
+        data,
+        tax,
+        image_column=cfg.get("image_column", "image"),
+        label_column=cfg.get("label_column", "label"),
+        group_column=cfg.get("group_column", "auto"),
+    )
+    ds = ds.subset(_select_rows(ds, run_dir, role))
+    probs, emb = predict(model, ds.paths, size, batch_size)
+    result = evaluate(probs, ds.nodes, part, levels=("three", "nine", "labels"), n_boot=n_boot, seed=seed)
+    result["run"] = str(run_dir)
+    result["data"] = ds.describe()
+    result["role"] = role
+    out.mkdir(parents=True, exist_ok=True)
+    with atomic_write(out / "predictions.csv", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["image", "label", "node", *part.labels])
+        for i, row in enumerate(probs):
+            w.writerow([str(ds.paths[i]), ds.labels[i], ds.nodes[i], *(f"{p:.6g}" for p in row)])
+    plots = out / "plots"
+    sections: list[dict[str, Any]] = [{"title": "Summary", "text": format_summary(result)}]
+    reader_points = report.read_reader_points(readers) if readers else {}
+    for task_id, res in result["tasks"].items():
+        png = report.plot_roc(
+            res["name"], {"model": res}, plots / f"roc_{task_id}.png", reader_points=reader_points.get(task_id)
+        )
+        rows = [{"specificity": k, **v} for k, v in res["sens_at_spec"].items()]
+        sections.append(
+            {
+                "title": f"{res['name']}: AUC {res['auc']:.3f} ({res['auc_ci'][0]:.3f}-{res['auc_ci'][1]:.3f})",
+                "text": f"{res['n_positive']} positive, {res['n_negative']} negative images; "
+                f"calibration error (ECE) {res['ece']:.3f}.",
+                "table": rows,
+                "images": [png],
+            }
+        )
+    for name, res in result["levels"].items():
+        png = report.plot_confusion(
+            np.asarray(res["confusion"]),
+            res["labels"],
+            plots / f"confusion_{name}.png",
+            title=f"{name}: mean per-class accuracy {res['mean_per_class_accuracy']:.3f}",
+        )
+        sections.append(
+            {
+                "title": f"{name} ({len(res['labels'])}-way)",
+                "text": f"mean per-class accuracy {res['mean_per_class_accuracy']:.3f}, accuracy {res['accuracy']:.3f}",
+                "images": [png],
+            }
+        )
+    if tsne and len(ds) >= 10:
+        nodes = resolve_level(part, "nine", ds.nodes) if "nine" in result["levels"] else tax.roots
+        y = inference_targets(tax, ds.nodes, list(nodes))
+        rng = np.random.default_rng(seed)
+        pick = np.sort(rng.choice(len(ds), size=min(tsne, len(ds)), replace=False))
+        png = plots / "tsne.png"
+        report.plot_tsne(emb[pick], y[pick], [tax[u].name for u in nodes], png, seed=seed)
+        sections.append(
+            {
+                "title": "t-SNE of the 2048-d embedding",
+                "text": f"{len(pick)} images, coloured by class.",
+                "images": [png],
+            }
+        )
+    if saliency_images:
+        y = np.asarray([-1 if (c := part.class_of(n)) is None else c for n in ds.nodes])
+        pick = _sample_per_class(y, saliency_images, seed)
+        if len(pick):
+            imgs = np.stack([preprocess(ds.paths[i], size) for i in pick])
+            sal = saliency(model, imgs)
+            titles = [f"{ds.labels[i]} -> {part.labels[int(probs[i].argmax())]}" for i in pick]
+            png = report.plot_saliency(list(imgs), list(sal), titles, plots / "saliency.png")
+            sections.append(
+                {
+                    "title": "Saliency maps",
+                    "text": "L1 norm over RGB of the input gradient of the predicted class probability.",
+                    "images": [png],
+                }
+            )
+    with atomic_write(out / "metrics.json") as f:
+        json.dump(result, f, indent=2)
+        f.write("\n")
+    report.write_html_report(out / "report.html", f"derm-eval: {run_dir.name} on {Path(data).name}", sections)
+    return result
+
+
+app = typer.Typer(name="derm-eval", add_completion=False, pretty_exceptions_enable=False)
+
+
+@app.command()
+def eval_command(
+    run: Annotated[Path, typer.Argument(help="derm-train run directory.")],
+    data: Annotated[Path, typer.Option("--data", help="Labelled CSV to evaluate on.")],
+    out: Annotated[Path, typer.Option("--out", help="Folder for metrics.json, plots and report.html.")],
+    role: Annotated[
+        str | None, typer.Option("--role", help="Only images with this role in the run's split.csv (val, test).")
+    ] = None,
+    readers: Annotated[
+        Path | None, typer.Option("--readers", help="CSV of reader points: task,name,sensitivity,specificity.")
+    ] = None,
+    tsne: Annotated[int, typer.Option("--tsne", help="Images in the t-SNE plot (0: none).")] = 1000,
+    saliency_images: Annotated[int, typer.Option("--saliency", help="Saliency maps to draw (0: none).")] = 8,
+    batch_size: Annotated[int, typer.Option("--batch-size")] = 32,
+    seed: Annotated[int, typer.Option("--seed")] = 0,
+) -> None:
+    """Evaluate a trained run the paper's way: 3-way and 9-way mean per-class accuracy, binary-task ROC/AUC."""
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    try:
+        result = run_eval(
+            run,
+            data,
+            out,
+            role=role,
+            readers=readers,
+            tsne=tsne,
+            saliency_images=saliency_images,
+            batch_size=batch_size,
+            seed=seed,
+        )
+    except (DermError, ValueError) as exc:
+        typer.secho(f"Error: {exc}", err=True, fg=typer.colors.RED)
+        raise typer.Exit(code=2) from None
+    typer.echo(format_summary(result))
+    typer.echo(f"Report: {out / 'report.html'}")
+
+
+def main() -> None:
+    app()

@@ -1,0 +1,264 @@
+"""The bottleneck feature cache: the frozen backbone's pooled features of every view of every image, on disk.
+
+Computing Inception-v3 on a CPU is the slow part of training; with a frozen backbone it need happen once per
+(image, view). The cache is one SQLite file (atomic commits, so an interrupted extraction resumes where it stopped
+and never leaves a half-written row) keyed by
+
+- the backbone: a sha256 over its weights, the input size, the preprocessing and the augmentation version,
+  stored in the file and checked on open, so a cache can never serve features of another model;
+- the image: the sha256 of its file bytes (renaming or moving images keeps the cache valid);
+- the view: 0 is the plain image (validation, test, inference), 1.. are augmented views (the paper's rotation,
+  inscribed crop and flip), each drawn from a random stream fixed by (seed, image hash, view).
+
+A row holds all of :data:`derm.trainer.model.POOLABLE` pooled and concatenated (float16), so the head can use any
+subset of them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import sqlite3
+import time
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from derm._progress import track
+from derm._util import sha256_file
+from derm.errors import DermError
+from derm.preprocess import PreprocessSpec, load_image, resize
+from derm.trainer.augment import augment as augment_view
+from derm.trainer.augment import view_rng
+from derm.trainer.model import POOL_DIMS, POOLABLE
+
+log = logging.getLogger(__name__)
+
+AUGMENT_VERSION = "rotate-inscribed-crop-vflip/1"
+FEATURE_DIM = sum(POOL_DIMS[p] for p in POOLABLE)
+SCHEMA = 1
+
+
+class FeatureCacheError(DermError, ValueError):
+    """The feature cache cannot be used as asked."""
+
+
+def weights_digest(model: Any) -> str:
+    """sha256 over every weight tensor of a Keras model (dtype, shape and bytes), in layer order.
+
+    Names are left out: Keras numbers layers per process ("conv2d_94" in a second build), the values are what count.
+    """
+    h = hashlib.sha256()
+    for w in model.weights:
+        arr = np.ascontiguousarray(w.numpy())
+        h.update(f"{arr.dtype}:{arr.shape};".encode())
+        h.update(arr.tobytes())
+    return h.hexdigest()
+
+
+def image_digests(paths: Sequence[str | os.PathLike[str]], workers: int | None = None) -> list[str]:
+    """sha256 of each image file's bytes (threaded: I/O bound)."""
+    with ThreadPoolExecutor(max_workers=workers or min(8, (os.cpu_count() or 1) * 2)) as pool:
+        return list(pool.map(sha256_file, paths))
+
+
+def view_image(path: str | os.PathLike[str], size: int, digest: str, view: int, seed: int) -> np.ndarray:
+    """(size, size, 3) uint8: view 0 is the plain preprocessing, views >= 1 are augmented."""
+    im = load_image(path)
+    if view == 0:
+        return resize(im, size)
+    return augment_view(im, view_rng(seed, int(digest[:16], 16), view), size)
+
+
+@dataclass(frozen=True)
+class CacheKey:
+    weights_sha256: str
+    input_size: int
+    seed: int
+    preprocess: dict[str, Any]
+    augment: str = AUGMENT_VERSION
+    layers: tuple[str, ...] = POOLABLE
+    schema: int = SCHEMA
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "weights_sha256": self.weights_sha256,
+            "input_size": self.input_size,
+            "seed": self.seed,
+            "preprocess": self.preprocess,
+            "augment": self.augment,
+            "layers": list(self.layers),
+            "schema": self.schema,
+        }
+
+
+class FeatureCache:
+    """One SQLite file of feature rows keyed by (image sha256, view), bound to one :class:`CacheKey`."""
+
+    def __init__(self, path: str | os.PathLike[str], key: CacheKey):
+        self.path = Path(path)
+        self.key = key
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self.db = sqlite3.connect(self.path, timeout=60)
+            self.db.execute("CREATE TABLE IF NOT EXISTS meta (k TEXT PRIMARY KEY, v TEXT NOT NULL)")
+            self.db.execute(
+                "CREATE TABLE IF NOT EXISTS features (image TEXT NOT NULL, view INTEGER NOT NULL, "
+                "data BLOB NOT NULL, PRIMARY KEY (image, view))"
+            )
+            row = self.db.execute("SELECT v FROM meta WHERE k = 'key'").fetchone()
+        except sqlite3.DatabaseError as exc:
+            raise FeatureCacheError(
+                f"{str(self.path)!r} is not a usable feature cache ({exc}). Delete it or choose another --cache."
+            ) from exc
+        want = json.dumps(key.to_dict(), sort_keys=True)
+        if row is None:
+            with self.db:
+                self.db.execute("INSERT INTO meta VALUES ('key', ?)", (want,))
+        elif row[0] != want:
+            have = json.loads(row[0])
+            diff = sorted(k for k in set(have) | set(key.to_dict()) if have.get(k) != key.to_dict().get(k))
+            raise FeatureCacheError(
+                f"Feature cache {str(self.path)!r} was made for another backbone or setting (differs in {diff}). "
+                "Use another cache file; caches are per (weights, input size, seed)."
+            )
+
+    def close(self) -> None:
+        self.db.close()
+
+    def __enter__(self) -> FeatureCache:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __len__(self) -> int:
+        return int(self.db.execute("SELECT COUNT(*) FROM features").fetchone()[0])
+
+    def have(self) -> set[tuple[str, int]]:
+        return {(str(a), int(b)) for a, b in self.db.execute("SELECT image, view FROM features")}
+
+    def put(self, rows: Sequence[tuple[str, int, np.ndarray]]) -> None:
+        """Store rows in one transaction (all or nothing)."""
+        with self.db:
+            self.db.executemany(
+                "INSERT OR REPLACE INTO features VALUES (?, ?, ?)",
+                [(d, int(v), np.asarray(f, dtype=np.float16).tobytes()) for d, v, f in rows],
+            )
+
+    def get(self, digests: Sequence[str], views: Sequence[int]) -> np.ndarray:
+        """float32 array (len(views), len(digests), FEATURE_DIM); raises if a row is missing."""
+        out = np.empty((len(views), len(digests), FEATURE_DIM), dtype=np.float32)
+        pos = {d: i for i, d in enumerate(digests)}
+        found = np.zeros((len(views), len(digests)), dtype=bool)
+        vpos = {int(v): j for j, v in enumerate(views)}
+        uniq = sorted(pos)
+        for start in range(0, len(uniq), 500):
+            chunk = uniq[start : start + 500]
+            q = ",".join("?" * len(chunk))
+            for d, v, data in self.db.execute(f"SELECT image, view, data FROM features WHERE image IN ({q})", chunk):
+                j = vpos.get(int(v))
+                if j is None:
+                    continue
+                row = np.frombuffer(data, dtype=np.float16)
+                if row.size != FEATURE_DIM:
+                    raise FeatureCacheError(f"Corrupt row in {str(self.path)!r} (image {d}, view {v}).")
+                out[j, pos[d]] = row
+                found[j, pos[d]] = True
+        # duplicates (same bytes at two paths) share one row
+        for j in range(len(views)):
+            for i, d in enumerate(digests):
+                if not found[j, i]:
+                    src = pos[d]
+                    if found[j, src]:
+                        out[j, i] = out[j, src]
+                        found[j, i] = True
+        if not found.all():
+            j, i = np.argwhere(~found)[0]
+            raise FeatureCacheError(f"No cached features for image {digests[i]} view {views[j]}; extract them first.")
+        return out
+
+
+@dataclass
+class ExtractStats:
+    computed: int  # rows computed now
+    reused: int  # rows already in the cache
+    seconds: float
+
+    @property
+    def images_per_second(self) -> float:
+        return self.computed / self.seconds if self.seconds > 0 else float("nan")
+
+
+def cache_key(extractor: Any, input_size: int, seed: int) -> CacheKey:
+    """The key of a feature extractor (:func:`derm.trainer.model.feature_extractor`): its weights are the backbone's."""
+    return CacheKey(
+        weights_sha256=weights_digest(extractor),
+        input_size=int(input_size),
+        seed=int(seed),
+        preprocess=PreprocessSpec(size=int(input_size)).to_dict(),
+    )
+
+
+def extract(
+    extractor: Any,
+    cache: FeatureCache,
+    paths: Sequence[str | os.PathLike[str]],
+    digests: Sequence[str],
+    views: Sequence[int],
+    *,
+    batch_size: int = 32,
+    parallel: int | None = None,
+    description: str = "features",
+) -> ExtractStats:
+    """Compute and store the rows of (image, view) pairs not yet cached. Resumable: commits every batch.
+
+    Decoding and augmentation run in tf.data's parallel map and overlap the backbone (prefetch).
+    """
+    import tensorflow as tf
+
+    size = int(cache.key.input_size)
+    seed = int(cache.key.seed)
+    have = cache.have()
+    todo: list[tuple[int, int]] = []
+    seen: set[tuple[str, int]] = set()
+    for v in views:
+        for i, d in enumerate(digests):
+            if (d, int(v)) not in have and (d, int(v)) not in seen:
+                seen.add((d, int(v)))
+                todo.append((i, int(v)))
+    reused = len(paths) * len(views) - len(todo)
+    t0 = time.perf_counter()
+    if not todo:
+        return ExtractStats(0, reused, 0.0)
+    str_paths = [str(p) for p in paths]
+
+    def load(i: np.int64, v: np.int64) -> np.ndarray:
+        return view_image(str_paths[int(i)], size, digests[int(i)], int(v), seed)
+
+    def one(i, v):
+        img = tf.numpy_function(load, [i, v], tf.uint8, stateful=False)
+        return tf.cast(tf.ensure_shape(img, (size, size, 3)), tf.float32), i, v
+
+    pairs = np.asarray(todo, dtype=np.int64)
+    ds = tf.data.Dataset.from_tensor_slices((pairs[:, 0], pairs[:, 1]))
+    ds = ds.map(one, num_parallel_calls=parallel or tf.data.AUTOTUNE, deterministic=True)
+    ds = ds.batch(batch_size).prefetch(2)
+
+    @tf.function(reduce_retracing=True)
+    def run(x):
+        return extractor(x, training=False)
+
+    steps = (len(todo) + batch_size - 1) // batch_size
+    for x, idx, vs in track(ds, description, total=steps):
+        feats = run(x).numpy()
+        cache.put([(digests[int(i)], int(v), f) for i, v, f in zip(idx.numpy(), vs.numpy(), feats, strict=True)])
+    seconds = time.perf_counter() - t0
+    log.info("%s: %d rows computed (%.1f/s), %d reused.", description, len(todo), len(todo) / seconds, reused)
+    return ExtractStats(len(todo), reused, seconds)

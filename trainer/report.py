@@ -1,0 +1,461 @@
+"""Evaluation plots (ROC with readers, confusion matrices, t-SNE, saliency) and a self-contained HTML report.
+
+The figures follow Esteva et al. (Nature 2017): ROC curves with the dermatologists as points (Fig. 3), confusion
+matrices of the k-way tasks, a t-SNE of the last hidden layer (Fig. 4) and saliency maps (Extended Data Fig. 7).
+
+Figures are drawn with matplotlib's object API on the Agg canvas (``matplotlib.figure.Figure`` +
+``FigureCanvasAgg``): no display is needed, pyplot's global figure registry and the global backend are left alone,
+and nothing stays open after a call. Every PNG and the HTML file are written atomically (a temporary file in the same
+folder, then ``os.replace``); parent folders are created.
+"""
+
+from __future__ import annotations
+
+import base64
+import csv
+import html
+import math
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from derm._util import atomic_write
+from derm._version import __version__
+
+__all__ = [
+    "plot_confusion",
+    "plot_roc",
+    "plot_saliency",
+    "plot_tsne",
+    "read_reader_points",
+    "write_html_report",
+]
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+DISCLAIMER = "Research use only: not a diagnostic device."
+_DPI = 110
+
+
+def _figure(width: float, height: float) -> Any:
+    """A matplotlib Figure on an Agg canvas (headless; not registered with pyplot)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width, height), dpi=_DPI)
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def _save(fig: Any, path: str | os.PathLike[str]) -> Path:
+    """Write ``fig`` as PNG atomically to ``path`` and release it."""
+    path = Path(path)
+    try:
+        with atomic_write(path, "wb") as f:
+            fig.savefig(f, format="png", dpi=_DPI, bbox_inches="tight")
+    finally:
+        fig.clear()
+    return path
+
+
+def _colors(k: int) -> list[Any]:
+    from matplotlib import colormaps
+
+    if k <= 10:
+        return [colormaps["tab10"](i) for i in range(k)]
+    if k <= 20:
+        return [colormaps["tab20"](i) for i in range(k)]
+    cmap = colormaps["turbo"]
+    return [cmap(i / max(k - 1, 1)) for i in range(k)]
+
+
+# ------------------------------------------------------------------------------------------------------------ ROC
+
+
+def plot_roc(
+    task_name: str,
+    curves: Mapping[str, Mapping[str, Any]],
+    path: str | os.PathLike[str],
+    reader_points: Sequence[Mapping[str, Any]] | None = None,
+) -> Path:
+    """ROC curves of one binary task: sensitivity (y) against 1 - specificity (x), with the chance diagonal.
+
+    ``curves`` maps a series name (a model) to a :func:`derm.metrics.binary_task_metrics` dict: its ``fpr`` and
+    ``tpr`` are drawn and its ``auc`` (with ``auc_ci`` when known) goes in the legend. ``reader_points`` (e.g. the
+    dermatologists, from :func:`read_reader_points`) are dicts ``{name, sensitivity, specificity}`` in [0, 1],
+    drawn as red markers, with their mean as a green marker.
+    """
+    if not curves:
+        raise ValueError(f"plot_roc({task_name!r}): no curves to draw.")
+    fig = _figure(5.2, 5.2)
+    ax = fig.add_subplot()
+    ax.plot([0, 1], [0, 1], linestyle="--", color="0.6", linewidth=1, label="chance")
+    for (name, res), color in zip(curves.items(), _colors(len(curves)), strict=True):
+        if "fpr" not in res or "tpr" not in res:
+            raise ValueError(f"plot_roc: curve {name!r} has no 'fpr'/'tpr' (keys: {sorted(res)}).")
+        fpr, tpr = np.asarray(res["fpr"], dtype=float), np.asarray(res["tpr"], dtype=float)
+        if fpr.ndim != 1 or fpr.shape != tpr.shape or len(fpr) < 2:
+            raise ValueError(f"plot_roc: curve {name!r} has fpr shape {fpr.shape} and tpr shape {tpr.shape}.")
+        label = str(name)
+        if res.get("auc") is not None:
+            label += f": AUC {res['auc']:.3f}"
+            ci = res.get("auc_ci")
+            if ci and ci[0] is not None and ci[1] is not None:
+                label += f" ({ci[0]:.3f}-{ci[1]:.3f})"
+        ax.plot(fpr, tpr, color=color, linewidth=2, label=label)
+    if reader_points:
+        pts = []
+        for i, p in enumerate(reader_points):
+            try:
+                pts.append((float(p["sensitivity"]), float(p["specificity"])))
+            except (KeyError, TypeError, ValueError):
+                raise ValueError(
+                    f"plot_roc: reader point {i} must have numeric 'sensitivity' and 'specificity', received {p!r}."
+                ) from None
+        sens, spec = np.asarray(pts).T
+        if ((sens < 0) | (sens > 1) | (spec < 0) | (spec > 1)).any():
+            raise ValueError("plot_roc: reader sensitivities and specificities must lie in [0, 1].")
+        ax.scatter(1 - spec, sens, color="red", marker="o", s=28, zorder=3, label=f"readers (n={len(pts)})")
+        ax.scatter(
+            [1 - spec.mean()],
+            [sens.mean()],
+            color="green",
+            marker="D",
+            s=60,
+            edgecolor="black",
+            zorder=4,
+            label=f"reader mean ({sens.mean():.2f} sens., {spec.mean():.2f} spec.)",
+        )
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1.02)
+    ax.set_aspect("equal")
+    ax.set_xlabel("1 - specificity")
+    ax.set_ylabel("sensitivity")
+    ax.set_title(str(task_name))
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right", fontsize=8)
+    return _save(fig, path)
+
+
+# ------------------------------------------------------------------------------------------------------ confusion
+
+
+def plot_confusion(
+    confusion: Any,
+    labels: Sequence[str],
+    path: str | os.PathLike[str],
+    title: str,
+    normalize: bool = True,
+) -> Path:
+    """Heat map of a confusion matrix (rows true, columns predicted), row-normalised by default, counts annotated.
+
+    Rows without support stay at 0. Cells are annotated up to 30 classes.
+    """
+    cm = np.asarray(confusion)
+    labels = [str(v) for v in labels]
+    if cm.ndim != 2 or cm.shape[0] != cm.shape[1] or cm.shape[0] != len(labels):
+        raise ValueError(f"confusion must be square with {len(labels)} rows (one per label), received {cm.shape}.")
+    if not np.isfinite(cm).all() or (cm < 0).any():
+        raise ValueError("confusion must hold finite non-negative counts.")
+    k = len(labels)
+    support = cm.sum(axis=1, keepdims=True).astype(float)
+    if normalize:
+        values = np.divide(cm, support, out=np.zeros(cm.shape, dtype=float), where=support > 0)
+        vmax = 1.0
+    else:
+        values = cm.astype(float)
+        vmax = max(float(values.max()), 1.0)
+    size = max(4.0, 0.55 * k + 2.5)
+    fig = _figure(size + 1.0, size)
+    ax = fig.add_subplot()
+    im = ax.imshow(values, cmap="Blues", vmin=0.0, vmax=vmax, interpolation="nearest")
+    fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label="fraction of the true class" if normalize else "count")
+    ax.set_xticks(range(k), labels, rotation=45, ha="right", rotation_mode="anchor", fontsize=8 if k > 10 else 9)
+    ax.set_yticks(range(k), labels, fontsize=8 if k > 10 else 9)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(str(title))
+    if k <= 30:
+        fontsize = 8 if k <= 10 else 6
+        for i in range(k):
+            for j in range(k):
+                count = round(float(cm[i, j]))
+                text = f"{values[i, j]:.2f}\n({count})" if normalize else str(count)
+                color = "white" if values[i, j] > 0.5 * vmax else "black"
+                ax.text(j, i, text, ha="center", va="center", color=color, fontsize=fontsize)
+    return _save(fig, path)
+
+
+# -------------------------------------------------------------------------------------------------------- t-SNE
+
+
+def plot_tsne(
+    embedding: Any,
+    class_ids: Any,
+    labels: Sequence[str],
+    path: str | os.PathLike[str],
+    seed: int = 0,
+    perplexity: float = 30,
+) -> np.ndarray:
+    """t-SNE of an embedding (n, d) coloured by class; writes the PNG and returns the (n, 2) coordinates.
+
+    Deterministic for a ``seed`` (``TSNE(init="pca", random_state=seed)``). Embeddings wider than 50 dimensions are
+    first reduced to 50 with PCA; ``perplexity`` is clipped to ``(n - 1) / 3`` for small ``n``. ``class_ids`` index
+    ``labels``; entries below 0 are drawn in grey as "other".
+    """
+    from sklearn.decomposition import PCA
+    from sklearn.manifold import TSNE
+
+    x = np.asarray(embedding, dtype=np.float64)
+    if x.ndim != 2:
+        raise ValueError(f"embedding must have shape (n, d), received {x.shape}.")
+    n = len(x)
+    if n < 4:
+        raise ValueError(f"t-SNE needs at least 4 points, received {n}.")
+    if not np.isfinite(x).all():
+        raise ValueError(f"embedding holds {int((~np.isfinite(x)).sum())} non-finite values.")
+    y = np.asarray(class_ids)
+    if y.shape != (n,) or not (y.dtype == bool or np.issubdtype(y.dtype, np.integer)):
+        raise ValueError(f"class_ids must be {n} integers (one per row of embedding), received shape {y.shape}.")
+    labels = [str(v) for v in labels]
+    if (y >= len(labels)).any():
+        raise ValueError(f"class_ids hold {int(y.max())}, beyond the {len(labels)} labels {labels}.")
+    if not perplexity > 0:
+        raise ValueError(f"perplexity must be positive, received {perplexity!r}.")
+    if x.shape[1] > 50:
+        x = PCA(n_components=min(50, n), random_state=seed).fit_transform(x)
+    perp = float(min(perplexity, (n - 1) / 3))
+    coords = TSNE(n_components=2, perplexity=perp, init="pca", learning_rate="auto", random_state=seed).fit_transform(x)
+    fig = _figure(6.5, 5.5)
+    ax = fig.add_subplot()
+    other = y < 0
+    if other.any():
+        ax.scatter(*coords[other].T, s=8, color="0.75", alpha=0.6, label=f"other ({int(other.sum())})")
+    for c, color in enumerate(_colors(len(labels))):
+        sel = y == c
+        if sel.any():
+            ax.scatter(*coords[sel].T, s=10, color=color, alpha=0.8, label=f"{labels[c]} ({int(sel.sum())})")
+    ax.set_xticks([])
+    ax.set_yticks([])
+    ax.set_title(f"t-SNE ({n} points, perplexity {perp:.3g})")
+    ax.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize=8, markerscale=2, frameon=False)
+    _save(fig, path)
+    return coords
+
+
+# ----------------------------------------------------------------------------------------------------- saliency
+
+
+def _display_image(img: Any, i: int) -> np.ndarray:
+    a = np.asarray(img)
+    if a.ndim != 3 or a.shape[2] != 3:
+        raise ValueError(f"images[{i}] must have shape (h, w, 3), received {a.shape}.")
+    if a.dtype == np.uint8:
+        return a
+    a = a.astype(np.float64)
+    if not np.isfinite(a).all():
+        raise ValueError(f"images[{i}] holds non-finite values.")
+    if a.max() > 1.0:  # 0..255 floats
+        a = a / 255.0
+    return np.clip(a, 0.0, 1.0)
+
+
+def plot_saliency(
+    images: Sequence[Any],
+    saliency: Sequence[Any],
+    titles: Sequence[str],
+    path: str | os.PathLike[str],
+) -> Path:
+    """A grid of images (h, w, 3) uint8 with their saliency maps (h, w) below, each map normalised to [0, 1].
+
+    Up to 8 images per row of pairs. Float images in [0, 1] or [0, 255] are accepted too.
+    """
+    if not (len(images) == len(saliency) == len(titles)):
+        raise ValueError(
+            f"images, saliency and titles differ in length: {len(images)}, {len(saliency)}, {len(titles)}."
+        )
+    if not images:
+        raise ValueError("plot_saliency: no images.")
+    imgs = [_display_image(im, i) for i, im in enumerate(images)]
+    maps = []
+    for i, s in enumerate(saliency):
+        m = np.asarray(s, dtype=np.float64)
+        if m.ndim != 2:
+            raise ValueError(f"saliency[{i}] must have shape (h, w), received {m.shape}.")
+        if not np.isfinite(m).all():
+            raise ValueError(f"saliency[{i}] holds non-finite values.")
+        span = m.max() - m.min()
+        maps.append((m - m.min()) / span if span > 0 else np.zeros_like(m))
+    n = len(imgs)
+    cols = min(n, 8)
+    rows = math.ceil(n / cols)
+    fig = _figure(2.2 * cols, 4.6 * rows)
+    for i in range(n):
+        r, c = divmod(i, cols)
+        top = fig.add_subplot(2 * rows, cols, 2 * r * cols + c + 1)
+        top.imshow(imgs[i])
+        top.set_title(str(titles[i]), fontsize=8)
+        bottom = fig.add_subplot(2 * rows, cols, (2 * r + 1) * cols + c + 1)
+        bottom.imshow(maps[i], cmap="inferno", vmin=0.0, vmax=1.0)
+        for ax in (top, bottom):
+            ax.set_xticks([])
+            ax.set_yticks([])
+    return _save(fig, path)
+
+
+# ------------------------------------------------------------------------------------------------------ readers
+
+_READER_COLUMNS = ("task", "name", "sensitivity", "specificity")
+
+
+def read_reader_points(csv_path: str | os.PathLike[str]) -> dict[str, list[dict[str, Any]]]:
+    """Reader (dermatologist) operating points from a CSV with columns ``task,name,sensitivity,specificity``.
+
+    Returns ``{task_id: [{"name", "sensitivity", "specificity"}, ...]}`` in [0, 1]. Values may be fractions or
+    percentages: a value with a ``%`` sign, or any value above 1, makes the whole file percent (a file mixing the two
+    scales is refused).
+    Column names are matched case-insensitively; other columns are ignored.
+    """
+    csv_path = Path(csv_path)
+    with open(csv_path, newline="", encoding="utf-8-sig") as f:
+        reader = csv.reader(f)
+        header = next(reader, None)
+        if header is None:
+            raise ValueError(f"{csv_path}: empty file; expected columns {', '.join(_READER_COLUMNS)}.")
+        cols = {h.strip().lower(): i for i, h in enumerate(header)}
+        missing = [c for c in _READER_COLUMNS if c not in cols]
+        if missing:
+            raise ValueError(f"{csv_path}: missing column(s) {missing}; found {header}.")
+        raw = []
+        for row in reader:
+            line = reader.line_num
+            if not any(cell.strip() for cell in row):
+                continue
+            if len(row) < len(header):
+                row = row + [""] * (len(header) - len(row))
+            raw.append((line, *(row[cols[c]].strip() for c in _READER_COLUMNS)))
+    parsed, percent_at = [], None
+    for line, task, name, *values in raw:
+        if not task:
+            raise ValueError(f"{csv_path}, row {line}: empty task.")
+        nums = []
+        for col, v in zip(("sensitivity", "specificity"), values, strict=True):
+            pct = v.endswith("%")
+            try:
+                x = float(v.rstrip("%").strip())
+            except ValueError:
+                raise ValueError(f"{csv_path}, row {line}: {col} {v!r} is not a number.") from None
+            if not math.isfinite(x) or x < 0 or x > 100:
+                raise ValueError(f"{csv_path}, row {line}: {col} {v!r} is outside 0..1 (or 0..100 %).")
+            if (pct or x > 1) and percent_at is None:
+                percent_at = (line, col, v)
+            nums.append((x, pct, col, v))
+        parsed.append((line, task, name or f"reader {len(parsed) + 1}", nums))
+    out: dict[str, list[dict[str, Any]]] = {}
+    for line, task, name, nums in parsed:
+        if percent_at is not None:
+            for x, pct, col, v in nums:
+                if 0 < x <= 1 and not pct:
+                    raise ValueError(
+                        f"{csv_path}, row {line}: {col} {v!r} looks like a fraction, but the file gives percentages "
+                        f"(row {percent_at[0]}: {percent_at[1]} {percent_at[2]!r}); use one scale throughout."
+                    )
+        scale = 100.0 if percent_at is not None else 1.0
+        sens, spec = (x / scale for x, *_ in nums)
+        out.setdefault(task, []).append({"name": name, "sensitivity": sens, "specificity": spec})
+    return out
+
+
+# --------------------------------------------------------------------------------------------------------- HTML
+
+_CSS = """
+body { font-family: system-ui, -apple-system, "Segoe UI", sans-serif; margin: 2em auto; max-width: 1100px;
+       color: #222; padding: 0 1em; }
+header { border-bottom: 2px solid #444; margin-bottom: 1.5em; }
+.disclaimer { color: #a00; font-weight: bold; }
+section { margin-bottom: 2.5em; }
+.text { white-space: pre-wrap; }
+table { border-collapse: collapse; margin: 0.8em 0; font-size: 0.9em; }
+th, td { border: 1px solid #bbb; padding: 0.25em 0.6em; text-align: right; }
+th { background: #eee; }
+img { max-width: 100%; margin: 0.5em 0; display: block; }
+footer { color: #777; font-size: 0.8em; border-top: 1px solid #ccc; padding-top: 0.5em; }
+"""
+
+_SECTION_KEYS = {"title", "text", "table", "images"}
+
+
+def _cell(v: Any) -> str:
+    if v is None:
+        return ""
+    if isinstance(v, float):
+        return f"{v:.4g}" if math.isfinite(v) else str(v)
+    return str(v)
+
+
+def _table_html(rows: Sequence[Mapping[str, Any]], where: str) -> str:
+    if not all(isinstance(r, Mapping) for r in rows):
+        raise ValueError(f"{where}: 'table' must be a list of dicts (one per row).")
+    columns: list[str] = []
+    for r in rows:
+        columns.extend(str(k) for k in r if str(k) not in columns)
+    head = "".join(f"<th>{html.escape(c)}</th>" for c in columns)
+    body = "".join(
+        "<tr>" + "".join(f"<td>{html.escape(_cell(r.get(c)))}</td>" for c in columns) + "</tr>"
+        for r in ({str(k): v for k, v in row.items()} for row in rows)
+    )
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def _image_html(png: str | os.PathLike[str], where: str) -> str:
+    p = Path(png)
+    try:
+        data = p.read_bytes()
+    except OSError as exc:
+        raise ValueError(f"{where}: cannot read image {p}: {exc}") from None
+    if not data.startswith(PNG_SIGNATURE):
+        raise ValueError(f"{where}: {p} is not a PNG file.")
+    b64 = base64.b64encode(data).decode("ascii")
+    return f'<img src="data:image/png;base64,{b64}" alt="{html.escape(p.name)}">'
+
+
+def write_html_report(path: str | os.PathLike[str], title: str, sections: Sequence[Mapping[str, Any]]) -> Path:
+    """A self-contained HTML report: each section ``{"title", "text"?, "table"?, "images"?}``.
+
+    ``table`` is a list of dict rows (columns in order of first appearance), ``images`` a list of PNG paths embedded
+    as base64 data URIs. All text is HTML-escaped. The header states that this is research use only.
+    """
+    parts = [
+        "<!DOCTYPE html>",
+        '<html lang="en"><head><meta charset="utf-8">',
+        f"<title>{html.escape(str(title))}</title><style>{_CSS}</style></head><body>",
+        f"<header><h1>{html.escape(str(title))}</h1>",
+        f'<p class="disclaimer">{html.escape(DISCLAIMER)}</p></header>',
+    ]
+    for i, sec in enumerate(sections):
+        where = f"section {i}"
+        if not isinstance(sec, Mapping) or "title" not in sec:
+            raise ValueError(f"{where}: each section must be a dict with a 'title', received {sec!r:.200}.")
+        unknown = set(sec) - _SECTION_KEYS
+        if unknown:
+            raise ValueError(
+                f"{where} ({sec['title']!r}): unknown keys {sorted(unknown)}; allowed {sorted(_SECTION_KEYS)}."
+            )
+        where = f"section {i} ({sec['title']!r})"
+        parts.append(f"<section><h2>{html.escape(str(sec['title']))}</h2>")
+        if sec.get("text"):
+            parts.append(f'<div class="text">{html.escape(str(sec["text"]))}</div>')
+        if sec.get("table"):
+            parts.append(_table_html(sec["table"], where))
+        images = sec.get("images") or []
+        if isinstance(images, (str, os.PathLike)):
+            images = [images]
+        parts.extend(_image_html(png, where) for png in images)
+        parts.append("</section>")
+    parts.append(f"<footer>derm {html.escape(__version__)}. {html.escape(DISCLAIMER)}</footer></body></html>")
+    path = Path(path)
+    with atomic_write(path, "w", encoding="utf-8") as f:
+        f.write("\n".join(parts) + "\n")
+    return path

@@ -1,0 +1,737 @@
+"""Training runs: data -> partition -> group-aware split -> model -> run directory.
+
+Two modes (see the README):
+
+- ``bottleneck``: the backbone stays frozen; the pooled features of ``views`` augmented views of every training
+  image (and the plain view of every validation image) are computed once into the feature cache
+  (:mod:`derm.trainer.features`) and the softmax head is trained on them. Optionally ``unfreeze_top`` blocks of
+  Inception-v3 are then fine-tuned on images with the paper's optimizer.
+- ``finetune``: every layer trained on augmented images with the paper's recipe: RMSProp (lr 0.001, rho 0.9,
+  momentum 0.9, epsilon 0.1), learning rate divided by 16 every 30 epochs.
+
+A run is written into ``OUT.partial`` and renamed to ``OUT`` when complete, so ``OUT`` is never half-written; a run
+interrupted during finetuning resumes from its last epoch (``keras.callbacks.BackupAndRestore``) and feature
+extraction resumes from the cache.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import datetime as _dt
+import json
+import logging
+import math
+import os
+import platform
+import shutil
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from derm import metrics
+from derm._util import atomic_write, sha256_file
+from derm._version import __version__
+from derm.datasets import Dataset, read_dataset
+from derm.errors import DermError
+from derm.evaluation import dataset_level, evaluate, format_summary, summary_row
+from derm.partition import Partition, partition
+from derm.preprocess import PreprocessSpec
+from derm.splits import group_components, image_fingerprints, kfold, train_val_split
+from derm.taxonomy import Taxonomy, default_taxonomy, load_taxonomy
+
+log = logging.getLogger(__name__)
+
+MODES = ("bottleneck", "finetune")
+CLASS_WEIGHTING = ("balanced", "none")
+STRATEGIES = ("auto", "default", "mirrored")
+RUN_FORMAT = 1
+EVAL_LEVELS: tuple[str, ...] = ("three", "nine", "labels")
+
+
+class TrainError(DermError, ValueError):
+    """A training run cannot start or continue as configured."""
+
+
+@dataclass
+class TrainConfig:
+    """Every option of a run. ``derm-train`` options and config files (YAML or JSON) map onto these fields."""
+
+    data: str  # labelled CSV (image, label[, group]) — see derm.read_dataset
+    out: str  # run directory to create
+    taxonomy: str | None = None  # YAML/JSON taxonomy; None: the default tree
+    image_column: str = "image"
+    label_column: str = "label"
+    group_column: str | None = "auto"
+    max_class_size: int = 1000  # the paper's maxClassSize
+    within: str | list[str] = "nine"  # inference level each training class must lie under ("labels": the CSV's)
+    mode: str = "bottleneck"
+    weights: str = "inception-2015"  # inception-2015 | imagenet | none | PATH.weights.h5
+    input_size: int = 299
+    pool_layers: list[str] = field(default_factory=lambda: ["mixed10"])
+    dropout: float = 0.0
+    batch_size: int = 32
+    class_weighting: str = "balanced"
+    seed: int = 0
+    # bottleneck head
+    views: int = 4  # augmented views per training image in the feature cache
+    head_epochs: int = 40
+    head_lr: float = 1e-3
+    weight_decay: float = 1e-4
+    feature_cache: str | None = None  # SQLite file; default $DERM_CACHE/features/<digest>.sqlite
+    # finetune (and the top blocks after a bottleneck head)
+    unfreeze_top: int = 0  # bottleneck only: Inception blocks (from mixed10 down) fine-tuned after the head
+    epochs: int = 30
+    lr: float = 1e-3
+    lr_drop_every: int = 30  # epochs
+    lr_drop_factor: float = 16.0
+    steps_per_epoch: int | None = None  # None: one pass over the training images
+    # split
+    val_fraction: float = 0.1
+    folds: int | None = None  # k-fold cross-validation: hold out fold `fold` as the test set
+    fold: int | None = None
+    holdout: str | None = None  # "COLUMN=VALUE": rows with that value are the test set (e.g. split=validation)
+    near_duplicates: bool = True  # join near-identical images into one group before splitting
+    blurry_quantile: float = 0.0  # drop images below this sharpness quantile from validation and test (not train)
+    strategy: str = "auto"  # tf.distribute: auto (mirrored when several GPUs), default, mirrored
+    overwrite: bool = False
+
+    # ------------------------------------------------------------------ construction and checks
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], source: str = "config") -> TrainConfig:
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise TrainError(f"Unknown option(s) {unknown} in {source}. Known: {sorted(names)}.")
+        missing = [n for n in ("data", "out") if n not in data]
+        if missing:
+            raise TrainError(f"{source} lacks required option(s) {missing}.")
+        cfg = cls(**dict(data))
+        cfg.check()
+        return cfg
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def check(self) -> None:
+        def bad(name: str, want: str) -> TrainError:
+            return TrainError(f"{name} must be {want}; received {getattr(self, name)!r}.")
+
+        if self.mode not in MODES:
+            raise bad("mode", f"one of {', '.join(MODES)}")
+        if self.class_weighting not in CLASS_WEIGHTING:
+            raise bad("class_weighting", f"one of {', '.join(CLASS_WEIGHTING)}")
+        if self.strategy not in STRATEGIES:
+            raise bad("strategy", f"one of {', '.join(STRATEGIES)}")
+        for name in ("max_class_size", "input_size", "batch_size", "head_epochs", "epochs", "lr_drop_every"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise bad(name, "a positive integer")
+        for name in ("views", "unfreeze_top", "seed"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+                raise bad(name, "a non-negative integer")
+        if self.mode == "bottleneck" and self.views < 1:
+            raise bad("views", "at least 1 in bottleneck mode")
+        if not 0 < self.val_fraction < 0.5:
+            raise bad("val_fraction", "between 0 and 0.5")
+        if not 0 <= self.blurry_quantile < 0.5:
+            raise bad("blurry_quantile", "in [0, 0.5)")
+        for name in ("head_lr", "lr", "lr_drop_factor"):
+            if not (isinstance(getattr(self, name), (int, float)) and getattr(self, name) > 0):
+                raise bad(name, "a positive number")
+        if self.unfreeze_top and self.mode != "bottleneck":
+            raise TrainError("unfreeze_top applies to bottleneck mode (finetune mode trains every layer already).")
+        if self.unfreeze_top > 11:
+            raise bad("unfreeze_top", "at most 11 (Inception-v3 has blocks mixed0..mixed10)")
+        if (self.folds is None) != (self.fold is None):
+            raise TrainError(
+                f"Give both folds and fold (held-out fold index), or neither; received {self.folds!r}, {self.fold!r}."
+            )
+        if self.folds is not None and not (
+            isinstance(self.folds, int)
+            and self.folds >= 2
+            and isinstance(self.fold, int)
+            and 0 <= self.fold < self.folds
+        ):
+            raise TrainError(
+                f"folds must be >= 2 and 0 <= fold < folds; received folds={self.folds!r}, fold={self.fold!r}."
+            )
+        if self.holdout is not None and (not isinstance(self.holdout, str) or "=" not in self.holdout):
+            raise bad("holdout", "of the form COLUMN=VALUE (e.g. split=validation)")
+        if self.holdout is not None and self.folds is not None:
+            raise TrainError("Give either holdout (a fixed test set) or folds/fold, not both.")
+        if self.steps_per_epoch is not None and (not isinstance(self.steps_per_epoch, int) or self.steps_per_epoch < 1):
+            raise bad("steps_per_epoch", "a positive integer or None")
+
+
+def read_config_file(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """A YAML or JSON mapping of :class:`TrainConfig` fields."""
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise TrainError(f"Config file not found: {str(path)!r}.")
+    try:
+        text = path.read_text(encoding="utf-8")
+        data = json.loads(text) if path.suffix.lower() == ".json" else yaml.safe_load(text)
+    except (ValueError, yaml.YAMLError) as exc:
+        raise TrainError(f"Cannot parse config file {str(path)!r}: {exc}") from exc
+    if not isinstance(data, dict):
+        raise TrainError(f"Config file {str(path)!r} must hold a mapping of options, found {type(data).__name__}.")
+    return {str(k).replace("-", "_"): v for k, v in data.items()}
+
+
+# ----------------------------------------------------------------------------------------------- data
+
+
+@dataclass
+class Prepared:
+    """The data side of a run: dataset, partition, per-image targets and roles."""
+
+    dataset: Dataset
+    taxonomy: Taxonomy
+    partition: Partition
+    targets: np.ndarray  # training class per image, -1 where the label lies above/outside the partition
+    roles: np.ndarray  # "train" | "val" | "test" | "excluded" | "blurry"
+    components: np.ndarray  # group component per image (lesion/patient + near-duplicates)
+    sharpness: np.ndarray | None = None
+
+    def indices(self, role: str) -> np.ndarray:
+        return np.nonzero(self.roles == role)[0]
+
+
+def _within(tax: Taxonomy, ds: Dataset, within: str | Sequence[str]) -> str | tuple[str, ...]:
+    if isinstance(within, str) and within == "labels":
+        present = set(ds.nodes)
+        nodes = tuple(nid for nid, _ in tax.walk() if nid in present)
+        # keep only the lowest labelled nodes: a label above another one cannot be an inference class
+        return tuple(n for n in nodes if not any(m != n and tax.is_under(m, n) for m in nodes))
+    return within if isinstance(within, str) else tuple(within)
+
+
+def prepare(cfg: TrainConfig) -> Prepared:
+    """Read the data, partition the taxonomy and assign every image a role (group-aware)."""
+    tax = load_taxonomy(cfg.taxonomy) if cfg.taxonomy else default_taxonomy()
+    ds = read_dataset(
+        cfg.data,
+        tax,
+        image_column=cfg.image_column,
+        label_column=cfg.label_column,
+        group_column=cfg.group_column,
+    )
+    within = _within(tax, ds, cfg.within)
+    part = partition(tax, ds.counts(), cfg.max_class_size, within=within)
+    targets = np.asarray([-1 if (c := part.class_of(n)) is None else c for n in ds.nodes], dtype=np.int64)
+    if (targets < 0).any():
+        log.warning(
+            "%d images are labelled above or outside the inference level %r and are not used for training.",
+            int((targets < 0).sum()),
+            cfg.within,
+        )
+    fp = image_fingerprints(ds.paths) if cfg.near_duplicates else None
+    comps = group_components(len(ds), ds.groups, fp)
+    roles = np.full(len(ds), "train", dtype=object)
+    labels = np.asarray(ds.nodes)
+    if cfg.holdout is not None:
+        col, value = cfg.holdout.split("=", 1)
+        if col not in ds.extras:
+            raise TrainError(f"holdout column {col!r} is not in {cfg.data!r}; columns there: {sorted(ds.extras)}.")
+        test = np.asarray([v == value for v in ds.extras[col]])
+        if not test.any():
+            raise TrainError(f"No row of {cfg.data!r} has {col} = {value!r} (values: {sorted(set(ds.extras[col]))}).")
+        shared = set(comps[test].tolist()) & set(comps[~test].tolist())
+        if shared:
+            log.warning(
+                "%d groups of images straddle the holdout and the rest; those rows leave the training set.", len(shared)
+            )
+        roles[test] = "test"
+        rest = np.nonzero(~test & ~np.isin(comps, list(shared)))[0]
+        roles[np.nonzero(~test & np.isin(comps, list(shared)))[0]] = "excluded"
+        val = train_val_split(labels[rest], comps[rest], cfg.val_fraction, seed=cfg.seed)
+        roles[rest[val]] = "val"
+    elif cfg.folds is not None:
+        folds = kfold(labels, comps, k=cfg.folds, seed=cfg.seed)
+        roles[folds == cfg.fold] = "test"
+        rest = np.nonzero(folds != cfg.fold)[0]
+        val = train_val_split(labels[rest], comps[rest], cfg.val_fraction, seed=cfg.seed)
+        roles[rest[val]] = "val"
+    else:
+        val = train_val_split(labels, comps, cfg.val_fraction, seed=cfg.seed)
+        roles[val] = "val"
+    roles[targets < 0] = "excluded"
+    sharp = None
+    if cfg.blurry_quantile > 0:
+        from derm.quality import sharpness_many, sharpness_threshold
+
+        sharp = sharpness_many(ds.paths)
+        thr = sharpness_threshold(sharp, cfg.blurry_quantile)
+        held_out = np.isin(roles, ["val", "test"])
+        roles[held_out & (sharp < thr)] = "blurry"
+        log.info(
+            "Dropped %d blurry images (sharpness < %.1f) from validation/test.", int((roles == "blurry").sum()), thr
+        )
+    for role in ("train", "val"):
+        present = set(targets[roles == role].tolist())
+        if role == "train" and len(present) < 2:
+            raise TrainError(f"The training split holds {len(present)} training class(es); a classifier needs 2+.")
+    return Prepared(ds, tax, part, targets, roles.astype(str), comps, sharp)
+
+
+# ------------------------------------------------------------------------------------------ helpers
+
+
+def versions() -> dict[str, str]:
+    out = {"derm": __version__, "python": platform.python_version(), "numpy": np.__version__}
+    import keras
+    import tensorflow as tf
+
+    out["tensorflow"] = tf.__version__
+    out["keras"] = keras.__version__
+    return out
+
+
+def _strategy(name: str) -> Any:
+    import tensorflow as tf
+
+    gpus = tf.config.list_logical_devices("GPU")
+    if name == "mirrored" or (name == "auto" and len(gpus) > 1):
+        return tf.distribute.MirroredStrategy()
+    return tf.distribute.get_strategy()
+
+
+def _class_weights(targets: np.ndarray, num_classes: int, how: str) -> dict[int, float] | None:
+    from derm.trainer.data import class_weights
+
+    return class_weights(targets, num_classes) if how == "balanced" else None
+
+
+def _json(path: Path, obj: Any) -> None:
+    with atomic_write(path) as f:
+        json.dump(obj, f, indent=2, sort_keys=False, default=_np_default)
+        f.write("\n")
+
+
+def _np_default(o: Any) -> Any:
+    if isinstance(o, np.generic):
+        return o.item()
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
+
+def feature_cache_path(cfg: TrainConfig, key_digest: str) -> Path:
+    if cfg.feature_cache:
+        return Path(cfg.feature_cache)
+    from derm.trainer.weights import cache_dir
+
+    return cache_dir() / "features" / f"{key_digest[:16]}.sqlite"
+
+
+def _top_block_start(model: Any, blocks: int) -> int:
+    """Index of the first layer of the top ``blocks`` Inception blocks (after mixed{10-blocks})."""
+    names = [layer.name for layer in model.layers]
+    if blocks >= 11:
+        return names.index("conv2d")
+    cut = names.index(f"mixed{10 - blocks}")
+    return cut + 1
+
+
+# -------------------------------------------------------------------------------------- head training
+
+
+@dataclass
+class EpochLog:
+    rows: list[dict[str, Any]] = field(default_factory=list)
+
+    def add(self, **row: Any) -> None:
+        self.rows.append(row)
+        log.info("  ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()))
+
+
+def train_head(
+    x_views: np.ndarray,
+    y: np.ndarray,
+    x_val: np.ndarray,
+    y_val: np.ndarray,
+    num_classes: int,
+    *,
+    epochs: int,
+    lr: float,
+    weight_decay: float,
+    batch_size: int,
+    dropout: float,
+    class_weight: dict[int, float] | None,
+    seed: int,
+    history: EpochLog,
+    on_epoch: Callable[[int], None] | None = None,
+) -> Any:
+    """Train the softmax head on cached features: epoch ``e`` uses view ``e mod views`` of every image. Keeps the
+    weights of the epoch with the best validation mean per-class accuracy (training classes)."""
+    import keras
+
+    from derm.trainer.model import head_model
+
+    keras.utils.set_random_seed(seed)
+    head = head_model(x_views.shape[-1], num_classes, dropout)
+    head.compile(
+        optimizer=keras.optimizers.AdamW(learning_rate=lr, weight_decay=weight_decay),
+        loss="sparse_categorical_crossentropy",
+    )
+    best, best_weights = -1.0, head.get_weights()
+    for epoch in range(epochs):
+        x = x_views[epoch % len(x_views)]
+        h = head.fit(
+            x,
+            y,
+            batch_size=batch_size,
+            epochs=epoch + 1,
+            initial_epoch=epoch,
+            class_weight=class_weight,
+            shuffle=True,
+            verbose=0,
+        )
+        p = head.predict(x_val, batch_size=1024, verbose=0)
+        mpca, _ = metrics.mean_per_class_accuracy(y_val, p.argmax(1), num_classes)
+        val_loss = float(-np.mean(np.log(np.clip(p[np.arange(len(y_val)), y_val], 1e-12, 1))))
+        history.add(
+            stage="head", epoch=epoch + 1, loss=float(h.history["loss"][-1]), val_loss=val_loss, val_mpca=float(mpca)
+        )
+        if mpca > best:
+            best, best_weights = float(mpca), head.get_weights()
+        if on_epoch:
+            on_epoch(epoch)
+    head.set_weights(best_weights)
+    return head
+
+
+# ---------------------------------------------------------------------------------------------- run
+
+
+def _write_static(work: Path, cfg: TrainConfig, prep: Prepared) -> None:
+    work.mkdir(parents=True, exist_ok=True)
+    _json(work / "config.json", cfg.to_dict())
+    _json(work / "taxonomy.json", prep.taxonomy.to_dict())
+    _json(work / "partition.json", prep.partition.to_dict())
+    _json(work / "preprocess.json", PreprocessSpec(size=cfg.input_size).to_dict())
+    _json(work / "versions.json", versions())
+    ds = prep.dataset
+    with atomic_write(work / "split.csv", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["image", "label", "node", "group", "component", "role", "target"])
+        for i in range(len(ds)):
+            w.writerow(
+                [
+                    str(ds.paths[i]),
+                    ds.labels[i],
+                    ds.nodes[i],
+                    ds.groups[i] if ds.groups else "",
+                    int(prep.components[i]),
+                    prep.roles[i],
+                    int(prep.targets[i]),
+                ]
+            )
+
+
+def _predictions_csv(path: Path, prep: Prepared, idx: np.ndarray, probs: np.ndarray) -> None:
+    labels = prep.partition.labels
+    with atomic_write(path, newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["image", "label", "node", "role", *labels])
+        for row, i in zip(probs, idx, strict=True):
+            w.writerow(
+                [
+                    str(prep.dataset.paths[i]),
+                    prep.dataset.labels[i],
+                    prep.dataset.nodes[i],
+                    prep.roles[i],
+                    *(f"{p:.6g}" for p in row),
+                ]
+            )
+
+
+def _evaluate_split(prep: Prepared, idx: np.ndarray, probs: np.ndarray, seed: int) -> dict[str, Any]:
+    nodes = [prep.dataset.nodes[i] for i in idx]
+    levels: list[str | Sequence[str]] = list(EVAL_LEVELS)
+    return evaluate(probs, nodes, prep.partition, levels=levels, seed=seed)
+
+
+def _predict_images(model: Any, prep: Prepared, idx: np.ndarray, size: int, batch: int) -> np.ndarray:
+    from derm.trainer.data import image_dataset
+
+    if len(idx) == 0:
+        return np.zeros((0, len(prep.partition.classes)), np.float32)
+    ds = image_dataset([prep.dataset.paths[i] for i in idx], size, batch_size=batch)
+    return model.predict(ds, verbose=0)
+
+
+def _finetune(
+    model: Any, cfg: TrainConfig, prep: Prepared, work: Path, history: EpochLog, trainable_from: int | None
+) -> None:
+    """Train with the paper's optimizer and schedule on augmented images (all layers, or from a layer on)."""
+    import keras
+
+    from derm.trainer.data import image_dataset
+
+    tr, va = prep.indices("train"), prep.indices("val")
+    for i, layer in enumerate(model.layers):
+        layer.trainable = trainable_from is None or i >= trainable_from
+    steps = cfg.steps_per_epoch or math.ceil(len(tr) / cfg.batch_size)
+    schedule = keras.optimizers.schedules.ExponentialDecay(
+        cfg.lr, decay_steps=cfg.lr_drop_every * steps, decay_rate=1.0 / cfg.lr_drop_factor, staircase=True
+    )
+    opt = keras.optimizers.RMSprop(learning_rate=schedule, rho=0.9, momentum=0.9, epsilon=0.1)
+    model.compile(optimizer=opt, loss="sparse_categorical_crossentropy")
+    train_ds = image_dataset(
+        [prep.dataset.paths[i] for i in tr],
+        cfg.input_size,
+        targets=prep.targets[tr],
+        augment=True,
+        seed=cfg.seed,
+        batch_size=cfg.batch_size,
+        shuffle=True,
+        repeat=True,
+    )
+    y_val = prep.targets[va]
+    n_cls = len(prep.partition.classes)
+    best_path = work / "best.weights.h5"
+
+    class ValMPCA(keras.callbacks.Callback):
+        def __init__(self) -> None:
+            super().__init__()
+            self.best = -1.0
+
+        def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
+            p = _predict_images(self.model, prep, va, cfg.input_size, cfg.batch_size)
+            mpca, _ = metrics.mean_per_class_accuracy(y_val, p.argmax(1), n_cls)
+            lr = float(schedule(epoch * steps))
+            history.add(
+                stage="finetune",
+                epoch=epoch + 1,
+                loss=float((logs or {}).get("loss", float("nan"))),
+                val_mpca=float(mpca),
+                lr=lr,
+            )
+            if mpca > self.best:
+                self.best = float(mpca)
+                tmp = best_path.with_name(".best.tmp.weights.h5")
+                self.model.save_weights(tmp, overwrite=True)
+                os.replace(tmp, best_path)
+
+    callbacks = [keras.callbacks.BackupAndRestore(str(work / "backup"), delete_checkpoint=True), ValMPCA()]
+    keras.utils.set_random_seed(cfg.seed)
+    model.fit(
+        train_ds,
+        epochs=cfg.epochs,
+        steps_per_epoch=steps,
+        class_weight=_class_weights(prep.targets[tr], n_cls, cfg.class_weighting),
+        callbacks=callbacks,
+        verbose=0,
+        shuffle=False,  # the dataset shuffles itself, reproducibly per seed
+    )
+    if best_path.is_file():
+        model.load_weights(best_path)
+        best_path.unlink()
+
+
+def train(cfg: TrainConfig | Mapping[str, Any]) -> Path:
+    """Run one training as configured; returns the finished run directory."""
+    if not isinstance(cfg, TrainConfig):
+        cfg = TrainConfig.from_dict(cfg)
+    cfg.check()
+    out = Path(cfg.out)
+    if out.exists() and any(out.iterdir()) and not cfg.overwrite:
+        raise TrainError(
+            f"Run directory {str(out)!r} exists and is not empty. Choose another --out or pass --overwrite."
+        )
+    work = out.with_name(out.name + ".partial")
+    if (work / "config.json").is_file():
+        prev = json.loads((work / "config.json").read_text(encoding="utf-8"))
+        if prev != json.loads(json.dumps(cfg.to_dict())):
+            log.warning("Discarding the unfinished run in %s: it had another configuration.", work)
+            shutil.rmtree(work)
+        else:
+            log.info("Resuming the unfinished run in %s.", work)
+    t0 = time.perf_counter()
+    prep = prepare(cfg)
+    _write_static(work, cfg, prep)
+    import keras
+
+    from derm.trainer.model import build_model, copy_head, feature_slice
+
+    n_cls = len(prep.partition.classes)
+    keras.utils.set_random_seed(cfg.seed)
+    history = EpochLog()
+    timings: dict[str, float] = {}
+    with _strategy(cfg.strategy).scope():
+        model = build_model(n_cls, cfg.input_size, cfg.weights, cfg.pool_layers, cfg.dropout)
+    tr, va, te = prep.indices("train"), prep.indices("val"), prep.indices("test")
+    cached_eval: dict[str, np.ndarray] = {}
+    if cfg.mode == "bottleneck":
+        from derm.trainer.features import FeatureCache, cache_key, extract, image_digests
+        from derm.trainer.model import feature_extractor
+
+        fe = feature_extractor(model)
+        key = cache_key(fe, cfg.input_size, cfg.seed)  # the backbone's weights only, not the random head
+        cache_path = feature_cache_path(cfg, key.weights_sha256)
+        digests = image_digests(prep.dataset.paths)
+        t = time.perf_counter()
+        with FeatureCache(cache_path, key) as cache:
+            held = np.concatenate([va, te])
+            extract(
+                fe,
+                cache,
+                [prep.dataset.paths[i] for i in held],
+                [digests[i] for i in held],
+                [0],
+                batch_size=cfg.batch_size,
+                description="Features (plain views)",
+            )
+            extract(
+                fe,
+                cache,
+                [prep.dataset.paths[i] for i in tr],
+                [digests[i] for i in tr],
+                list(range(1, cfg.views + 1)),
+                batch_size=cfg.batch_size,
+                description="Features (augmented)",
+            )
+            timings["features_s"] = time.perf_counter() - t
+            cols = feature_slice(cfg.pool_layers)
+            x_tr = cache.get([digests[i] for i in tr], list(range(1, cfg.views + 1)))[:, :, cols]
+            x_va = cache.get([digests[i] for i in va], [0])[0][:, cols]
+            x_te = cache.get([digests[i] for i in te], [0])[0][:, cols] if len(te) else x_va[:0]
+        t = time.perf_counter()
+        head = train_head(
+            x_tr,
+            prep.targets[tr],
+            x_va,
+            prep.targets[va],
+            n_cls,
+            epochs=cfg.head_epochs,
+            lr=cfg.head_lr,
+            weight_decay=cfg.weight_decay,
+            batch_size=cfg.batch_size,
+            dropout=cfg.dropout,
+            class_weight=_class_weights(prep.targets[tr], n_cls, cfg.class_weighting),
+            seed=cfg.seed,
+            history=history,
+        )
+        timings["head_s"] = time.perf_counter() - t
+        copy_head(head, model)
+        if cfg.unfreeze_top:
+            t = time.perf_counter()
+            _finetune(model, cfg, prep, work, history, _top_block_start(model, cfg.unfreeze_top))
+            timings["unfreeze_s"] = time.perf_counter() - t
+        else:
+            cached_eval = {role: head.predict(x, verbose=0) for role, x in (("val", x_va), ("test", x_te)) if len(x)}
+    else:
+        t = time.perf_counter()
+        _finetune(model, cfg, prep, work, history, None)
+        timings["finetune_s"] = time.perf_counter() - t
+    for layer in model.layers:
+        layer.trainable = True  # saved models load trainable; the exporter and users decide what to freeze
+    result: dict[str, Any] = {"format": RUN_FORMAT, "mode": cfg.mode}
+    for role, idx in (("val", va), ("test", te)):
+        if len(idx) == 0:
+            continue
+        probs = cached_eval.get(role)
+        if probs is None:
+            probs = _predict_images(model, prep, idx, cfg.input_size, cfg.batch_size)
+        result[role] = _evaluate_split(prep, idx, probs, cfg.seed)
+        result[role]["source"] = "feature cache (plain view)" if role in cached_eval else "model on images"
+        _predictions_csv(work / f"predictions_{role}.csv", prep, idx, probs)
+        log.info("%s:\n%s", role, format_summary(result[role]))
+    timings["total_s"] = time.perf_counter() - t0
+    result["timings"] = timings
+    result["data"] = prep.dataset.describe()
+    result["data"]["roles"] = {r: int((prep.roles == r).sum()) for r in np.unique(prep.roles)}
+    _json(work / "metrics.json", result)
+    with atomic_write(work / "history.csv", newline="") as f:
+        keys = sorted(
+            {k for r in history.rows for k in r}, key=["stage", "epoch", "loss", "val_loss", "val_mpca", "lr"].index
+        )
+        w = csv.DictWriter(f, fieldnames=keys)
+        w.writeheader()
+        w.writerows(history.rows)
+    tmp_model = work / ".model.tmp.keras"
+    model.save(tmp_model)
+    os.replace(tmp_model, work / "model.keras")
+    run = {
+        "format": RUN_FORMAT,
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "taxonomy_sha256": prep.taxonomy.sha256,
+        "partition_sha256": prep.partition.sha256,
+        "classes": prep.partition.labels,
+        "input_size": cfg.input_size,
+        "files": {p.name: sha256_file(p) for p in sorted(work.iterdir()) if p.is_file() and p.name != "run.json"},
+    }
+    _json(work / "run.json", run)
+    if out.exists():
+        shutil.rmtree(out)
+    os.replace(work, out)
+    log.info("Run written to %s (%.0f s).", out, timings["total_s"])
+    return out
+
+
+# ---------------------------------------------------------------------------------- cross-validation
+
+
+def cross_validate(cfg: TrainConfig | Mapping[str, Any], folds: int = 9) -> Path:
+    """k-fold cross-validation (group-aware): ``OUT/fold_K`` runs plus ``OUT/cv.json`` and ``OUT/cv.md``."""
+    if not isinstance(cfg, TrainConfig):
+        cfg = TrainConfig.from_dict(cfg)
+    out = Path(cfg.out)
+    rows = []
+    for k in range(folds):
+        sub = dataclasses.replace(cfg, out=str(out / f"fold_{k}"), folds=folds, fold=k)
+        sub.check()
+        run = sub.out
+        if (Path(run) / "run.json").is_file() and not cfg.overwrite:
+            log.info("Fold %d already done: %s", k, run)
+        else:
+            train(sub)
+        res = json.loads((Path(run) / "metrics.json").read_text(encoding="utf-8"))
+        rows.append({"fold": k, **summary_row(res["test"])})
+    summary = summarize_folds(rows)
+    _json(out / "cv.json", {"folds": rows, "summary": summary, "config": cfg.to_dict()})
+    with atomic_write(out / "cv.md") as f:
+        f.write(cv_markdown(rows, summary))
+    return out
+
+
+def summarize_folds(rows: Sequence[Mapping[str, Any]]) -> dict[str, dict[str, float]]:
+    keys = [k for k in rows[0] if k not in ("fold", "n")]
+    out = {}
+    for k in keys:
+        vals = np.asarray([r[k] for r in rows if r.get(k) is not None], dtype=np.float64)
+        if len(vals):
+            out[k] = {
+                "mean": float(vals.mean()),
+                "sd": float(vals.std(ddof=1)) if len(vals) > 1 else 0.0,
+                "min": float(vals.min()),
+                "max": float(vals.max()),
+            }
+    return out
+
+
+def cv_markdown(rows: Sequence[Mapping[str, Any]], summary: Mapping[str, Mapping[str, float]]) -> str:
+    keys = [k for k in summary if not k.endswith(("_lo", "_hi"))]
+    lines = ["| fold | n | " + " | ".join(keys) + " |", "|---" * (len(keys) + 2) + "|"]
+    for r in rows:
+        lines.append(
+            f"| {r['fold']} | {r['n']} | "
+            + " | ".join(f"{r[k]:.3f}" if r.get(k) is not None else "" for k in keys)
+            + " |"
+        )
+    lines.append(
+        "| mean ± sd | | " + " | ".join(f"{summary[k]['mean']:.3f} ± {summary[k]['sd']:.3f}" for k in keys) + " |"
+    )
+    return "\n".join(lines) + "\n"
+
+
+__all__ = ["TrainConfig", "TrainError", "cross_validate", "dataset_level", "prepare", "read_config_file", "train"]
