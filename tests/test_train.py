@@ -278,3 +278,67 @@ def test_derm_eval_cli_errors(tmp_path, small_csv):
 
     res = CliRunner().invoke(app, [str(tmp_path / "nope"), "--data", str(small_csv), "--out", str(tmp_path / "o")])
     assert res.exit_code == 2 and "not a finished derm-train run directory" in res.output
+
+
+def test_cross_validation_and_blurry_filter(bottleneck_run, tmp_path):
+    """2-fold CV from the shared cache: every image tested once, whole lesions per fold, blurry ones kept out of
+    validation/test only, and a cv.md summary."""
+    import dataclasses
+
+    from derm.trainer.train import cross_validate
+
+    cfg, _ = bottleneck_run
+    out = cross_validate(
+        dataclasses.replace(cfg, out=str(tmp_path / "cv"), head_epochs=3, blurry_quantile=0.1), folds=2
+    )
+    tested: list[str] = []
+    for k in range(2):
+        split = _rows(out / f"fold_{k}" / "split.csv")
+        tested += [r["image"] for r in split if r["role"] == "test"]
+        assert any(r["role"].startswith("blurry_") for r in split)
+        by_group: dict[str, set[str]] = {}
+        for r in split:
+            by_group.setdefault(r["group"], set()).add("test" if r["role"] in ("test", "blurry_test") else "rest")
+        assert all(len(v) == 1 for v in by_group.values())  # a lesion never straddles test and the rest
+    blurry = {
+        r["image"] for k in range(2) for r in _rows(out / f"fold_{k}" / "split.csv") if r["role"] == "blurry_test"
+    }
+    assert len(tested) == len(set(tested)) and len(tested) + len(blurry) == sum(PER_CLASS.values())
+    cv = json.loads((out / "cv.json").read_text())
+    assert [f["fold"] for f in cv["folds"]] == [0, 1] and "labels_mpca" in cv["summary"]
+    assert "mean ± sd" in (out / "cv.md").read_text()
+
+
+def test_unfreeze_top_blocks_after_the_head(small_csv, tmp_path, bottleneck_run):
+    from derm.trainer.model import load_model
+    from derm.trainer.train import TrainConfig, train
+
+    cfg0, _ = bottleneck_run
+    cfg = TrainConfig(
+        data=str(small_csv),
+        out=str(tmp_path / "top"),
+        within="labels",
+        weights=str(_weights()),
+        input_size=SIZE,
+        views=2,
+        head_epochs=2,
+        unfreeze_top=1,
+        epochs=1,
+        steps_per_epoch=2,
+        batch_size=8,
+        lr=1e-4,
+        val_fraction=0.25,
+        seed=1,
+        feature_cache=cfg0.feature_cache,
+    )
+    before = load_model(bottleneck_run[1] / "model.keras")
+    run = train(cfg)
+    stages = [r["stage"] for r in _rows(run / "history.csv")]
+    assert stages == ["head", "head", "finetune"]
+    after = load_model(run / "model.keras")
+    # the top block's convolutions changed, the stem did not (layers compared by position: Keras numbers names)
+    names = [lay.name for lay in after.layers]
+    stem = names.index("scale") + 1
+    top = next(i for i in range(names.index("mixed9") + 1, len(names)) if names[i].startswith("conv2d"))
+    assert np.array_equal(after.layers[stem].get_weights()[0], before.layers[stem].get_weights()[0])
+    assert not np.array_equal(after.layers[top].get_weights()[0], before.layers[top].get_weights()[0])

@@ -197,7 +197,7 @@ class Prepared:
     taxonomy: Taxonomy
     partition: Partition
     targets: np.ndarray  # training class per image, -1 where the label lies above/outside the partition
-    roles: np.ndarray  # "train" | "val" | "test" | "excluded" | "blurry"
+    roles: np.ndarray  # "train" | "val" | "test" | "excluded" | "blurry_val" | "blurry_test"
     components: np.ndarray  # group component per image (lesion/patient + near-duplicates)
     sharpness: np.ndarray | None = None
 
@@ -271,10 +271,9 @@ def prepare(cfg: TrainConfig) -> Prepared:
         sharp = sharpness_many(ds.paths)
         thr = sharpness_threshold(sharp, cfg.blurry_quantile)
         held_out = np.isin(roles, ["val", "test"])
-        roles[held_out & (sharp < thr)] = "blurry"
-        log.info(
-            "Dropped %d blurry images (sharpness < %.1f) from validation/test.", int((roles == "blurry").sum()), thr
-        )
+        blurry = held_out & (sharp < thr)
+        roles[blurry] = np.char.add("blurry_", roles[blurry].astype(str))  # blurry_val, blurry_test
+        log.info("Dropped %d blurry images (sharpness < %.1f) from validation/test.", int(blurry.sum()), thr)
     for role in ("train", "val"):
         present = set(targets[roles == role].tolist())
         if role == "train" and len(present) < 2:
