@@ -100,9 +100,7 @@ def ham_cv(base: Any, ham: Path, runs: Path, folds: int) -> dict[str, Any]:
 def isic2017(base: Any, isic: Path, runs: Path) -> dict[str, Any]:
     from derm.trainer.train import train
 
-    cfg = dataclasses.replace(
-        base, data=str(isic), out=str(runs / "isic2017"), within="labels", holdout="split=validation"
-    )
+    cfg = dataclasses.replace(base, data=str(isic), out=str(runs / "isic2017"), within="labels", holdout="split=val")
     run = Path(cfg.out) if (Path(cfg.out) / "run.json").is_file() else train(cfg)
     rows = _rows(run / "predictions_test.csv")
     y, s = _task_scores(rows, run, "melanoma_vs_nevus")
@@ -362,10 +360,11 @@ def main(argv: list[str] | None = None) -> None:
         "machine": f"{platform.machine()}, {__import__('os').cpu_count()} CPU cores, no GPU",
         "date": time.strftime("%Y-%m-%d"),
         "config": dataclasses.asdict(base),
-        "limits": "Images here are 200x150 to 256x256 (HAM10000 600x450 originals downsampled), upsampled to "
-        "299x299: fine texture the network could use is gone. The backbone is frozen (bottleneck mode): "
-        "on this 2-core CPU, fine-tuning all layers on 10,000 images is out of reach; the head sees "
-        "ImageNet features only.",
+        "limits": "The images here are small: HAM10000 200x150 (originals 600x450), ISIC 2017 256x256 (resized by a "
+        "third party), PAD-UFES-20 300x300 and only 360 of its 2,298 photos; all are upsampled to 299x299, so fine "
+        "texture is gone. The backbone is frozen (bottleneck mode): fine-tuning all layers on 10,000 images at "
+        "299x299 is out of reach of this 2-core CPU, so the head sees ImageNet features only. The augmented views "
+        "per image are few (see above) for the same reason.",
     }
     t0 = time.perf_counter()
     runs = args.runs
