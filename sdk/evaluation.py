@@ -36,7 +36,10 @@ def dataset_level(partition: Partition, node_ids: Sequence[str]) -> tuple[str, .
 
 def resolve_level(partition: Partition, level: str | Sequence[str], node_ids: Sequence[str]) -> tuple[str, ...]:
     if isinstance(level, str) and level == "labels":
-        return dataset_level(partition, node_ids)
+        try:
+            return partition.taxonomy.level(dataset_level(partition, node_ids))
+        except ValueError as exc:  # e.g. HAM10000's "akiec" node lies above its "bcc" node
+            raise ValueError(f"the dataset's labels are not an inference level: {exc}") from None
     return partition.taxonomy.level(level)
 
 

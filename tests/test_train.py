@@ -342,3 +342,19 @@ def test_unfreeze_top_blocks_after_the_head(small_csv, tmp_path, bottleneck_run)
     top = next(i for i in range(names.index("mixed9") + 1, len(names)) if names[i].startswith("conv2d"))
     assert np.array_equal(after.layers[stem].get_weights()[0], before.layers[stem].get_weights()[0])
     assert not np.array_equal(after.layers[top].get_weights()[0], before.layers[top].get_weights()[0])
+
+
+def test_within_labels_refuses_nested_labels(ham_csv, tmp_path):
+    """HAM10000's "akiec" maps to malignant_epidermal, which holds "bcc": not a level; the error says what to do."""
+    from derm.trainer.train import TrainConfig, TrainError, prepare
+
+    rows = [r for r in _rows(ham_csv) if r["label"] == "akiec"][:3] + [
+        r for r in _rows(ham_csv) if r["label"] == "bcc"
+    ][:3]
+    path = tmp_path / "nested.csv"
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        w = csv.DictWriter(f, fieldnames=["image", "label"])
+        w.writeheader()
+        w.writerows({"image": str(ham_csv.parent / r["image"]), "label": r["label"]} for r in rows)
+    with pytest.raises(TrainError, match=r"'basal_cell_carcinoma' lies under 'malignant_epidermal'.*max-class-size"):
+        prepare(TrainConfig(data=str(path), out=str(tmp_path / "o"), within="labels"))

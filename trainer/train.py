@@ -209,8 +209,15 @@ def _within(tax: Taxonomy, ds: Dataset, within: str | Sequence[str]) -> str | tu
     if isinstance(within, str) and within == "labels":
         present = set(ds.nodes)
         nodes = tuple(nid for nid, _ in tax.walk() if nid in present)
-        # keep only the lowest labelled nodes: a label above another one cannot be an inference class
-        return tuple(n for n in nodes if not any(m != n and tax.is_under(m, n) for m in nodes))
+        nested = [(a, b) for a in nodes for b in nodes if a != b and tax.is_under(b, a)]
+        if nested:
+            raise TrainError(
+                f"within='labels' needs labels that do not contain each other, but {nested[0][1]!r} lies under "
+                f"{nested[0][0]!r} in this dataset. Use within='nine' with a --max-class-size small enough to give "
+                "every label its own training class (the partition then splits the parent's own images into a "
+                "':self' class)."
+            )
+        return nodes
     return within if isinstance(within, str) else tuple(within)
 
 
