@@ -134,13 +134,19 @@ def _combined_csv(shared: Path, out: Path, folds: int, seed: int) -> Path:
         for r in _rows(base / "labels.csv"):
             g = f"{name}:{r[group_col]}" if group_col else ""
             rows.append(
-                {"image": str(base / r["image"]), "label": r["label"], "group": g, "source": name, "bench_fold": "-1"}
+                {
+                    "image": str((base / r["image"]).resolve()),
+                    "label": r["label"],
+                    "group": g,
+                    "source": name,
+                    "bench_fold": "-1",
+                }
             )
     base = shared / "data/pad_ufes20"
     for r, f in zip(pad, pad_folds, strict=True):
         rows.append(
             {
-                "image": str(base / r["image"]),
+                "image": str((base / r["image"]).resolve()),
                 "label": r["label"],
                 "group": f"pad:{r['patient_id']}",
                 "source": "pad_ufes20",
