@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import os
 from pathlib import Path
 
@@ -49,3 +50,60 @@ def default_tax():
     import derm
 
     return derm.default_taxonomy()
+
+
+# A small real training run shared by the trainer, evaluation and exporter tests: a few dozen HAM10000 images of 4
+# diagnoses at a small input size (CI speed; the product default is 299), with the real 2015 weights.
+SMALL_SIZE = 96
+PER_CLASS = {"mel": 12, "nv": 12, "bkl": 12, "bcc": 12}
+
+
+def read_rows(path: str | os.PathLike[str]) -> list[dict[str, str]]:
+    with open(path, newline="", encoding="utf-8") as f:
+        return list(csv.DictReader(f))
+
+
+def reference_weights() -> Path:
+    path = shared_dir() / "weights" / "inception_v3_2015_notop.weights.h5"
+    if not path.is_file():
+        pytest.skip(f"reference weights not found at {path} (set DERM_SHARED)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def small_csv(ham_csv, tmp_path_factory) -> Path:
+    """A few dozen HAM10000 images of 4 diagnoses, whole lesions, with the lesion ids."""
+    rows = read_rows(ham_csv)
+    out, seen = [], dict.fromkeys(PER_CLASS, 0)
+    for r in rows:
+        if r["label"] in PER_CLASS and seen[r["label"]] < PER_CLASS[r["label"]]:
+            seen[r["label"]] += 1
+            out.append({"image": str(ham_csv.parent / r["image"]), "label": r["label"], "lesion_id": r["lesion_id"]})
+    path = tmp_path_factory.mktemp("data") / "small.csv"
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        w = csv.DictWriter(f, fieldnames=["image", "label", "lesion_id"])
+        w.writeheader()
+        w.writerows(out)
+    return path
+
+
+@pytest.fixture(scope="session")
+def small_run(small_csv, tmp_path_factory):
+    from derm.trainer.train import TrainConfig, train
+
+    tmp = tmp_path_factory.mktemp("runs")
+    cfg = TrainConfig(
+        data=str(small_csv),
+        out=str(tmp / "run"),
+        within="labels",
+        weights=str(reference_weights()),
+        input_size=SMALL_SIZE,
+        views=2,
+        head_epochs=25,
+        head_lr=3e-3,
+        batch_size=16,
+        val_fraction=0.25,
+        seed=1,
+        feature_cache=str(tmp / "features.sqlite"),
+    )
+    return cfg, train(cfg)

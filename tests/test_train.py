@@ -9,63 +9,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.conftest import shared_dir
+from tests.conftest import PER_CLASS
+from tests.conftest import SMALL_SIZE as SIZE
+from tests.conftest import read_rows as _rows
+from tests.conftest import reference_weights as _weights
 
 pytest.importorskip("tensorflow")
 
-SIZE = 96  # small input: CI speed; the product default is 299
-PER_CLASS = {"mel": 12, "nv": 12, "bkl": 12, "bcc": 12}
-
-
-def _rows(path) -> list[dict[str, str]]:
-    with open(path, newline="", encoding="utf-8") as f:
-        return list(csv.DictReader(f))
-
-
-def _weights() -> Path:
-    path = shared_dir() / "weights" / "inception_v3_2015_notop.weights.h5"
-    if not path.is_file():
-        pytest.skip(f"reference weights not found at {path} (set DERM_SHARED)")
-    return path
-
 
 @pytest.fixture(scope="module")
-def small_csv(ham_csv, tmp_path_factory) -> Path:
-    """A few dozen HAM10000 images of 4 diagnoses, whole lesions, with the lesion ids."""
-    rows = _rows(ham_csv)
-    out, seen = [], dict.fromkeys(PER_CLASS, 0)
-    for r in rows:
-        if r["label"] in PER_CLASS and seen[r["label"]] < PER_CLASS[r["label"]]:
-            seen[r["label"]] += 1
-            out.append({"image": str(ham_csv.parent / r["image"]), "label": r["label"], "lesion_id": r["lesion_id"]})
-    path = tmp_path_factory.mktemp("data") / "small.csv"
-    with open(path, "w", newline="", encoding="utf-8") as f:
-        w = csv.DictWriter(f, fieldnames=["image", "label", "lesion_id"])
-        w.writeheader()
-        w.writerows(out)
-    return path
-
-
-@pytest.fixture(scope="module")
-def bottleneck_run(small_csv, tmp_path_factory):
-    from derm.trainer.train import TrainConfig, train
-
-    tmp = tmp_path_factory.mktemp("runs")
-    cfg = TrainConfig(
-        data=str(small_csv),
-        out=str(tmp / "run"),
-        within="labels",
-        weights=str(_weights()),
-        input_size=SIZE,
-        views=2,
-        head_epochs=25,
-        head_lr=3e-3,
-        batch_size=16,
-        val_fraction=0.25,
-        seed=1,
-        feature_cache=str(tmp / "features.sqlite"),
-    )
-    return cfg, train(cfg)
+def bottleneck_run(small_run):
+    return small_run
 
 
 def test_bottleneck_run_directory(bottleneck_run):

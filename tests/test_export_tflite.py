@@ -1,0 +1,84 @@
+"""The export graph (aggregation baked in) and its TFLite conversions, run with ai-edge-litert on real images."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from tests.conftest import SMALL_SIZE, read_rows
+
+pytest.importorskip("tensorflow")
+
+
+@pytest.fixture(scope="module")
+def exported(small_run):
+    from derm.exporter.graph import build_export_model, output_specs
+    from derm.preprocess import preprocess
+    from derm.trainer.evaluate import load_run
+
+    _, run = small_run
+    model, _, part, _ = load_run(run)
+    specs = output_specs(part)
+    export = build_export_model(model, part, specs)
+    rows = read_rows(run / "split.csv")
+    images = np.stack([preprocess(r["image"], SMALL_SIZE) for r in rows[:24]])
+    return model, part, specs, export, images
+
+
+def test_graph_outputs_are_the_aggregated_probabilities(exported):
+    """uint8 in; training probabilities equal the Keras model's; each level is probs @ its 0/1 matrix; each task is
+    the paper's conditional probability."""
+    from derm.aggregation import conditional_probability
+
+    model, _, specs, export, images = exported
+    assert export.input.dtype == "uint8"
+    out = export.predict(images, verbose=0)
+    ref = model.predict(images.astype(np.float32), verbose=0)
+    assert np.abs(out["training_probs"] - ref).max() < 1e-5
+    names = {s.name for s in specs}
+    assert {"training_probs", "probs_three", "probs_nine", "task_melanoma_vs_nevus"} <= names
+    for s in specs:
+        if s.kind == "level":
+            np.testing.assert_allclose(out[s.name], ref @ s.matrix, atol=1e-5)
+            np.testing.assert_allclose(out[s.name].sum(1), 1.0, atol=1e-5)
+        elif s.kind == "task":
+            np.testing.assert_allclose(out[s.name][:, 0], conditional_probability(ref, s.matrix), atol=1e-5)
+    # the aggregation layers are frozen
+    frozen = [layer for layer in export.layers if layer.__class__.__name__ == "Dense"]
+    assert len(frozen) == len(specs) - 1 + sum(s.kind == "task" for s in specs)
+    assert all(not layer.trainable for layer in frozen)
+
+
+# float files: max abs difference; quantized files: mean abs difference (a few images may move more) + top-1 agreement.
+# These only check that each conversion works; the parity thresholds users rely on live in the exporter's validation.
+@pytest.mark.parametrize(("quantize", "tol"), [("fp32", 1e-4), ("fp16", 2e-2), ("dynamic", 0.05), ("int8", 0.08)])
+def test_tflite_conversions_match_keras(exported, quantize, tol):
+    from derm.exporter.tflite import TFLiteRunner, convert
+
+    _, _, specs, export, images = exported
+    buf = convert(export, quantize, calibration=images[:16])
+    runner = TFLiteRunner(buf)
+    assert set(runner.outputs) == {s.name for s in specs}
+    got = runner(images)
+    ref = export.predict(images, verbose=0)
+    for name in runner.outputs:
+        assert got[name].shape == ref[name].shape
+        diff = np.abs(got[name] - ref[name])
+        err = diff.max() if quantize in ("fp32", "fp16") else diff.mean()
+        assert err < tol, (name, err)
+    agree = (got["probs_three"].argmax(1) == ref["probs_three"].argmax(1)).mean()
+    assert agree >= (1.0 if quantize in ("fp32", "fp16") else 0.8)
+    if quantize == "int8":
+        inp = runner.interpreter.get_input_details()[0]
+        assert inp["dtype"] == np.uint8
+
+
+def test_int8_without_calibration_is_refused(exported):
+    from derm.exporter.graph import ExportError
+    from derm.exporter.tflite import convert
+
+    export = exported[3]
+    with pytest.raises(ExportError, match="calibration"):
+        convert(export, "int8")
+    with pytest.raises(ExportError, match="'int4'"):
+        convert(export, "int4")
