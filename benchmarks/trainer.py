@@ -42,19 +42,11 @@ def _rows(path: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(f))
 
 
-def _pooled(run_dirs: list[Path], classes_under: dict[str, list[str]]) -> dict[str, Any]:
-    """Concatenate the test predictions of several runs."""
-    rows = [r for d in run_dirs for r in _rows(d / "predictions_test.csv")]
-    return {"rows": rows}
-
-
 def _task_scores(rows: list[dict[str, str]], run: Path, task_id: str) -> tuple[np.ndarray, np.ndarray]:
     import derm
-    from derm.partition import Partition
-    from derm.taxonomy import Taxonomy
+    from derm.trainer.evaluate import load_partition
 
-    tax = Taxonomy.from_dict(json.loads((run / "taxonomy.json").read_text()))
-    part = Partition.from_dict(json.loads((run / "partition.json").read_text()), tax)
+    tax, part = load_partition(run)
     probs = np.asarray([[float(r[c]) for c in part.labels] for r in rows])
     y = derm.task_targets(tax, [r["node"] for r in rows], task_id)
     score = derm.conditional_probability(probs, derm.task_matrix(part, task_id, dtype=np.float64))
@@ -64,11 +56,9 @@ def _task_scores(rows: list[dict[str, str]], run: Path, task_id: str) -> tuple[n
 
 def _node_scores(rows: list[dict[str, str]], run: Path, node: str) -> tuple[np.ndarray, np.ndarray]:
     """One-vs-rest: P(node) against images labelled under it."""
-    from derm.partition import Partition
-    from derm.taxonomy import Taxonomy
+    from derm.trainer.evaluate import load_partition
 
-    tax = Taxonomy.from_dict(json.loads((run / "taxonomy.json").read_text()))
-    part = Partition.from_dict(json.loads((run / "partition.json").read_text()), tax)
+    tax, part = load_partition(run)
     cols = [c.label for c in part.classes if tax.is_under(c.node, node)]
     score = np.asarray([sum(float(r[c]) for c in cols) for r in rows])
     y = np.asarray([tax.is_under(r["node"], node) for r in rows], dtype=int)
@@ -192,7 +182,7 @@ def pad_phone(base: Any, shared: Path, runs: Path, folds: int) -> dict[str, Any]
     return {"mixed_training": _auc_entry(y, s), "dermoscopy_only": _auc_entry(y0, s0), "n_pad_images": len(rows)}
 
 
-def logistic_baseline(base: Any, ham_cv_dir: Path, cache_path: Path) -> dict[str, Any]:
+def logistic_baseline(ham_cv_dir: Path, cache_path: Path) -> dict[str, Any]:
     """Plain logistic regression (no class weights) on frozen mixed10 features of the plain view, same folds."""
     from sklearn.linear_model import LogisticRegression
 
@@ -202,14 +192,7 @@ def logistic_baseline(base: Any, ham_cv_dir: Path, cache_path: Path) -> dict[str
     rows_all = _rows(ham_cv_dir / "fold_0" / "split.csv")
     paths = [r["image"] for r in rows_all]
     digests = image_digests(paths)
-    import sqlite3
-
-    key_json = sqlite3.connect(cache_path).execute("SELECT v FROM meta WHERE k='key'").fetchone()[0]
-    from derm.trainer.features import CacheKey
-
-    key = json.loads(key_json)
-    key["layers"] = tuple(key["layers"])
-    with FeatureCache(cache_path, CacheKey(**key)) as cache:
+    with FeatureCache(cache_path, FeatureCache.stored_key(cache_path)) as cache:
         x = cache.get(digests, [0])[0][:, feature_slice(["mixed10"])]
     labels = np.asarray([r["label"] for r in rows_all])
     out = {"folds": []}
@@ -394,15 +377,12 @@ def main(argv: list[str] | None = None) -> None:
     if "ham" in only:
         res["ham"] = ham_cv(base, args.shared / "data/ham10000/labels.csv", runs, args.folds)
     if "baseline" in only and (runs / "ham_cv").is_dir():
-        from derm.trainer.train import feature_cache_path
-
         cache = Path(base.feature_cache) if base.feature_cache else None
         if cache is None:
             cfg0 = json.loads((runs / "ham_cv" / "fold_0" / "config.json").read_text())
             cache = Path(cfg0["feature_cache"]) if cfg0.get("feature_cache") else None
         if cache is not None:
-            res["baseline"] = logistic_baseline(base, runs / "ham_cv", cache)
-        _ = feature_cache_path
+            res["baseline"] = logistic_baseline(runs / "ham_cv", cache)
     if "isic" in only:
         res["isic2017"] = isic2017(base, args.shared / "data/isic2017_trainval/labels.csv", runs)
     if "pad" in only:

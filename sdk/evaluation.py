@@ -21,15 +21,15 @@ from derm import metrics
 from derm.aggregation import aggregation_matrix, conditional_probability, inference_targets, task_matrix, task_targets
 from derm.errors import PartitionError
 from derm.partition import Partition
+from derm.taxonomy import Taxonomy
 
 log = logging.getLogger(__name__)
 
 DEFAULT_LEVELS = ("three", "nine")
 
 
-def dataset_level(partition: Partition, node_ids: Sequence[str]) -> tuple[str, ...]:
-    """The distinct label nodes of a dataset, in taxonomy order: the "labels" level (e.g. HAM10000's 7 diagnoses)."""
-    tax = partition.taxonomy
+def dataset_level(tax: Taxonomy, node_ids: Sequence[str]) -> tuple[str, ...]:
+    """The distinct label nodes of a dataset, in taxonomy order: the "labels" level (e.g. ISIC 2017's 3 diagnoses)."""
     present = set(node_ids)
     return tuple(nid for nid, _ in tax.walk() if nid in present)
 
@@ -37,7 +37,7 @@ def dataset_level(partition: Partition, node_ids: Sequence[str]) -> tuple[str, .
 def resolve_level(partition: Partition, level: str | Sequence[str], node_ids: Sequence[str]) -> tuple[str, ...]:
     if isinstance(level, str) and level == "labels":
         try:
-            return partition.taxonomy.level(dataset_level(partition, node_ids))
+            return partition.taxonomy.level(dataset_level(partition.taxonomy, node_ids))
         except ValueError as exc:  # e.g. HAM10000's "akiec" node lies above its "bcc" node
             raise ValueError(f"the dataset's labels are not an inference level: {exc}") from None
     return partition.taxonomy.level(level)

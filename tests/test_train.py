@@ -82,14 +82,16 @@ def test_run_reloads_and_matches_cached_predictions(bottleneck_run):
 
 
 def test_feature_cache_resumes_and_refuses_other_models(bottleneck_run, small_csv, tmp_path):
-    from derm.trainer.features import CacheKey, FeatureCache, FeatureCacheError
+    import dataclasses
+
+    from derm.trainer.features import FeatureCache, FeatureCacheError
 
     cfg, _ = bottleneck_run
     cache_path = Path(cfg.feature_cache)
-    key = json.loads(__import__("sqlite3").connect(cache_path).execute("SELECT v FROM meta").fetchone()[0])
-    with FeatureCache(cache_path, CacheKey(**{**key, "layers": tuple(key["layers"])})) as cache:
+    key = FeatureCache.stored_key(cache_path)
+    with FeatureCache(cache_path, key) as cache:
         assert len(cache) > 0
-    other = CacheKey(**{**key, "layers": tuple(key["layers"]), "weights_sha256": "0" * 64})
+    other = dataclasses.replace(key, weights_sha256="0" * 64)
     with pytest.raises(FeatureCacheError, match="another backbone"):
         FeatureCache(cache_path, other)
 

@@ -32,6 +32,13 @@ class EvalError(DermError, ValueError):
     """A run cannot be evaluated as asked."""
 
 
+def load_partition(run_dir: str | Path) -> tuple[Taxonomy, Partition]:
+    """The taxonomy and partition a run was trained with (no TensorFlow needed)."""
+    run = Path(run_dir)
+    tax = Taxonomy.from_dict(json.loads((run / "taxonomy.json").read_text(encoding="utf-8")), source=str(run))
+    return tax, Partition.from_dict(json.loads((run / "partition.json").read_text(encoding="utf-8")), tax)
+
+
 def load_run(run_dir: str | Path) -> tuple[Any, Taxonomy, Partition, dict[str, Any]]:
     """``(model, taxonomy, partition, config)`` of a derm-train run directory."""
     from derm.trainer.model import load_model
@@ -40,8 +47,7 @@ def load_run(run_dir: str | Path) -> tuple[Any, Taxonomy, Partition, dict[str, A
     missing = [n for n in ("model.keras", "taxonomy.json", "partition.json", "config.json") if not (run / n).is_file()]
     if missing:
         raise EvalError(f"{str(run)!r} is not a finished derm-train run directory: missing {missing}.")
-    tax = Taxonomy.from_dict(json.loads((run / "taxonomy.json").read_text(encoding="utf-8")), source=str(run))
-    part = Partition.from_dict(json.loads((run / "partition.json").read_text(encoding="utf-8")), tax)
+    tax, part = load_partition(run)
     cfg = json.loads((run / "config.json").read_text(encoding="utf-8"))
     return load_model(run / "model.keras"), tax, part, cfg
 

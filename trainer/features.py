@@ -16,6 +16,7 @@ subset of them.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -128,6 +129,20 @@ class FeatureCache:
                 f"Feature cache {str(self.path)!r} was made for another backbone or setting (differs in {diff}). "
                 "Use another cache file; caches are per (weights, input size, seed)."
             )
+
+    @staticmethod
+    def stored_key(path: str | os.PathLike[str]) -> CacheKey:
+        """The key an existing cache file was made with (to reopen it without rebuilding the backbone)."""
+        path = Path(path)
+        if not path.is_file():
+            raise FeatureCacheError(f"No feature cache at {str(path)!r}.")
+        try:
+            with contextlib.closing(sqlite3.connect(path)) as db:
+                row = db.execute("SELECT v FROM meta WHERE k = 'key'").fetchone()
+            data = json.loads(row[0])
+            return CacheKey(**{**data, "layers": tuple(data["layers"])})
+        except (sqlite3.DatabaseError, TypeError, ValueError, KeyError) as exc:
+            raise FeatureCacheError(f"{str(path)!r} is not a usable feature cache ({exc}).") from exc
 
     def close(self) -> None:
         self.db.close()

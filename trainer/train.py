@@ -23,7 +23,6 @@ import json
 import logging
 import math
 import os
-import platform
 import shutil
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -35,14 +34,14 @@ import numpy as np
 
 from derm import metrics
 from derm._util import atomic_write, sha256_file
-from derm._version import __version__
 from derm.datasets import Dataset, read_dataset
-from derm.errors import DermError
+from derm.errors import DermError, TaxonomyError
 from derm.evaluation import dataset_level, evaluate, format_summary, summary_row
 from derm.partition import Partition, partition
 from derm.preprocess import PreprocessSpec
 from derm.splits import group_components, image_fingerprints, kfold, train_val_split
 from derm.taxonomy import Taxonomy, default_taxonomy, load_taxonomy
+from derm.trainer.weights import versions as weight_versions
 
 log = logging.getLogger(__name__)
 
@@ -207,17 +206,14 @@ class Prepared:
 
 def _within(tax: Taxonomy, ds: Dataset, within: str | Sequence[str]) -> str | tuple[str, ...]:
     if isinstance(within, str) and within == "labels":
-        present = set(ds.nodes)
-        nodes = tuple(nid for nid, _ in tax.walk() if nid in present)
-        nested = [(a, b) for a in nodes for b in nodes if a != b and tax.is_under(b, a)]
-        if nested:
+        try:
+            return tax.level(dataset_level(tax, ds.nodes))
+        except TaxonomyError as exc:
             raise TrainError(
-                f"within='labels' needs labels that do not contain each other, but {nested[0][1]!r} lies under "
-                f"{nested[0][0]!r} in this dataset. Use within='nine' with a --max-class-size small enough to give "
-                "every label its own training class (the partition then splits the parent's own images into a "
-                "':self' class)."
-            )
-        return nodes
+                f"within='labels' needs labels that do not contain each other; in this dataset {exc}. Use "
+                "within='nine' with a --max-class-size small enough to give every label its own training class (the "
+                "partition then splits the parent's own images into a ':self' class)."
+            ) from None
     return within if isinstance(within, str) else tuple(within)
 
 
@@ -289,16 +285,6 @@ def prepare(cfg: TrainConfig) -> Prepared:
 
 
 # ------------------------------------------------------------------------------------------ helpers
-
-
-def versions() -> dict[str, str]:
-    out = {"derm": __version__, "python": platform.python_version(), "numpy": np.__version__}
-    import keras
-    import tensorflow as tf
-
-    out["tensorflow"] = tf.__version__
-    out["keras"] = keras.__version__
-    return out
 
 
 def _strategy(name: str) -> Any:
@@ -424,7 +410,7 @@ def _write_static(work: Path, cfg: TrainConfig, prep: Prepared) -> None:
     _json(work / "taxonomy.json", prep.taxonomy.to_dict())
     _json(work / "partition.json", prep.partition.to_dict())
     _json(work / "preprocess.json", PreprocessSpec(size=cfg.input_size).to_dict())
-    _json(work / "versions.json", versions())
+    _json(work / "versions.json", weight_versions())
     ds = prep.dataset
     with atomic_write(work / "split.csv", newline="") as f:
         w = csv.writer(f)
@@ -740,4 +726,4 @@ def cv_markdown(rows: Sequence[Mapping[str, Any]], summary: Mapping[str, Mapping
     return "\n".join(lines) + "\n"
 
 
-__all__ = ["TrainConfig", "TrainError", "cross_validate", "dataset_level", "prepare", "read_config_file", "train"]
+__all__ = ["TrainConfig", "TrainError", "cross_validate", "prepare", "read_config_file", "train"]

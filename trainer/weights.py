@@ -110,7 +110,7 @@ def sidecar_path(weights: Path) -> Path:
     return weights.with_name(stem + ".json")
 
 
-def _versions() -> dict[str, str]:
+def versions() -> dict[str, str]:
     import h5py
     import keras
 
@@ -154,7 +154,7 @@ def _save_cached(model: keras.Model, dest: Path, meta: dict[str, Any]) -> Path:
             **meta,
             "weights": {"file": dest.name, "size": tmp.stat().st_size, "sha256": sha256_file(tmp)},
             "parameters": int(model.count_params()),
-            "versions": _versions(),
+            "versions": versions(),
             "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         }
         with atomic_write(sidecar_path(dest)) as f:
