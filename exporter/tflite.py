@@ -6,15 +6,26 @@ stays uint8 (the image as the app has it) and the float outputs stay float32 so 
 
 from __future__ import annotations
 
+import contextlib
+import io
+import json
+import os
+import tempfile
 import warnings
-from collections.abc import Sequence
+import zipfile
+from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from derm.exporter.graph import ExportError
+from derm._util import atomic_write
+from derm.exporter._metadata_version import ensure_registered
+from derm.exporter.graph import ExportError, OutputSpec
+from derm.exporter.manifest import DISCLAIMER, manifest_json
 
 QUANTIZATIONS = ("fp32", "fp16", "dynamic", "int8")
+MANIFEST_FILE = "manifest.json"
 
 
 def convert(export_model: Any, quantize: str = "fp32", calibration: np.ndarray | None = None) -> bytes:
@@ -42,7 +53,8 @@ def convert(export_model: Any, quantize: str = "fp32", calibration: np.ndarray |
         conv.representative_dataset = representative
         conv.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
         # the graph's input is uint8 already and its outputs float32: no input/output type override needed
-    with warnings.catch_warnings():
+    # Keras' export (which the converter calls) prints every captured variable to stdout: keep the CLI's output clean.
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
         # int8: the uint8 image input feeds a Cast, so the converter finds no input statistics to record and says so;
         # raw pixels need none (they are exact integers), so that one message is noise.
         warnings.filterwarnings("ignore", message="Statistics for quantized inputs were expected")
@@ -70,3 +82,144 @@ class TFLiteRunner:
         images = np.asarray(images, dtype=np.uint8)
         rows = [self.runner(image=images[i : i + 1]) for i in range(len(images))]
         return {k: np.concatenate([r[k] for r in rows]) for k in self.outputs}
+
+
+def output_order(model: bytes) -> list[str]:
+    """Signature output names in the order of the subgraph's output tensors (the order metadata is written in)."""
+    from ai_edge_litert.interpreter import Interpreter
+
+    interp = Interpreter(model_content=model)
+    by_index = {d["index"]: name for name, d in interp.get_signature_runner().get_output_details().items()}
+    return [by_index[d["index"]] for d in interp.get_output_details()]
+
+
+def add_metadata(model: bytes, manifest: Mapping[str, Any], specs: Sequence[OutputSpec]) -> bytes:
+    """The model with standard TFLite metadata (image input, one classification head per output, each with its label
+    file) and the manifest as the associated file ``manifest.json``.
+
+    The standard part is what MediaPipe Tasks' ImageClassifier and Android Studio's model binding read; the
+    manifest is the whole description (levels, tasks, operating points, provenance). Written with MediaPipe's
+    metadata writers (tflite-support's need protobuf<4).
+    """
+    ensure_registered()
+    from mediapipe.tasks.python.metadata.metadata_writers import metadata_info as mi
+    from mediapipe.tasks.python.metadata.metadata_writers import metadata_writer as mw
+
+    class General(mi.GeneralMd):
+        def create_metadata(self) -> Any:
+            md = super().create_metadata()
+            manifest_file = mw.metadata_fb.AssociatedFileT()
+            manifest_file.name = MANIFEST_FILE
+            manifest_file.description = "The derm manifest (JSON): labels, levels, tasks, operating points, provenance."
+            manifest_file.type = mw.metadata_fb.AssociatedFileType.DESCRIPTIONS
+            md.associatedFiles = [manifest_file]
+            return md
+
+    class Writer(mw.MetadataWriter):
+        def add_manifest(self, path: str) -> None:
+            self._general_md = General(
+                name="derm-classifier",
+                version=str(manifest["versions"].get("derm", "")),
+                description=f"Skin-lesion classifier after Esteva et al. 2017. {DISCLAIMER}",
+                author="derm-toolchain",
+                licenses="Apache-2.0 (code); the weights inherit the terms of their training data",
+            )
+            self._associated_files.append(path)
+
+    by_name = {s.name: s for s in specs}
+    order = output_order(model)
+    if set(order) != set(by_name):
+        raise ExportError(f"The TFLite outputs {sorted(order)} are not the export graph's {sorted(by_name)}.")
+    size = manifest["input"]["shape"][1]
+    writer = Writer.create(bytearray(model))
+    writer.add_image_input(
+        norm_mean=[0.0],
+        norm_std=[1.0],
+        color_space_type=mw.metadata_fb.ColorSpaceType.RGB,
+        name="image",
+        description=f"RGB image, uint8 0..255, resized to {size}x{size} by the app; scaling is inside the model.",
+    )
+    for name in order:
+        spec = by_name[name]
+        described = next(o for o in manifest["outputs"] if o["name"] == name)
+        writer.add_classification_output(
+            mw.Labels().add(list(spec.labels), exported_filename=f"labels_{name}.txt"),
+            name=name,
+            description=described["description"],
+        )
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, MANIFEST_FILE)
+        Path(path).write_text(manifest_json(manifest), encoding="utf-8")
+        writer.add_manifest(path)
+        content, _ = writer.populate()
+        del writer  # its temporary folder goes now, not at interpreter exit
+    return bytes(content)
+
+
+def write(
+    export_model: Any,
+    path: str | os.PathLike[str],
+    quantize: str,
+    calibration: np.ndarray | None,
+    manifest: Mapping[str, Any],
+    specs: Sequence[OutputSpec],
+    converted: bytes | None = None,
+) -> None:
+    """Convert (or take ``converted``, e.g. from quantization-aware training), add the metadata, write atomically."""
+    buf = converted if converted is not None else convert(export_model, quantize, calibration)
+    buf = add_metadata(buf, manifest, specs)
+    with atomic_write(path, "wb") as f:
+        f.write(buf)
+
+
+def open_runner(path: str | os.PathLike[str], threads: int | None = None) -> TFLiteRunner:
+    return TFLiteRunner(str(path), threads)
+
+
+def read_manifest(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """The manifest from a .tflite file (its metadata's associated files form a zip archive; no TensorFlow needed)."""
+    try:
+        with zipfile.ZipFile(path) as z:
+            return json.loads(z.read(MANIFEST_FILE).decode("utf-8"))
+    except (zipfile.BadZipFile, KeyError) as exc:
+        raise ExportError(f"{str(path)!r} carries no derm manifest (was it written by derm-export?).") from exc
+
+
+def check_structure(
+    path: str | os.PathLike[str], specs: Sequence[OutputSpec], manifest: Mapping[str, Any]
+) -> list[str]:
+    """Input, outputs, label files and manifest of a written .tflite file, checked without running it."""
+    ensure_registered()
+    from mediapipe.tasks.python.metadata.metadata import MetadataDisplayer
+
+    runner = TFLiteRunner(str(path))
+    inp = runner.interpreter.get_input_details()[0]
+    size = manifest["input"]["shape"][1]
+    problems = []
+    if inp["dtype"] != np.uint8 or list(inp["shape"]) != [1, size, size, 3]:
+        problems.append(f"input is {inp['dtype'].__name__} {list(inp['shape'])}, expected uint8 [1, {size}, {size}, 3]")
+    details = runner.runner.get_output_details()
+    for s in specs:
+        if s.name not in details:
+            problems.append(f"output {s.name!r} missing")
+        elif int(details[s.name]["shape"][-1]) != len(s.labels):
+            problems.append(f"output {s.name!r} has {details[s.name]['shape'][-1]} columns, expected {len(s.labels)}")
+    displayer = MetadataDisplayer.with_model_file(str(path))
+    files = set(displayer.get_packed_associated_file_list())
+    wanted = {f"labels_{s.name}.txt" for s in specs} | {MANIFEST_FILE}
+    if not wanted <= files:
+        problems.append(f"metadata lacks {sorted(wanted - files)}")
+    for s in specs:
+        name = f"labels_{s.name}.txt"
+        if name in files and displayer.get_associated_file_buffer(name).decode("utf-8").splitlines() != list(s.labels):
+            problems.append(f"{name} does not list the output's labels")
+    if MANIFEST_FILE in files and read_manifest(path) != json.loads(manifest_json(manifest)):
+        problems.append("the embedded manifest differs from the one written")
+    if problems:
+        raise ExportError(f"{str(path)!r} failed its structural checks: " + "; ".join(problems))
+    return [
+        f"input uint8 [1, {size}, {size}, 3]",
+        f"{len(specs)} named outputs with their widths",
+        "standard TFLite metadata: image input, a classification head and label file per output",
+        "manifest.json embedded and equal",
+    ]

@@ -50,6 +50,9 @@ def atomic_write(path: str | os.PathLike[str], mode: str = "w", **kwargs: Any) -
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; the result is an ordinary file, readable as the umask allows
     try:
         with os.fdopen(fd, mode, **kwargs) as f:
             yield f

@@ -1,0 +1,116 @@
+"""``derm-export``: a trained run directory in; a TFLite, ONNX or Core ML file out, with the aggregation baked in,
+quantized, self-describing and checked against the Keras model. Exit status 2 on a bad argument or a failed
+parity check (nothing is written then)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from derm._util import atomic_write
+from derm.errors import DermError
+from derm.exporter.targets import TARGETS
+
+app = typer.Typer(
+    name="derm-export",
+    help="Export a trained skin-lesion classifier for phones and desktops. A research aid, not a diagnostic device.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+
+_QUANT_HELP = "; ".join(
+    f"{t.name}: {', '.join(t.quantizations)} (default {t.default_quantize})" for t in TARGETS.values()
+)
+
+
+@app.command()
+def export_command(
+    run: Annotated[Path, typer.Argument(help="A derm-train run directory (the --out of derm-train train).")],
+    target: Annotated[str, typer.Option(help=f"One of {', '.join(TARGETS)}.")] = "tflite",
+    quantize: Annotated[Optional[str], typer.Option(help=_QUANT_HELP, show_default=False)] = None,  # noqa: UP045
+    out: Annotated[
+        Optional[Path],  # noqa: UP045
+        typer.Option(help="Output file (Core ML: .mlpackage directory). Default RUN/export/model-<quantize><suffix>."),
+    ] = None,
+    levels: Annotated[str, typer.Option(help="Comma-separated inference levels baked in as outputs.")] = "three,nine",
+    calibration: Annotated[
+        Optional[Path],  # noqa: UP045
+        typer.Option(help="CSV with an image column: real images for int8 ranges. Default: the run's training images."),
+    ] = None,
+    calibration_size: Annotated[int, typer.Option(help="Calibration images drawn (seeded).")] = 300,
+    validation: Annotated[
+        Optional[Path],  # noqa: UP045
+        typer.Option(help="Labelled CSV the file is compared on. Default: the run's held-out images."),
+    ] = None,
+    validation_size: Annotated[int, typer.Option(help="Validation images drawn (seeded).")] = 200,
+    image_column: Annotated[str, typer.Option(help="Image column of --calibration / --validation.")] = "image",
+    label_column: Annotated[str, typer.Option(help="Label column of --validation.")] = "label",
+    seed: Annotated[int, typer.Option(help="Seed for drawing images (and QAT).")] = 0,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing output.")] = False,
+    force: Annotated[bool, typer.Option(help="Keep the file even when it fails the parity thresholds.")] = False,
+    threads: Annotated[Optional[int], typer.Option(help="Runtime threads for validation.")] = None,  # noqa: UP045
+    qat_epochs: Annotated[int, typer.Option(help="--quantize qat: epochs of quantization-aware fine-tuning.")] = 1,
+    qat_steps: Annotated[Optional[int], typer.Option(help="--quantize qat: steps per epoch (default all).")] = None,  # noqa: UP045
+    report: Annotated[
+        Optional[Path],  # noqa: UP045
+        typer.Option(help="Also write the result (structure checks, parity table, timings, manifest) as JSON."),
+    ] = None,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Print only the output path.")] = False,
+) -> None:
+    """Convert RUN's model into one file an app can embed: uint8 RGB image in; training-class, inference-class and
+    conditional task probabilities out, with labels, operating points and provenance inside the file."""
+    from derm.exporter.export import ExportConfig, export, format_parity
+
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    cfg = ExportConfig(
+        run=str(run),
+        target=target,
+        quantize=quantize,
+        out=str(out) if out else None,
+        levels=tuple(x.strip() for x in levels.split(",") if x.strip()),
+        calibration=str(calibration) if calibration else None,
+        calibration_size=calibration_size,
+        validation=str(validation) if validation else None,
+        validation_size=validation_size,
+        image_column=image_column,
+        label_column=label_column,
+        seed=seed,
+        overwrite=overwrite,
+        force=force,
+        threads=threads,
+        qat_epochs=qat_epochs,
+        qat_steps=qat_steps,
+    )
+    try:
+        result = export(cfg)
+    except DermError as exc:
+        typer.secho(f"Error: {exc}", err=True, fg=typer.colors.RED)
+        raise typer.Exit(code=2) from None
+    if report:
+        with atomic_write(report) as f:
+            json.dump(result.to_dict(), f, indent=1)
+    if quiet:
+        typer.echo(result.path)
+        return
+    typer.echo(f"{result.target} {result.quantize}: {result.path}")
+    typer.echo(f"  {result.size_bytes / 1e6:.1f} MB, sha256 {result.sha256 or '(directory)'}")
+    typer.echo("  " + ", ".join(f"{k} {v:.1f} s" for k, v in result.seconds.items()))
+    for check in result.structure:
+        typer.echo(f"  checked: {check}")
+    if result.parity_skipped:
+        typer.echo(f"  parity not measured: {result.parity_skipped}")
+    else:
+        typer.echo(f"  parity with the Keras model on {result.n_validation} images:")
+        typer.echo("    " + format_parity(result.parity).replace("\n", "\n    "))
+        if not result.ok:
+            typer.secho("  KEPT WITH --force although it fails the thresholds above.", fg=typer.colors.YELLOW)
+
+
+def main() -> None:
+    app()

@@ -1,0 +1,376 @@
+"""``derm-export``'s pipeline: run directory in; a converted, quantized, self-describing, validated file out.
+
+1. check every argument before any heavy work (target, quantization, output path, calibration CSV);
+2. build the export graph (:mod:`derm.exporter.graph`) and the manifest (:mod:`derm.exporter.manifest`);
+3. convert into a temporary path beside the output, reload it in its runtime, check its structure and compare it with
+   the Keras model on real images (:func:`parity`);
+4. only when every difference is within the target's thresholds (or ``force``) move it onto the output path.
+
+On any failure nothing is left at the output path, and no temporary file stays behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import logging
+import os
+import shutil
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from derm._progress import track
+from derm._util import sha256_file
+from derm.aggregation import task_targets
+from derm.exporter.graph import DEFAULT_LEVELS, ExportError, OutputSpec, build_export_model, output_specs
+from derm.exporter.manifest import build_manifest
+from derm.exporter.targets import Parity, RunnerUnavailable, Target, check_quantize, get_target
+from derm.metrics import auc
+from derm.preprocess import ImageError, preprocess
+from derm.taxonomy import Taxonomy
+
+log = logging.getLogger(__name__)
+
+MIN_CALIBRATION = 8  # fewer images cannot give int8 ranges worth trusting
+DEFAULT_CALIBRATION = 300
+DEFAULT_VALIDATION = 200
+
+
+@dataclass
+class ExportConfig:
+    run: str  # a derm-train run directory
+    target: str = "tflite"
+    quantize: str | None = None  # default: the target's (see derm.exporter.targets)
+    out: str | None = None  # default: <run>/export/model-<quantize><suffix>
+    levels: tuple[str, ...] = DEFAULT_LEVELS
+    calibration: str | None = None  # CSV with an image column; default: the run's training images
+    calibration_size: int = DEFAULT_CALIBRATION
+    validation: str | None = None  # labelled CSV; default: the run's held-out images (test, else val)
+    validation_size: int = DEFAULT_VALIDATION
+    image_column: str = "image"
+    label_column: str = "label"
+    seed: int = 0
+    overwrite: bool = False
+    force: bool = False  # keep the file even when parity fails
+    threads: int | None = None
+    qat_epochs: int = 1  # quantization-aware fine-tuning (quantize="qat")
+    qat_steps: int | None = None
+
+
+@dataclass
+class ParityRow:
+    output: str
+    metric: str  # max_abs | mean_abs | top1 | auc_diff
+    value: float
+    threshold: float
+    ok: bool
+
+
+@dataclass
+class ExportResult:
+    path: str
+    target: str
+    quantize: str
+    size_bytes: int
+    sha256: str | None
+    seconds: dict[str, float]
+    structure: list[str]
+    parity: list[ParityRow] = field(default_factory=list)
+    parity_skipped: str | None = None  # why numbers were not compared (e.g. Core ML off macOS)
+    n_calibration: int = 0
+    n_validation: int = 0
+    manifest: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return all(r.ok for r in self.parity)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["ok"] = self.ok
+        return d
+
+
+def default_out(cfg: ExportConfig, target: Target, quantize: str) -> Path:
+    return Path(cfg.run) / "export" / f"model-{quantize}{target.suffix}"
+
+
+def _rows_of(csv_path: Path, image_column: str) -> list[dict[str, str]]:
+    if not csv_path.is_file():
+        raise ExportError(f"Image list {str(csv_path)!r} does not exist.")
+    with open(csv_path, newline="", encoding="utf-8") as f:
+        reader = csv.DictReader(f)
+        if image_column not in (reader.fieldnames or []):
+            raise ExportError(
+                f"{str(csv_path)!r} has no column {image_column!r} (columns: {reader.fieldnames}); pass --image-column."
+            )
+        rows = list(reader)
+    for r in rows:
+        p = Path(r[image_column])
+        r[image_column] = str(p if p.is_absolute() else (csv_path.parent / p))
+    return rows
+
+
+def _sample(rows: list[dict[str, str]], n: int, seed: int) -> list[dict[str, str]]:
+    if len(rows) <= n:
+        return rows
+    idx = np.sort(np.random.default_rng(seed).choice(len(rows), size=n, replace=False))
+    return [rows[i] for i in idx]
+
+
+def load_images(paths: Sequence[str], size: int, what: str) -> np.ndarray:
+    """uint8 (n, size, size, 3) images exactly as an app gives them; every unreadable file is named."""
+    out, bad = [], []
+    for p in track(paths, f"Reading {what} images", total=len(paths)):
+        try:
+            out.append(preprocess(p, size))
+        except (ImageError, OSError) as exc:
+            bad.append(f"{p}: {exc}")
+    if bad:
+        shown = "; ".join(bad[:5]) + (f"; and {len(bad) - 5} more" if len(bad) > 5 else "")
+        raise ExportError(f"{len(bad)} {what} image(s) cannot be read: {shown}. Fix or remove them from the list.")
+    return np.stack(out) if out else np.zeros((0, size, size, 3), np.uint8)
+
+
+def calibration_rows(cfg: ExportConfig) -> tuple[list[dict[str, str]], str]:
+    if cfg.calibration:
+        rows, source = _rows_of(Path(cfg.calibration), cfg.image_column), cfg.calibration
+    else:
+        split = Path(cfg.run) / "split.csv"
+        rows = [r for r in _rows_of(split, "image") if r.get("role") == "train"]
+        source = f"{split} (role train)"
+    rows = _sample(rows, cfg.calibration_size, cfg.seed)
+    if len(rows) < MIN_CALIBRATION:
+        raise ExportError(
+            f"Only {len(rows)} calibration image(s) in {source}; int8 quantization needs at least {MIN_CALIBRATION} "
+            f"(a few hundred is better). Pass --calibration with a CSV of real images like the ones the app will see."
+        )
+    return rows, source
+
+
+def validation_rows(cfg: ExportConfig, taxonomy: Taxonomy) -> tuple[list[str], list[str | None], str]:
+    """Image paths, their taxonomy node ids (None where unlabelled) and a description of the source."""
+    if cfg.validation:
+        rows = _rows_of(Path(cfg.validation), cfg.image_column)
+        nodes: list[str | None] = []
+        for r in rows:
+            label = r.get(cfg.label_column)
+            try:
+                nodes.append(taxonomy.resolve(label) if label else None)
+            except KeyError:
+                nodes.append(None)
+        source = cfg.validation
+        paths = [r[cfg.image_column] for r in rows]
+    else:
+        split = Path(cfg.run) / "split.csv"
+        all_rows = _rows_of(split, "image")
+        role = "test" if any(r.get("role") == "test" for r in all_rows) else "val"
+        rows = [r for r in all_rows if r.get("role") == role]
+        paths, nodes, source = [r["image"] for r in rows], [r.get("node") or None for r in rows], f"{split} ({role})"
+    idx = list(range(len(paths)))
+    if len(idx) > cfg.validation_size:
+        idx = sorted(np.random.default_rng(cfg.seed + 1).choice(len(idx), cfg.validation_size, replace=False))
+    if not idx:
+        raise ExportError(f"No validation images in {source}; pass --validation with a labelled CSV.")
+    return [paths[i] for i in idx], [nodes[i] for i in idx], source
+
+
+def parity(
+    reference: Mapping[str, np.ndarray],
+    got: Mapping[str, np.ndarray],
+    specs: Sequence[OutputSpec],
+    thresholds: Parity,
+    taxonomy: Taxonomy,
+    nodes: Sequence[str | None],
+) -> list[ParityRow]:
+    """Compare an exported file's outputs with the Keras model's on the same images.
+
+    Inference levels: max and mean absolute difference of the probabilities, top-1 agreement. Binary tasks: the
+    absolute AUC difference on the images labelled for the task (skipped when one side has no image).
+    """
+    rows: list[ParityRow] = []
+    for s in specs:
+        ref, out = np.asarray(reference[s.name], np.float64), np.asarray(got[s.name], np.float64)
+        if ref.shape != out.shape:
+            raise ExportError(f"Output {s.name!r}: the file gives shape {out.shape}, the Keras model {ref.shape}.")
+        if s.kind == "level":
+            diff = np.abs(ref - out)
+            rows.append(ParityRow(s.name, "max_abs", float(diff.max()), thresholds.max_abs, False))
+            rows.append(ParityRow(s.name, "mean_abs", float(diff.mean()), thresholds.mean_abs, False))
+            agree = float((ref.argmax(1) == out.argmax(1)).mean())
+            rows.append(ParityRow(s.name, "top1", agree, thresholds.top1, agree >= thresholds.top1))
+        elif s.kind == "task":
+            known = [i for i, n in enumerate(nodes) if n is not None]
+            y = np.full(len(nodes), -1, np.int8)
+            if known:
+                y[known] = task_targets(taxonomy, [nodes[i] for i in known], s.labels[0])
+            keep = y >= 0
+            if keep.sum() and 0 < y[keep].sum() < keep.sum():
+                d = abs(auc(y[keep], ref[keep, 0]) - auc(y[keep], out[keep, 0]))
+                rows.append(ParityRow(s.name, "auc_diff", float(d), thresholds.auc, False))
+    for r in rows:
+        if r.metric != "top1":
+            r.ok = r.value <= r.threshold
+    return rows
+
+
+def format_parity(rows: Sequence[ParityRow]) -> str:
+    lines = [f"{'output':<44} {'metric':<9} {'value':>9} {'limit':>9}  ok"]
+    for r in rows:
+        sign = ">=" if r.metric == "top1" else "<="
+        lines.append(
+            f"{r.output:<44} {r.metric:<9} {r.value:>9.5f} {sign}{r.threshold:>7.4g}  {'yes' if r.ok else 'NO'}"
+        )
+    return "\n".join(lines)
+
+
+def _converter_versions(target: Target) -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    from derm.trainer.weights import versions
+
+    out = versions()
+    wanted = {
+        "tflite": ["ai-edge-litert", "mediapipe", "tensorflow-model-optimization"],
+        "onnx": ["tf2onnx", "onnx", "onnxruntime"],
+        "coreml": ["coremltools"],
+    }[target.name]
+    for pkg in wanted:
+        with contextlib.suppress(PackageNotFoundError):
+            out[pkg] = version(pkg)
+    return out
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    elif path.exists() or path.is_symlink():
+        path.unlink()
+
+
+def export(cfg: ExportConfig) -> ExportResult:
+    """Run the whole pipeline; see the module docstring. Raises :class:`ExportError` with the parity table when the
+    file is not close enough to the Keras model (unless ``cfg.force``)."""
+    from derm.trainer.evaluate import EvalError, load_run
+
+    target = get_target(cfg.target)
+    quantize = check_quantize(target, cfg.quantize or target.default_quantize)
+    run = Path(cfg.run)
+    if not (run / "model.keras").is_file():
+        raise ExportError(
+            f"{str(run)!r} is not a finished derm-train run directory (no model.keras); pass the folder derm-train "
+            "train wrote (its --out)."
+        )
+    out = Path(cfg.out) if cfg.out else default_out(cfg, target, quantize)
+    if out.suffix != target.suffix:
+        raise ExportError(f"Output {str(out)!r} should end in {target.suffix!r} for target {target.name!r}.")
+    if (out.exists() or out.is_symlink()) and not cfg.overwrite:
+        raise ExportError(f"{str(out)!r} exists; pass --overwrite to replace it.")
+    for name, value in (("calibration_size", cfg.calibration_size), ("validation_size", cfg.validation_size)):
+        if value < 1:
+            raise ExportError(f"{name} must be at least 1, received {value}.")
+    cal_rows: list[dict[str, str]] = []
+    cal_source = ""
+    if quantize in target.needs_calibration:
+        cal_rows, cal_source = calibration_rows(cfg)
+
+    seconds: dict[str, float] = {}
+    t0 = time.perf_counter()
+    try:
+        model, tax, part, _ = load_run(run)
+    except EvalError as exc:
+        raise ExportError(str(exc)) from exc
+    size = int(model.input_shape[1])
+    specs = output_specs(part, cfg.levels)
+    export_model = build_export_model(model, part, specs)
+    val_paths, val_nodes, val_source = validation_rows(cfg, tax)
+    val_images = load_images(val_paths, size, "validation")
+    cal_images = load_images(
+        [r[cfg.image_column if cfg.calibration else "image"] for r in cal_rows], size, "calibration"
+    )
+    calibration_info: dict[str, Any] = {}
+    if cal_rows:
+        calibration_info = {
+            "n": len(cal_rows),
+            "source": cal_source,
+            "seed": cfg.seed,
+            "csv_sha256": sha256_file(cfg.calibration) if cfg.calibration else None,
+        }
+    manifest = build_manifest(
+        run,
+        part,
+        specs,
+        target=target.name,
+        quantize=quantize,
+        input_size=size,
+        calibration=calibration_info,
+        versions=_converter_versions(target),
+    )
+    seconds["prepare"] = time.perf_counter() - t0
+
+    module = target.load()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".partial-{os.getpid()}-{out.name}"  # keeps the suffix runtimes look at
+    _remove(tmp)
+    try:
+        t0 = time.perf_counter()
+        converted = None
+        if quantize == "qat":
+            from derm.exporter.qat import quantization_aware
+
+            converted = quantization_aware(cfg, run, part, specs, cal_images)
+        if target.name == "tflite":
+            module.write(export_model, tmp, quantize, cal_images, manifest, specs, converted=converted)
+        elif target.name == "onnx":
+            module.write(export_model, tmp, quantize, cal_images, manifest, specs)
+        else:
+            module.write(export_model, tmp, quantize, None, manifest, specs)
+        seconds["convert"] = time.perf_counter() - t0
+        structure = module.check_structure(tmp, specs, manifest)
+        result = ExportResult(
+            path=str(out),
+            target=target.name,
+            quantize=quantize,
+            size_bytes=_size(tmp),
+            sha256=sha256_file(tmp) if tmp.is_file() else None,
+            seconds=seconds,
+            structure=structure,
+            n_calibration=len(cal_images),
+            n_validation=len(val_images),
+            manifest=manifest,
+        )
+        t0 = time.perf_counter()
+        try:
+            runner = module.open_runner(tmp, cfg.threads)
+        except RunnerUnavailable as exc:
+            result.parity_skipped = str(exc)
+        else:
+            got = runner(val_images)
+            reference = export_model.predict(val_images, batch_size=16, verbose=0)
+            result.parity = parity(reference, got, specs, target.parity[quantize], tax, val_nodes)
+            seconds["validate"] = time.perf_counter() - t0
+            log.info("Parity on %d images of %s:\n%s", len(val_images), val_source, format_parity(result.parity))
+        if not result.ok and not cfg.force:
+            raise ExportError(
+                f"The {target.name} {quantize} file is not close enough to the Keras model on {len(val_images)} "
+                f"images of {val_source}; nothing was written. Differences:\n{format_parity(result.parity)}\n"
+                "Try another quantization (or --quantize qat for int8), more --calibration images, or --force to "
+                "keep it anyway."
+            )
+        if cfg.overwrite:
+            _remove(out)
+        os.replace(tmp, out)
+        return result
+    finally:
+        _remove(tmp)
+
+
+def _size(path: Path) -> int:
+    if path.is_dir():
+        return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+    return path.stat().st_size

@@ -1,0 +1,130 @@
+"""The manifest every exported file carries: what its input wants, what each output means, and where it came from.
+
+One JSON object, the same for every target (TFLite: an associated file ``manifest.json`` inside the standard
+metadata; ONNX: ``metadata_props["derm_manifest"]``; Core ML: ``user_defined_metadata["derm_manifest"]``), so an app
+or the SDK reads the labels, the levels, the preprocessing and the recommended operating points from the file itself.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from derm._util import sha256_file
+from derm.exporter.graph import OutputSpec
+from derm.partition import Partition
+
+MANIFEST_FORMAT = "derm-manifest/1"
+DISCLAIMER = (
+    "A research and triage aid, not a diagnostic device: it does not replace examination by a clinician, and its "
+    "numbers hold only for images like the ones it was trained and evaluated on."
+)
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+
+
+def operating_points(metrics: Mapping[str, Any]) -> dict[str, Any]:
+    """Recommended thresholds per binary task from a run's evaluation: the test split when it has one, else val."""
+    for role in ("test", "val"):
+        tasks = (metrics.get(role) or {}).get("tasks") or {}
+        if tasks:
+            return {
+                task_id: {
+                    "source": f"{role} split of the training run (Keras float model)",
+                    "n_positive": t.get("n_positive"),
+                    "n_negative": t.get("n_negative"),
+                    "auc": t.get("auc"),
+                    "auc_ci": t.get("auc_ci"),
+                    # keyed by the sensitivity aimed at: threshold with its measured sensitivity and specificity
+                    "by_sensitivity": t.get("operating_points", {}),
+                }
+                for task_id, t in tasks.items()
+            }
+    return {}
+
+
+def build_manifest(
+    run_dir: str | Path,
+    partition: Partition,
+    specs: Sequence[OutputSpec],
+    *,
+    target: str,
+    quantize: str,
+    input_size: int,
+    calibration: Mapping[str, Any] | None = None,
+    versions: Mapping[str, str] | None = None,
+) -> dict[str, Any]:
+    run = Path(run_dir)
+    tax = partition.taxonomy
+    run_info = _read_json(run / "run.json")
+    metrics = _read_json(run / "metrics.json")
+    config = _read_json(run / "config.json")
+    preprocess = _read_json(run / "preprocess.json")
+    outputs = []
+    for s in specs:
+        entry: dict[str, Any] = {"name": s.name, "kind": s.kind, "labels": list(s.labels)}
+        if s.kind == "training":
+            entry["description"] = "probability of each fine training class (softmax)"
+            entry["names"] = [c.name for c in partition.classes]
+            entry["node_ids"] = [c.node for c in partition.classes]
+            entry["own_only"] = [c.own_only for c in partition.classes]
+        elif s.kind == "level":
+            entry["description"] = "probability of each inference class: the sum of its training classes' probabilities"
+            entry["names"] = [tax.nodes[n].name for n in s.labels]
+        else:
+            task = tax.task(s.labels[0])
+            entry["description"] = (
+                f"{task.name}: P(positive | positive or negative), the paper's conditional probability; one column"
+            )
+            entry["task"] = {
+                "id": task.id,
+                "name": task.name,
+                "positive": list(task.positive),
+                "negative": list(task.negative),
+            }
+        outputs.append(entry)
+    return {
+        "format": MANIFEST_FORMAT,
+        "name": "derm-classifier",
+        "disclaimer": DISCLAIMER,
+        "created": _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat(),
+        "input": {
+            "name": "image",
+            "shape": [1, input_size, input_size, 3],
+            "dtype": "uint8",
+            "layout": "NHWC",
+            "color": "RGB",
+            "range": [0, 255],
+            "preprocess": preprocess
+            or {"size": input_size, "color": "RGB", "dtype": "uint8", "scaling_in_model": "x / 127.5 - 1"},
+            "app_does": f"decode, apply EXIF orientation, convert to RGB, resize to {input_size}x{input_size}",
+        },
+        "outputs": outputs,
+        "levels": [s.name.removeprefix("probs_") for s in specs if s.kind == "level"],
+        "taxonomy": {"name": tax.name, "sha256": tax.sha256},
+        "partition": {
+            "sha256": partition.sha256,
+            "max_class_size": partition.max_class_size,
+            "classes": list(partition.labels),
+        },
+        "operating_points": operating_points(metrics),
+        "training": {
+            "data": metrics.get("data") or {"source": config.get("data")},
+            "mode": config.get("mode"),
+            "weights": config.get("weights"),
+            "run_created": run_info.get("created"),
+            "run_json_sha256": sha256_file(run / "run.json") if (run / "run.json").is_file() else None,
+            "model_sha256": (run_info.get("files") or {}).get("model.keras"),
+        },
+        "export": {"target": target, "quantize": quantize, "calibration": dict(calibration or {})},
+        "versions": dict(versions or {}),
+    }
+
+
+def manifest_json(manifest: Mapping[str, Any]) -> str:
+    return json.dumps(manifest, indent=1, sort_keys=True, ensure_ascii=False)

@@ -1,0 +1,191 @@
+"""``derm-export`` end to end on a small real run: the file, its standard TFLite metadata read by MediaPipe Tasks, the
+manifest, the parity check that refuses a file, and the errors for bad input (nothing half-written)."""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from tests.conftest import SMALL_SIZE, read_rows
+
+pytest.importorskip("tensorflow")
+pytest.importorskip("mediapipe")
+
+cli = CliRunner()
+
+
+def _leftovers(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir()) if folder.exists() else []
+
+
+@pytest.fixture(scope="module")
+def fp32_export(small_run, tmp_path_factory):
+    from derm.exporter.cli import app
+
+    _, run = small_run
+    out = tmp_path_factory.mktemp("export") / "model.tflite"
+    report = out.parent / "report.json"
+    res = cli.invoke(app, [str(run), "--quantize", "fp32", "--out", str(out), "--report", str(report)])
+    assert res.exit_code == 0, res.output
+    return run, out, json.loads(report.read_text()), res.output
+
+
+def test_cli_writes_a_validated_self_describing_tflite(fp32_export):
+    from derm.exporter.tflite import read_manifest
+    from derm.trainer.evaluate import load_partition
+
+    run, out, report, output = fp32_export
+    assert out.is_file() and report["ok"] and report["size_bytes"] == out.stat().st_size
+    assert "parity with the Keras model" in output and "NO" not in output
+    assert {r["metric"] for r in report["parity"]} >= {"max_abs", "mean_abs", "top1", "auc_diff"}
+    assert all(r["ok"] for r in report["parity"])
+    tax, part = load_partition(run)
+    m = read_manifest(out)
+    assert m == report["manifest"]
+    assert m["input"]["shape"] == [1, SMALL_SIZE, SMALL_SIZE, 3] and m["input"]["dtype"] == "uint8"
+    assert m["taxonomy"]["sha256"] == tax.sha256 and m["partition"]["sha256"] == part.sha256
+    assert m["levels"] == ["three", "nine"]
+    outputs = {o["name"]: o for o in m["outputs"]}
+    assert outputs["training_probs"]["labels"] == part.labels
+    assert outputs["probs_three"]["labels"] == list(tax.level("three"))
+    assert outputs["task_melanoma_vs_nevus"]["task"]["id"] == "melanoma_vs_nevus"
+    assert "not a diagnostic device" in m["disclaimer"]
+    assert m["versions"]["ai-edge-litert"] and m["versions"]["tensorflow"]
+    # operating points come from the run's own evaluation (val split here: the small run has no test fold)
+    assert m["operating_points"]["melanoma_vs_nevus"]["source"].startswith("val")
+
+
+def test_mediapipe_image_classifier_reads_the_labels_and_scores(fp32_export):
+    """MediaPipe Tasks' ImageClassifier (which reads only the standard metadata) gives every output as a named head
+    with our labels, and the same scores as the plain interpreter."""
+    import mediapipe as mp
+    from mediapipe.tasks.python import BaseOptions, vision
+
+    from derm.exporter.tflite import TFLiteRunner
+    from derm.preprocess import preprocess
+
+    run, out, report, _ = fp32_export
+    image = preprocess(read_rows(run / "split.csv")[0]["image"], SMALL_SIZE)
+    expected = TFLiteRunner(str(out))(image[None])
+    options = vision.ImageClassifierOptions(base_options=BaseOptions(model_asset_path=str(out)), max_results=-1)
+    with vision.ImageClassifier.create_from_options(options) as classifier:
+        result = classifier.classify(mp.Image(image_format=mp.ImageFormat.SRGB, data=np.ascontiguousarray(image)))
+    heads = {c.head_name: c for c in result.classifications}
+    labels = {o["name"]: o["labels"] for o in report["manifest"]["outputs"]}
+    assert set(heads) == set(labels)
+    for name, head in heads.items():
+        scores = {c.category_name: c.score for c in head.categories}
+        assert set(scores) == set(labels[name])
+        got = np.array([scores[label] for label in labels[name]])
+        np.testing.assert_allclose(got, expected[name][0], atol=1e-5)
+
+
+def test_metadata_parser_version(fp32_export):
+    """The stand-in for MediaPipe's missing compiled helper stamps the version the schema rules give."""
+    from mediapipe.tasks.metadata import metadata_schema_py_generated as fb
+
+    from derm.exporter._metadata_version import ensure_registered, minimum_parser_version
+
+    ensure_registered()
+    from mediapipe.tasks.python.metadata.metadata import MetadataDisplayer
+
+    buf = MetadataDisplayer.with_model_file(str(fp32_export[1]))._metadata_buffer
+    md = fb.ModelMetadataT.InitFromObj(fb.ModelMetadata.GetRootAsModelMetadata(buf, 0))
+    assert md.minParserVersion.decode() == "1.0.0" == minimum_parser_version(buf)  # labels, descriptions, normalisation
+    import flatbuffers
+
+    vocab = fb.AssociatedFileT()
+    vocab.name, vocab.type = "vocab.txt", fb.AssociatedFileType.VOCABULARY
+    md.associatedFiles.append(vocab)
+    md.subgraphMetadata[0].customMetadata = [fb.CustomMetadataT()]
+    b = flatbuffers.Builder(0)
+    b.Finish(md.Pack(b), b"M001")
+    assert minimum_parser_version(bytes(b.Output())) == "1.5.0"
+
+
+def test_bad_arguments_fail_clearly_and_write_nothing(small_run, tmp_path):
+    from derm.exporter.cli import app
+
+    _, run = small_run
+    out = tmp_path / "m.tflite"
+    cases = [
+        (["--target", "tensorrt"], "Unknown target 'tensorrt'"),
+        (["--quantize", "int4"], "no quantization 'int4'"),
+        (["--target", "onnx", "--quantize", "fp16"], "no quantization 'fp16'"),
+        (["--out", str(tmp_path / "m.onnx")], "should end in '.tflite'"),
+    ]
+    for args, message in cases:
+        res = cli.invoke(app, [str(run), "--out", str(out), *args])
+        assert res.exit_code == 2 and message in res.output, (args, res.output)
+    res = cli.invoke(app, [str(tmp_path / "nope"), "--out", str(out)])
+    assert res.exit_code == 2 and "not a finished derm-train run" in res.output
+    # calibration: unreadable images are named; too few are refused
+    good = read_rows(run / "split.csv")[0]["image"]
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes(b"not a jpeg")
+    cal = tmp_path / "cal.csv"
+    with open(cal, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["image"])
+        w.writerows([[good]] * 9 + [[str(broken)]])
+    res = cli.invoke(app, [str(run), "--out", str(out), "--calibration", str(cal)])
+    assert res.exit_code == 2 and "cannot be read" in res.output and "broken.jpg" in res.output
+    res = cli.invoke(app, [str(run), "--out", str(out), "--calibration", str(cal), "--calibration-size", "3"])
+    assert res.exit_code == 2 and "Only 3 calibration image(s)" in res.output
+    assert _leftovers(tmp_path) == ["broken.jpg", "cal.csv"]
+    # an existing output is kept unless --overwrite
+    out.write_bytes(b"keep me")
+    res = cli.invoke(app, [str(run), "--out", str(out)])
+    assert res.exit_code == 2 and "--overwrite" in res.output and out.read_bytes() == b"keep me"
+
+
+def test_parity_failure_leaves_nothing_unless_forced(small_run, tmp_path, monkeypatch):
+    """A file outside its thresholds is refused with the table, and nothing stays behind; --force keeps it."""
+    from derm.exporter import targets
+    from derm.exporter.export import ExportConfig, export
+    from derm.exporter.graph import ExportError
+
+    _, run = small_run
+    strict = targets.Parity(max_abs=0.0, mean_abs=0.0, top1=1.0, auc=0.0)  # float16 weights cannot be exact
+    tflite = targets.TARGETS["tflite"]
+    strict_tflite = dataclasses.replace(tflite, parity={**tflite.parity, "fp16": strict})
+    monkeypatch.setitem(targets.TARGETS, "tflite", strict_tflite)
+    cfg = ExportConfig(run=str(run), quantize="fp16", out=str(tmp_path / "m.tflite"), validation_size=8)
+    with pytest.raises(ExportError, match=r"not close enough(.|\n)*max_abs .* NO"):
+        export(cfg)
+    assert _leftovers(tmp_path) == []
+    result = export(dataclasses.replace(cfg, force=True))
+    assert not result.ok and Path(result.path).is_file() and _leftovers(tmp_path) == ["m.tflite"]
+
+
+def test_parity_table_measures_what_it_says():
+    from derm.exporter.export import parity
+    from derm.exporter.graph import output_specs
+    from derm.exporter.targets import Parity
+    from derm.partition import partition
+    from derm.taxonomy import default_taxonomy
+
+    tax = default_taxonomy()
+    part = partition(tax, {"melanocytic_nevus": 50, "malignant_melanoma": 50, "basal_cell_carcinoma": 50}, 100, "nine")
+    specs = [s for s in output_specs(part, ["three"]) if s.name in ("probs_three", "task_melanoma_vs_nevus")]
+    rng = np.random.default_rng(0)
+    p = rng.dirichlet(np.ones(3), size=40)
+    ref = {"probs_three": p, "task_melanoma_vs_nevus": p[:, :1]}
+    moved = p.copy()
+    moved[0] = moved[0][::-1]  # one image's probabilities reversed
+    got = {"probs_three": moved, "task_melanoma_vs_nevus": p[:, :1] + 0.01}
+    nodes = ["melanocytic_nevus"] * 20 + ["malignant_melanoma"] * 20
+    rows = {(r.output, r.metric): r for r in parity(ref, got, specs, Parity(0.5, 0.01, 0.99, 1e-6), tax, nodes)}
+    diff = np.abs(p - moved)
+    assert rows["probs_three", "max_abs"].value == pytest.approx(diff.max())
+    assert rows["probs_three", "mean_abs"].value == pytest.approx(diff.mean())
+    top1 = (p.argmax(1) == moved.argmax(1)).mean()
+    assert rows["probs_three", "top1"].value == pytest.approx(top1) and rows["probs_three", "top1"].ok == (top1 >= 0.99)
+    assert rows["task_melanoma_vs_nevus", "auc_diff"].value == pytest.approx(0.0, abs=1e-12)  # a shift keeps ranks
+    assert rows["task_melanoma_vs_nevus", "auc_diff"].ok
