@@ -189,3 +189,36 @@ def test_parity_table_measures_what_it_says():
     assert rows["probs_three", "top1"].value == pytest.approx(top1) and rows["probs_three", "top1"].ok == (top1 >= 0.99)
     assert rows["task_melanoma_vs_nevus", "auc_diff"].value == pytest.approx(0.0, abs=1e-12)  # a shift keeps ranks
     assert rows["task_melanoma_vs_nevus", "auc_diff"].ok
+
+
+def _qat_python() -> str | None:
+    import os
+
+    given = os.environ.get("DERM_QAT_PYTHON")
+    local = Path(__file__).resolve().parents[1] / ".venv-qat" / "bin" / "python"
+    return given or (str(local) if local.is_file() else None)
+
+
+@pytest.mark.skipif(_qat_python() is None, reason="no [qat] environment (.venv-qat or DERM_QAT_PYTHON)")
+def test_quantization_aware_training_end_to_end(small_run, tmp_path, monkeypatch):
+    """QAT in its own tf-keras environment: a real fine-tune step, int8 weights, the aggregation exact and frozen."""
+    from derm.exporter.export import ExportConfig, export
+    from derm.exporter.tflite import TFLiteRunner
+    from derm.preprocess import preprocess
+    from derm.trainer.evaluate import load_partition
+
+    monkeypatch.setenv("DERM_QAT_PYTHON", _qat_python())
+    _, run = small_run
+    cfg = ExportConfig(run=str(run), quantize="qat", out=str(tmp_path / "q.tflite"), qat_steps=2, force=True)
+    result = export(cfg)
+    assert result.quantize == "qat" and result.manifest["export"]["quantize"] == "qat"
+    assert result.size_bytes < 30e6  # int8 weights (float32 would be ~87 MB)
+    assert {r.metric for r in result.parity} >= {"max_abs", "top1"}  # measured (thresholds: see the benchmark)
+    _, part = load_partition(run)
+    images = np.stack([preprocess(r["image"], SMALL_SIZE) for r in read_rows(run / "split.csv")[:6]])
+    out = TFLiteRunner(result.path)(images)
+    from derm.exporter.graph import output_specs
+
+    for s in output_specs(part):
+        if s.kind == "level":  # the aggregation stays an exact float matmul after QAT
+            np.testing.assert_allclose(out[s.name], out["training_probs"] @ s.matrix, atol=1e-5)
