@@ -15,9 +15,9 @@ from typing import Any
 
 from derm._util import sha256_file
 from derm.exporter.graph import OutputSpec
+from derm.manifest import MANIFEST_FORMAT  # the schema version the SDK checks
 from derm.partition import Partition
 
-MANIFEST_FORMAT = "derm-manifest/1"
 DISCLAIMER = (
     "A research and triage aid, not a diagnostic device: it does not replace examination by a clinician, and its "
     "numbers hold only for images like the ones it was trained and evaluated on."

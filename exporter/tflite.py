@@ -12,7 +12,6 @@ import json
 import os
 import tempfile
 import warnings
-import zipfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -23,9 +22,9 @@ from derm._util import atomic_write
 from derm.exporter._metadata_version import ensure_registered
 from derm.exporter.graph import ExportError, OutputSpec
 from derm.exporter.manifest import DISCLAIMER, manifest_json
+from derm.manifest import MANIFEST_FILE
 
 QUANTIZATIONS = ("fp32", "fp16", "dynamic", "int8")
-MANIFEST_FILE = "manifest.json"
 
 
 def convert(export_model: Any, quantize: str = "fp32", calibration: np.ndarray | None = None) -> bytes:
@@ -177,12 +176,14 @@ def open_runner(path: str | os.PathLike[str], threads: int | None = None) -> TFL
 
 
 def read_manifest(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """The manifest from a .tflite file (its metadata's associated files form a zip archive; no TensorFlow needed)."""
+    """The manifest from a .tflite file (no TensorFlow needed: see :func:`derm.manifest.read_manifest`)."""
+    from derm.manifest import ModelFileError
+    from derm.manifest import read_manifest as read
+
     try:
-        with zipfile.ZipFile(path) as z:
-            return json.loads(z.read(MANIFEST_FILE).decode("utf-8"))
-    except (zipfile.BadZipFile, KeyError) as exc:
-        raise ExportError(f"{str(path)!r} carries no derm manifest (was it written by derm-export?).") from exc
+        return read(path)
+    except ModelFileError as exc:
+        raise ExportError(str(exc)) from exc
 
 
 def check_structure(

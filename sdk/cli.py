@@ -279,6 +279,77 @@ def data_split(
         typer.echo(describe_folds(ds.labels, fold))
 
 
+# -------------------------------------------------------------------------------------------- classify / triage
+ModelOpt = Annotated[
+    Path, typer.Option("--model", "-m", help="A file written by derm-export (.tflite/.onnx/.mlpackage).")
+]
+OpOpt = Annotated[
+    str, typer.Option("--operating-point", help="Target sensitivity of the manifest's thresholds (0.8, 0.9, 0.95).")
+]
+ThresholdOpt = Annotated[
+    float | None, typer.Option("--threshold", help="Your own threshold on the task probabilities instead.")
+]
+ThreadsOpt = Annotated[int | None, typer.Option("--threads", help="Inference threads (default: the runtime's).")]
+
+
+@app.command("classify")
+def classify(
+    image: Annotated[Path, typer.Argument(help="An image file.")],
+    model: ModelOpt,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON for machines.")] = False,
+    operating_point: OpOpt = "0.9",
+    threshold: ThresholdOpt = None,
+    threads: ThreadsOpt = None,
+) -> None:
+    """Classify one image: inference-class probabilities, malignancy probabilities, the calls. Not a diagnosis."""
+    with _user_errors():
+        from derm.classifier import Classifier
+
+        clf = Classifier.load(model, threads=threads, operating_point=operating_point, threshold=threshold)
+        pred = clf.predict(image)
+    if as_json:
+        typer.echo(json.dumps(pred.to_dict(), indent=1))
+        return
+    typer.echo(f"{image}  (research aid, not a diagnosis)")
+    for level, probs in pred.levels.items():
+        ranked = sorted(probs.items(), key=lambda kv: -kv[1])[:3]
+        typer.echo(f"  {level:<6} " + ", ".join(f"{k} {v:.3f}" for k, v in ranked))
+    for task, d in pred.decisions.items():
+        at = (
+            f"operating point {d.operating_point}: sensitivity {d.sensitivity:.2f}, specificity {d.specificity:.2f} "
+            "on the run's held-out images"
+            if d.sensitivity is not None
+            else d.operating_point
+        )
+        call = "POSITIVE" if d.positive else "negative"
+        typer.echo(f"  {task}: {d.probability:.3f} -> {call} at threshold {d.threshold:.3f} ({at})")
+    typer.echo("  top classes: " + ", ".join(f"{k} {v:.3f}" for k, v in pred.top_classes))
+
+
+@app.command("triage")
+def triage_command(
+    folder: Annotated[Path, typer.Argument(help="Folder of images (searched recursively).")],
+    model: ModelOpt,
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output folder: results.csv, report.html.")],
+    operating_point: OpOpt = "0.9",
+    threshold: ThresholdOpt = None,
+    threads: ThreadsOpt = None,
+    workers: Annotated[int, typer.Option(help="Decoding threads running ahead of inference.")] = 2,
+) -> None:
+    """Classify every image under FOLDER; write a CSV and an HTML report ordered by risk. Resumes when re-run."""
+    with _user_errors():
+        from derm.classifier import Classifier
+        from derm.triage import triage
+
+        clf = Classifier.load(model, threads=threads, operating_point=operating_point, threshold=threshold)
+        summary = triage(folder, clf, out, workers=workers)
+    typer.echo(
+        f"{summary.images} images: {summary.classified} classified, {summary.unreadable} unreadable"
+        f"{f', {summary.resumed} from the previous run' if summary.resumed else ''}; wrote {summary.csv} and "
+        f"{summary.report}"
+    )
+
+
 def main() -> None:
     app()
 

@@ -6,7 +6,7 @@ HEAVY = ("tensorflow", "keras", "tf_keras", "torch", "coremltools", "tf2onnx")
 
 def test_sdk_imports_no_heavy_framework():
     code = (
-        "import sys, derm, derm.cli, derm.splits, derm.datasets\n"
+        "import sys, derm, derm.cli, derm.splits, derm.datasets, derm.classifier, derm.triage, derm.manifest\n"
         "derm.default_taxonomy()\n"
         f"heavy = [m for m in sys.modules if m.split('.')[0] in {HEAVY!r}]\n"
         "print(heavy)\n"

@@ -1,0 +1,307 @@
+"""Run an exported classifier on the desktop: ``Classifier.load(path).predict(image)``. No TensorFlow.
+
+The backend follows the file's suffix: ``.tflite`` with ai-edge-litert (tflite-runtime as a fallback), ``.onnx``
+with onnxruntime, ``.mlpackage`` with coremltools (macOS only). Everything else (labels, levels, tasks, input size,
+operating points) comes from the manifest inside the file, so a file without one is refused.
+
+A research and triage aid, not a diagnostic device.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import os
+import platform
+from collections import deque
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from derm.manifest import ModelFileError, model_kind, read_manifest
+from derm.preprocess import ImageError, ImageSource, preprocess
+
+DEFAULT_OPERATING_POINT = "0.9"  # the manifest's threshold aiming at 90% sensitivity on the run's held-out images
+
+
+@dataclass(frozen=True)
+class Decision:
+    """A binary task's call at an operating point."""
+
+    task: str
+    probability: float
+    threshold: float
+    positive: bool
+    operating_point: str  # the manifest's key (target sensitivity, e.g. "0.9") or "user"
+    sensitivity: float | None = None  # measured on the run's held-out images (None for a user threshold)
+    specificity: float | None = None
+
+
+@dataclass(frozen=True)
+class Prediction:
+    source: str
+    levels: dict[str, dict[str, float]]  # level -> inference class -> probability (sums to 1)
+    tasks: dict[str, float]  # task id -> P(positive | positive or negative)
+    top_classes: list[tuple[str, float]]  # most likely training classes
+    decisions: dict[str, Decision] = field(default_factory=dict)
+
+    def top(self, level: str = "three") -> tuple[str, float]:
+        probs = self.levels[level]
+        label = max(probs, key=probs.__getitem__)
+        return label, probs[label]
+
+    @property
+    def malignant(self) -> float | None:
+        """P(malignant) at the root level, the number a triage list is ordered by."""
+        return self.levels.get("three", {}).get("malignant")
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["top_classes"] = [list(x) for x in self.top_classes]
+        return d
+
+
+# ------------------------------------------------------------------------------------------------------- backends
+class _TFLite:
+    def __init__(self, path: Path, threads: int | None, options: Mapping[str, Any]):
+        try:
+            from ai_edge_litert.interpreter import Interpreter
+        except ImportError:  # optional fallback; it breaks under numpy 2 and lacks some newer ops
+            try:
+                from tflite_runtime.interpreter import Interpreter  # type: ignore[no-redef]
+            except ImportError:
+                raise ModelFileError(
+                    "Running .tflite files needs ai-edge-litert (pip install ai-edge-litert) or tflite-runtime."
+                ) from None
+        kwargs = dict(options)
+        if threads:
+            kwargs["num_threads"] = threads
+        self.interpreter = Interpreter(model_path=str(path), **kwargs)
+        self.runner = self.interpreter.get_signature_runner()
+        self.name = "ai-edge-litert" if "ai_edge_litert" in Interpreter.__module__ else "tflite-runtime"
+
+    def __call__(self, images: np.ndarray) -> dict[str, np.ndarray]:
+        rows = [self.runner(image=images[i : i + 1]) for i in range(len(images))]
+        return {k: np.concatenate([r[k] for r in rows]) for k in rows[0]}
+
+
+class _ONNX:
+    name = "onnxruntime"
+
+    def __init__(self, path: Path, threads: int | None, options: Mapping[str, Any]):
+        import onnxruntime as ort
+
+        opts = ort.SessionOptions()
+        if threads:
+            opts.intra_op_num_threads = threads
+            opts.inter_op_num_threads = 1
+        providers = list(options.get("providers", ["CPUExecutionProvider"]))
+        self.session = ort.InferenceSession(str(path), opts, providers=providers)
+        self.outputs = [o.name for o in self.session.get_outputs()]
+
+    def __call__(self, images: np.ndarray) -> dict[str, np.ndarray]:
+        got = self.session.run(self.outputs, {"image": images})
+        return dict(zip(self.outputs, got, strict=True))
+
+
+class _CoreML:
+    name = "coremltools"
+
+    def __init__(self, path: Path, threads: int | None, options: Mapping[str, Any]):
+        if platform.system() != "Darwin":
+            raise ModelFileError(
+                f"Core ML files run on macOS only (this is {platform.system()}); export --target tflite or onnx."
+            )
+        import coremltools as ct
+
+        self.model = ct.models.MLModel(str(path), **dict(options))
+
+    def __call__(self, images: np.ndarray) -> dict[str, np.ndarray]:
+        from PIL import Image
+
+        rows = [self.model.predict({"image": Image.fromarray(im)}) for im in images]
+        return {k: np.stack([np.asarray(r[k]).reshape(-1) for r in rows]) for k in rows[0]}
+
+
+_BACKENDS = {"tflite": _TFLite, "onnx": _ONNX, "mlpackage": _CoreML}
+
+
+class Classifier:
+    """An exported skin-lesion classifier and its manifest."""
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        threads: int | None = None,
+        backend_options: Mapping[str, Any] | None = None,
+        operating_point: str | float = DEFAULT_OPERATING_POINT,
+        threshold: float | None = None,
+    ):
+        self.path = Path(path)
+        self.manifest = read_manifest(self.path)
+        kind = model_kind(self.path)
+        self.backend = _BACKENDS[kind](self.path, threads, backend_options or {})
+        self.input_size = int(self.manifest["input"]["shape"][1])
+        self.outputs = {o["name"]: o for o in self.manifest["outputs"]}
+        self.levels = [o["name"].removeprefix("probs_") for o in self.manifest["outputs"] if o["kind"] == "level"]
+        self.tasks = [o["task"]["id"] for o in self.manifest["outputs"] if o["kind"] == "task"]
+        if threshold is not None and not 0.0 <= float(threshold) <= 1.0:
+            raise ValueError(f"threshold must be a probability in [0, 1], received {threshold!r}.")
+        self.threshold = None if threshold is None else float(threshold)
+        self.operating_point = _op_key(operating_point)
+        if self.threshold is None:
+            for task in self.tasks:
+                points = self.manifest.get("operating_points", {}).get(task, {}).get("by_sensitivity", {})
+                if points and self.operating_point not in points:
+                    raise ValueError(
+                        f"Operating point {operating_point!r} is not in the manifest for {task!r}; it has "
+                        f"{', '.join(sorted(points))} (target sensitivities), or pass threshold=."
+                    )
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str], **kwargs: Any) -> Classifier:
+        """Open an exported file; see :class:`Classifier` for the keyword arguments."""
+        return cls(path, **kwargs)
+
+    def __repr__(self) -> str:
+        return f"Classifier({str(self.path)!r}, backend={self.backend.name}, input {self.input_size}px)"
+
+    # ---------------------------------------------------------------------------------------------------- running
+    def run(self, images: np.ndarray) -> dict[str, np.ndarray]:
+        """Raw outputs for a uint8 batch ``(n, s, s, 3)`` already at the input size."""
+        images = np.asarray(images)
+        s = self.input_size
+        if images.ndim != 4 or images.shape[1:] != (s, s, 3) or images.dtype != np.uint8:
+            raise ValueError(f"run() wants uint8 (n, {s}, {s}, 3) images, received {images.dtype} {images.shape}.")
+        return self.backend(np.ascontiguousarray(images))
+
+    def prepare(self, source: ImageSource) -> np.ndarray:
+        """The project's one preprocessing (the trainer's): decode, EXIF orientation, RGB, resize."""
+        return preprocess(source, self.input_size)
+
+    def predict(self, source: ImageSource | Sequence[ImageSource], top_k: int = 3) -> Prediction | list[Prediction]:
+        """One image (path, bytes, PIL image or array) -> :class:`Prediction`; a list of them -> a list."""
+        if isinstance(source, (list, tuple)):
+            return [p for _, p in self.predict_many(source, top_k=top_k, on_error="raise")]  # type: ignore[misc]
+        return self._results([_name(source)], self.run(self.prepare(source)[None]), top_k)[0]
+
+    def predict_many(
+        self,
+        sources: Iterable[ImageSource],
+        *,
+        top_k: int = 3,
+        workers: int = 2,
+        batch_size: int = 8,
+        on_error: str = "skip",
+    ) -> Iterator[tuple[str, Prediction | ImageError]]:
+        """Yield ``(name, Prediction)`` per image in order, decoding ``workers`` images ahead of inference.
+
+        ``on_error="skip"`` yields the :class:`ImageError` of an unreadable file in its place and goes on;
+        ``"raise"`` raises it. Memory stays bounded: at most ``workers * 2 + batch_size`` decoded images are held.
+        """
+        if on_error not in ("skip", "raise"):
+            raise ValueError(f"on_error must be 'skip' or 'raise', received {on_error!r}.")
+        with cf.ThreadPoolExecutor(max(1, workers)) as pool:
+            pending: deque[tuple[str, cf.Future[np.ndarray]]] = deque()
+            it = iter(sources)
+            batch_names: list[str] = []
+            batch: list[np.ndarray] = []
+
+            def flush() -> Iterator[tuple[str, Prediction | ImageError]]:
+                if batch:
+                    out = self.run(np.stack(batch))
+                    yield from zip(batch_names, self._results(batch_names, out, top_k), strict=True)
+                    batch.clear()
+                    batch_names.clear()
+
+            exhausted = False
+            while True:
+                while not exhausted and len(pending) < max(1, workers) * 2:
+                    try:
+                        src = next(it)
+                    except StopIteration:
+                        exhausted = True
+                        break
+                    pending.append((_name(src), pool.submit(self.prepare, src)))
+                if not pending:
+                    break
+                name, fut = pending.popleft()
+                try:
+                    image = fut.result()
+                except ImageError as exc:
+                    if on_error == "raise":
+                        raise
+                    yield from flush()
+                    yield name, exc
+                    continue
+                batch.append(image)
+                batch_names.append(name)
+                if len(batch) >= batch_size:
+                    yield from flush()
+            yield from flush()
+
+    # ---------------------------------------------------------------------------------------------------- results
+    def _results(self, names: Sequence[str], out: Mapping[str, np.ndarray], top_k: int) -> list[Prediction]:
+        results = []
+        training = self.outputs.get("training_probs")
+        for i, name in enumerate(names):
+            levels = {
+                lvl: dict(zip(self.outputs[f"probs_{lvl}"]["labels"], map(float, out[f"probs_{lvl}"][i]), strict=True))
+                for lvl in self.levels
+            }
+            tasks = {}
+            for o in self.manifest["outputs"]:
+                if o["kind"] == "task":
+                    tasks[o["task"]["id"]] = float(np.asarray(out[o["name"]][i]).reshape(-1)[0])
+            top: list[tuple[str, float]] = []
+            if training is not None:
+                p = np.asarray(out["training_probs"][i], dtype=np.float64)
+                order = np.argsort(-p)[: max(0, top_k)]
+                top = [(training["labels"][j], float(p[j])) for j in order]
+            results.append(Prediction(name, levels, tasks, top, {t: self.decide(t, q) for t, q in tasks.items()}))
+        return results
+
+    def decide(self, task: str, probability: float) -> Decision:
+        """The call for one task's probability at this classifier's operating point (or user threshold)."""
+        if self.threshold is not None:
+            return Decision(task, probability, self.threshold, probability >= self.threshold, "user")
+        point = (
+            self.manifest.get("operating_points", {}).get(task, {}).get("by_sensitivity", {}).get(self.operating_point)
+        )
+        if point is None:  # the run had no held-out labels for this task: the plain 0.5 rule, said so
+            return Decision(task, probability, 0.5, probability >= 0.5, "default 0.5 (no operating point in file)")
+        t = float(point["threshold"])
+        return Decision(
+            task,
+            probability,
+            t,
+            probability >= t,
+            self.operating_point,
+            point.get("sensitivity"),
+            point.get("specificity"),
+        )
+
+
+def _op_key(value: str | float) -> str:
+    if isinstance(value, str):
+        v = value.strip().lower().removeprefix("sens").removesuffix("%")
+        try:
+            f = float(v)
+        except ValueError:
+            raise ValueError(
+                f"operating_point must be a target sensitivity such as '0.9', received {value!r}."
+            ) from None
+    else:
+        f = float(value)
+    if f > 1:
+        f /= 100.0
+    return format(f, "g")
+
+
+def _name(source: Any) -> str:
+    if isinstance(source, (str, os.PathLike)):
+        return str(source)
+    return f"<{type(source).__name__}>"
