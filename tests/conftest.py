@@ -107,3 +107,14 @@ def small_run(small_csv, tmp_path_factory):
         feature_cache=str(tmp / "features.sqlite"),
     )
     return cfg, train(cfg)
+
+
+@pytest.fixture(scope="session")
+def small_tflite(small_run, tmp_path_factory) -> str:
+    """The small run exported by derm-export (TFLite float16, with its metadata and manifest)."""
+    pytest.importorskip("mediapipe")
+    from derm.exporter.export import ExportConfig, export
+
+    _, run = small_run
+    out = tmp_path_factory.mktemp("small_tflite") / "small.tflite"
+    return export(ExportConfig(run=str(run), quantize="fp16", out=str(out), validation_size=8)).path

@@ -176,3 +176,19 @@ def test_cli_classify_and_triage_with_resume(files, folder, tmp_path):
     assert (dest / "results.csv").read_bytes() == before
     res = cli.invoke(app, ["triage", str(folder), "--model", str(onx), "--out", str(dest)])
     assert res.exit_code == 2 and "another model" in res.output
+
+
+@pytest.mark.skipif(__import__("platform").system() == "Darwin", reason="off macOS only: on a Mac the file runs")
+def test_core_ml_files_are_read_and_refused_off_macos_with_the_reason(small_run, tmp_path):
+    pytest.importorskip("coremltools")
+    from derm.classifier import Classifier
+    from derm.exporter.export import ExportConfig, export
+    from derm.manifest import ModelFileError, read_manifest
+
+    _, run = small_run
+    res = export(ExportConfig(run=str(run), target="coreml", out=str(tmp_path / "m.mlpackage")))
+    assert res.parity_skipped and "macOS" in res.parity_skipped
+    manifest = read_manifest(res.path)
+    assert manifest["export"]["target"] == "coreml" and manifest["input"]["shape"][1] == SMALL_SIZE
+    with pytest.raises(ModelFileError, match="macOS only"):
+        Classifier.load(res.path)

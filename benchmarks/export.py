@@ -1,0 +1,258 @@
+"""Exporter benchmark: every target and quantization of the one targets table, on the real model and real images.
+
+For a derm-train run (default: the HAM10000 fold-0 bottleneck run of the trainer benchmark, inception-2015 weights,
+299x299), each file is made with ``derm-export``'s own pipeline (:func:`derm.exporter.export.export`, ``force`` so
+failures are measured rather than refused) and reported with
+
+- export time and file size;
+- parity with the Keras model on the run's held-out HAM10000 images: max / mean absolute difference of the
+  inference-class probabilities, top-1 agreement, melanoma-vs-nevus AUC difference, each against its threshold;
+- latency on this machine (median of repeated single-image invokes, 1 and 2 threads) against the plain export a user
+  would make without this project (``TFLiteConverter.from_keras_model`` / ``tf2onnx.convert.from_keras`` of the same
+  Keras model, same quantization, no aggregation outputs, float input).
+
+    python -m derm.benchmarks.export --run runs/bench/ham_cv/fold_0
+
+writes ``benchmarks/results/export.json`` and ``export.md``. Core ML files are checked for structure only (Core ML
+predictions need macOS). int8 on this x86 CPU (no VNNI kernels in XNNPACK here) is not faster than float32; on a
+phone it is.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import os
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from derm._util import atomic_write
+
+RESULTS = Path(__file__).resolve().parent / "results"
+log = logging.getLogger("derm.benchmarks.export")
+ISSUE_TARGETS = {"int8_max_mb": 24.0, "int8_top1": 0.99, "int8_auc": 0.005, "fp16_auc": 0.001}
+
+
+def latency_ms(run_one: Any, image: np.ndarray, repeats: int) -> float:
+    run_one(image)  # warm-up (delegate set-up, allocations)
+    run_one(image)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        run_one(image)
+        times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def _tflite_invoke(model: bytes | str, threads: int) -> Any:
+    from ai_edge_litert.interpreter import Interpreter
+
+    kw: dict[str, Any] = {"model_content": model} if isinstance(model, bytes) else {"model_path": model}
+    interp = Interpreter(num_threads=threads, **kw)
+    interp.allocate_tensors()
+    inp = interp.get_input_details()[0]
+
+    def run(image: np.ndarray) -> None:
+        interp.set_tensor(inp["index"], image.astype(inp["dtype"])[None])
+        interp.invoke()
+
+    return run
+
+
+def _onnx_invoke(model: bytes | str, threads: int) -> Any:
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    opts.inter_op_num_threads = 1
+    sess = ort.InferenceSession(model, opts, providers=["CPUExecutionProvider"])
+    inp = sess.get_inputs()[0]
+    dtype = np.uint8 if "uint8" in inp.type else np.float32
+
+    def run(image: np.ndarray) -> None:
+        sess.run(None, {inp.name: image.astype(dtype)[None]})
+
+    return run
+
+
+def plain_exports(
+    model: Any, calibration: np.ndarray, wanted: set[tuple[str, str]] | None = None
+) -> dict[tuple[str, str], bytes]:
+    """What a user would export without this project: the trained Keras model as it is (float input)."""
+    import tensorflow as tf
+
+    def want(target: str, quantize: str) -> bool:
+        return not wanted or (target, quantize) in wanted
+
+    out: dict[tuple[str, str], bytes] = {}
+    cal = calibration.astype(np.float32)
+
+    def representative() -> Any:
+        for i in range(len(cal)):
+            yield [cal[i : i + 1]]
+
+    for quantize in ("fp32", "fp16", "dynamic", "int8"):
+        if not want("tflite", quantize):
+            continue
+        conv = tf.lite.TFLiteConverter.from_keras_model(model)
+        if quantize != "fp32":
+            conv.optimizations = [tf.lite.Optimize.DEFAULT]
+        if quantize == "fp16":
+            conv.target_spec.supported_types = [tf.float16]
+        if quantize == "int8":
+            conv.representative_dataset = representative
+            conv.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
+        out["tflite", quantize] = conv.convert()
+    if not (want("onnx", "fp32") or want("onnx", "int8")):
+        return out
+    import tf2onnx
+
+    spec = (tf.TensorSpec((None, *model.input_shape[1:]), tf.float32, name="image"),)
+    proto, _ = tf2onnx.convert.from_keras(model, input_signature=spec, opset=17)
+    out["onnx", "fp32"] = proto.SerializeToString()
+    if want("onnx", "int8"):
+        from derm.exporter import onnx as onnx_target
+
+        with tempfile.TemporaryDirectory() as tmp:
+            src, dst = Path(tmp) / "plain.onnx", Path(tmp) / "plain8.onnx"
+            src.write_bytes(out["onnx", "fp32"])
+            onnx_target.quantize_static_file(src, dst, calibration.astype(np.float32))
+            out["onnx", "int8"] = dst.read_bytes()
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--run", default="runs/bench/ham_cv/fold_0", help="derm-train run directory")
+    ap.add_argument("--out", default="runs/bench/export", help="where the exported files go")
+    ap.add_argument("--validation-size", type=int, default=500, help="held-out images compared")
+    ap.add_argument("--calibration-size", type=int, default=300)
+    ap.add_argument("--repeats", type=int, default=30, help="timed invokes per latency figure")
+    ap.add_argument("--only", default="", help="comma-separated target:quantize pairs (default: all)")
+    ap.add_argument("--qat-steps", type=int, default=0, help="also export tflite qat with this many fine-tune steps")
+    ap.add_argument("--results", default=str(RESULTS))
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+
+    from derm.exporter.export import ExportConfig, calibration_rows, export, load_images
+    from derm.exporter.targets import TARGETS
+    from derm.trainer.evaluate import load_run
+
+    run = Path(args.run)
+    model, _, _, cfg = load_run(run)
+    size = int(model.input_shape[1])
+    wanted = {tuple(x.split(":")) for x in args.only.split(",") if x}
+    results: list[dict[str, Any]] = []
+    cal_cfg = ExportConfig(run=str(run), calibration_size=args.calibration_size)
+    calibration = load_images([r["image"] for r in calibration_rows(cal_cfg)[0]], size, "calibration")
+    probe = load_images([calibration_rows(dataclasses.replace(cal_cfg, seed=99))[0][0]["image"]], size, "probe")[0]
+    t0 = time.perf_counter()
+    plain_wanted = {(t, "int8" if q == "qat" else q) for t, q in wanted}
+    plain = plain_exports(model, calibration, plain_wanted)
+    plain_seconds = time.perf_counter() - t0
+    for target in TARGETS.values():
+        for quantize in target.quantizations:
+            if (quantize == "qat" and not args.qat_steps) or (wanted and (target.name, quantize) not in wanted):
+                continue  # qat needs the [qat] environment (DERM_QAT_PYTHON) and a training budget
+            log.info("exporting %s %s", target.name, quantize)
+            out = Path(args.out) / f"model-{quantize}{target.suffix}"
+            res = export(
+                ExportConfig(
+                    run=str(run),
+                    target=target.name,
+                    quantize=quantize,
+                    out=str(out),
+                    validation_size=args.validation_size,
+                    calibration_size=args.calibration_size,
+                    overwrite=True,
+                    force=True,
+                    qat_steps=args.qat_steps or None,
+                )
+            )
+            row = res.to_dict()
+            row.pop("manifest")
+            row["size_mb"] = res.size_bytes / 1e6
+            if target.name in ("tflite", "onnx"):
+                invoke = _tflite_invoke if target.name == "tflite" else _onnx_invoke
+                base = plain.get((target.name, "int8" if quantize == "qat" else quantize))
+                row["latency_ms"] = {}
+                for threads in (1, 2):
+                    ours = latency_ms(invoke(str(out), threads), probe, args.repeats)
+                    theirs = latency_ms(invoke(base, threads), probe, args.repeats) if base else None
+                    row["latency_ms"][str(threads)] = {"derm_export": ours, "plain": theirs}
+                row["plain_size_mb"] = len(base) / 1e6 if base else None
+            results.append(row)
+            log.info("%s %s: %.1f MB, ok=%s", target.name, quantize, row["size_mb"], res.ok)
+    report = {
+        "run": str(run),
+        "weights": cfg.get("weights"),
+        "input_size": size,
+        "validation_size": args.validation_size,
+        "calibration_size": len(calibration),
+        "plain_export_seconds": plain_seconds,
+        "issue_targets": ISSUE_TARGETS,
+        "machine": {"cpus": os.cpu_count()},
+        "results": results,
+    }
+    results_dir = Path(args.results)
+    name = "export" if not wanted else "export_partial"
+    with atomic_write(results_dir / f"{name}.json") as f:
+        json.dump(report, f, indent=1)
+    with atomic_write(results_dir / f"{name}.md") as f:
+        f.write(markdown(report))
+    print(markdown(report))
+    return 0
+
+
+def markdown(report: dict[str, Any]) -> str:
+    lines = [
+        f"# Exporter benchmark: {report['run']} ({report['weights']}, {report['input_size']}x{report['input_size']})",
+        "",
+        f"Parity on {report['validation_size']} held-out HAM10000 images of the run (its test fold), against the "
+        f"Keras model; int8 calibrated on {report['calibration_size']} training images. Latency: median of "
+        "single-image invokes on this machine's CPU, against the plain export of the same Keras model.",
+        "",
+        "| file | convert s | MB | max abs (3 / 9) | mean abs (3 / 9) | top-1 (3 / 9) | MvN AUC diff | parity ok "
+        "| ms 1 thr (plain) | ms 2 thr (plain) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in report["results"]:
+        p = {(x["output"], x["metric"]): x["value"] for x in r["parity"]}
+
+        def pair(metric: str, fmt: str, p: dict = p) -> str:
+            vals = [p.get((f"probs_{lvl}", metric)) for lvl in ("three", "nine")]
+            return " / ".join("-" if v is None else format(v, fmt) for v in vals)
+
+        aucd = p.get(("task_melanoma_vs_nevus", "auc_diff"))
+        lat = r.get("latency_ms") or {}
+
+        def ms(t: str, lat: dict = lat) -> str:
+            if t not in lat:
+                return "macOS only"
+            plain = lat[t]["plain"]
+            return f"{lat[t]['derm_export']:.0f} ({plain:.0f})" if plain else f"{lat[t]['derm_export']:.0f}"
+
+        ok = "structure only" if r["parity_skipped"] else ("yes" if r["ok"] else "**NO**")
+        lines.append(
+            f"| {r['target']} {r['quantize']} | {r['seconds'].get('convert', 0):.0f} | {r['size_mb']:.1f} | "
+            f"{pair('max_abs', '.4f')} | {pair('mean_abs', '.5f')} | {pair('top1', '.3f')} | "
+            f"{'-' if aucd is None else format(aucd, '.4f')} | {ok} | {ms('1')} | {ms('2')} |"
+        )
+    t = report["issue_targets"]
+    lines += [
+        "",
+        f"Issue targets: int8 TFLite at most {t['int8_max_mb']} MB, top-1 agreement at least {t['int8_top1']}, "
+        f"melanoma-vs-nevus AUC within {t['int8_auc']}; float16 AUC within {t['fp16_auc']}.",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,170 @@
+"""SDK benchmark: desktop inference on real HAM10000 images with an exported .tflite file.
+
+- end-to-end images/s of ``Classifier.predict_many`` (decode and resize overlapping inference) against the raw
+  interpreter ``invoke`` rate on pre-decoded inputs (issue #5 target: at least 0.9 of it);
+- MediaPipe Tasks' ImageClassifier on the same file and the same (pre-resized) images: top-1 agreement per head and
+  per-image time against the SDK's;
+- ``derm triage`` over a folder of real images (default: all 10,015 HAM10000 images) in one process: images/s and
+  peak RSS (bounded memory).
+
+    python -m derm.benchmarks.sdk --model runs/bench/export/model-int8.tflite
+
+writes ``benchmarks/results/sdk.json`` and ``sdk.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from derm._util import atomic_write
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def _rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="runs/bench/export/model-int8.tflite")
+    ap.add_argument(
+        "--images", default=os.path.join(os.environ.get("DERM_SHARED", "../shared"), "data/ham10000/images")
+    )
+    ap.add_argument("--n", type=int, default=400, help="images for the throughput and MediaPipe comparisons")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--triage-limit", type=int, default=0, help="triage only the first N images (0: the whole folder)")
+    ap.add_argument("--results", default=str(RESULTS))
+    args = ap.parse_args(argv)
+
+    from derm.classifier import Classifier
+    from derm.preprocess import preprocess
+
+    paths = sorted(str(p) for p in Path(args.images).glob("*.jpg"))
+    sample = paths[: args.n]
+    clf = Classifier.load(args.model, threads=args.threads)
+    s = clf.input_size
+    report: dict[str, Any] = {"model": args.model, "threads": args.threads, "workers": args.workers, "n": len(sample)}
+
+    # raw interpreter rate on pre-decoded inputs
+    arrays = np.stack([preprocess(p, s) for p in sample])
+    interp = clf.backend.interpreter
+    interp.allocate_tensors()
+    inp = interp.get_input_details()[0]
+    for a in arrays[:3]:
+        interp.set_tensor(inp["index"], a[None])
+        interp.invoke()
+    t0 = time.perf_counter()
+    for a in arrays:
+        interp.set_tensor(inp["index"], a[None])
+        interp.invoke()
+    raw = len(arrays) / (time.perf_counter() - t0)
+    # end to end: paths in, predictions out (decode overlapping inference)
+    clf2 = Classifier.load(args.model, threads=args.threads)
+    list(clf2.predict_many(sample[:3]))
+    t0 = time.perf_counter()
+    preds = list(clf2.predict_many(sample, workers=args.workers))
+    e2e = len(preds) / (time.perf_counter() - t0)
+    report["throughput"] = {"raw_invoke_img_s": raw, "end_to_end_img_s": e2e, "ratio": e2e / raw, "target": 0.9}
+
+    # MediaPipe Tasks ImageClassifier, same file, same resized images
+    import mediapipe as mp
+    from mediapipe.tasks.python import BaseOptions, vision
+
+    options = vision.ImageClassifierOptions(base_options=BaseOptions(model_asset_path=args.model), max_results=-1)
+    mp_times, ours_times, agree = [], [], {}
+    with vision.ImageClassifier.create_from_options(options) as mpc:
+        for a in arrays:
+            image = mp.Image(image_format=mp.ImageFormat.SRGB, data=np.ascontiguousarray(a))
+            t0 = time.perf_counter()
+            res = mpc.classify(image)
+            mp_times.append(time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            out = clf.run(a[None])
+            ours_times.append(time.perf_counter() - t0)
+            for head in res.classifications:
+                if not head.head_name.startswith("probs_"):
+                    continue
+                labels = clf.outputs[head.head_name]["labels"]
+                mp_top = max(head.categories, key=lambda c: c.score).category_name
+                ours = labels[int(np.argmax(out[head.head_name][0]))]
+                agree.setdefault(head.head_name, []).append(mp_top == ours)
+    report["mediapipe"] = {
+        "top1_agreement": {k: float(np.mean(v)) for k, v in agree.items()},
+        "ms_per_image_mediapipe": 1e3 * statistics.median(mp_times),
+        "ms_per_image_sdk": 1e3 * statistics.median(ours_times),
+    }
+
+    # triage over a whole folder: rate and peak memory
+    from derm.triage import triage
+
+    folder = Path(args.images)
+    limit = args.triage_limit
+    with tempfile.TemporaryDirectory() as tmp:
+        if limit:
+            folder = Path(tmp) / "images"
+            folder.mkdir()
+            for p in paths[:limit]:
+                os.symlink(p, folder / Path(p).name)
+        rss0 = _rss_mb()
+        t0 = time.perf_counter()
+        summary = triage(folder, clf2, Path(tmp) / "out", workers=args.workers, progress=False)
+        seconds = time.perf_counter() - t0
+    report["triage"] = {
+        "images": summary.images,
+        "classified": summary.classified,
+        "unreadable": summary.unreadable,
+        "seconds": seconds,
+        "img_s": summary.images / seconds,
+        "peak_rss_mb_before": rss0,
+        "peak_rss_mb_after": _rss_mb(),
+    }
+    results = Path(args.results)
+    with atomic_write(results / "sdk.json") as f:
+        json.dump(report, f, indent=1)
+    md = markdown(report)
+    with atomic_write(results / "sdk.md") as f:
+        f.write(md)
+    print(md)
+    return 0
+
+
+def markdown(r: dict[str, Any]) -> str:
+    t, m, g = r["throughput"], r["mediapipe"], r["triage"]
+    return "\n".join(
+        [
+            f"# SDK benchmark: {r['model']} ({r['threads']} threads, {r['workers']} decode workers)",
+            "",
+            f"On {r['n']} HAM10000 images:",
+            "",
+            "| measure | value | target |",
+            "|---|---|---|",
+            f"| raw interpreter invoke, pre-decoded | {t['raw_invoke_img_s']:.1f} img/s | |",
+            f"| `predict_many`, from JPEG files | {t['end_to_end_img_s']:.1f} img/s | |",
+            f"| ratio | {t['ratio']:.2f} | >= {t['target']} |",
+            "| MediaPipe ImageClassifier, same file and images: top-1 agreement | "
+            + ", ".join(f"{k} {v:.3f}" for k, v in m["top1_agreement"].items())
+            + " | 1.000 |",
+            f"| per-image time, MediaPipe / SDK (median) | {m['ms_per_image_mediapipe']:.1f} / "
+            f"{m['ms_per_image_sdk']:.1f} ms | SDK no worse |",
+            f"| `derm triage` of {g['images']:,} images | {g['img_s']:.1f} img/s, {g['seconds'] / 60:.1f} min | |",
+            f"| peak RSS before / after triage | {g['peak_rss_mb_before']:.0f} / {g['peak_rss_mb_after']:.0f} MB | "
+            "bounded |",
+            "",
+        ]
+    )
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
