@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import statistics
 import tempfile
 import time
@@ -32,7 +31,9 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def _rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    from derm.benchmarks.bench import peak_rss_mb
+
+    return peak_rss_mb()
 
 
 def main(argv: list[str] | None = None) -> int:
