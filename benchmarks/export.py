@@ -14,8 +14,8 @@ failures are measured rather than refused) and reported with
     python -m derm.benchmarks.export --run runs/bench/ham_cv/fold_0
 
 writes ``benchmarks/results/export.json`` and ``export.md``. Core ML files are checked for structure only (Core ML
-predictions need macOS). int8 on this x86 CPU (no VNNI kernels in XNNPACK here) is not faster than float32; on a
-phone it is.
+predictions need macOS). Whether int8 beats float32 depends on the CPU's integer dot-product instructions (VNNI on
+x86, dot-product on ARM): the results say which CPU they come from.
 """
 
 from __future__ import annotations
@@ -128,6 +128,13 @@ def plain_exports(
     return out
 
 
+def _has_vnni() -> bool | None:
+    try:
+        return "vnni" in Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return None
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--run", default="runs/bench/ham_cv/fold_0", help="derm-train run directory")
@@ -198,11 +205,11 @@ def main(argv: list[str] | None = None) -> int:
         "calibration_size": len(calibration),
         "plain_export_seconds": plain_seconds,
         "issue_targets": ISSUE_TARGETS,
-        "machine": {"cpus": os.cpu_count()},
+        "machine": {"cpus": os.cpu_count(), "vnni": _has_vnni()},
         "results": results,
     }
     results_dir = Path(args.results)
-    name = "export" if not wanted else "export_partial"
+    name = "export" if not wanted else "export_" + "_".join(sorted(f"{t}_{q}" for t, q in wanted))
     with atomic_write(results_dir / f"{name}.json") as f:
         json.dump(report, f, indent=1)
     with atomic_write(results_dir / f"{name}.md") as f:
