@@ -60,7 +60,9 @@ def main(argv: list[str] | None = None) -> int:
 
     # raw interpreter rate on pre-decoded inputs
     arrays = np.stack([preprocess(p, s) for p in sample])
-    interp = clf.backend.interpreter
+    from ai_edge_litert.interpreter import Interpreter
+
+    interp = Interpreter(model_path=args.model, num_threads=args.threads)
     interp.allocate_tensors()
     inp = interp.get_input_details()[0]
     for a in arrays[:3]:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import _need
+from tests.conftest import _need
 from typer.testing import CliRunner
 
 from derm._util import sha256_file
