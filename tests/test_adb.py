@@ -175,3 +175,23 @@ def test_download_benchmark_model_from_a_local_server(tmp_path, monkeypatch):
         adb.download_benchmark_model("mips")
     with pytest.raises(adb.DeviceError, match="No benchmark_model for ABI 'x86'"):
         adb.benchmark_binary("x86", download=False)
+
+
+def test_derm_bench_device_rows_through_the_standin_device(standin, small_run, small_tflite, tmp_path):
+    """derm-bench --device end to end, on the STAND-IN device (no phone here): a row per delegate in bench.json/md."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from derm.benchmarks.bench import app
+
+    fake, binary, _ = standin
+    _, run = small_run
+    args = ["--run", str(run), "--targets", "", "--files", small_tflite, "--out", str(tmp_path), "--runs", "3"]
+    args += ["--n-boot", "20", "--device", "auto", "--adb", fake, "--benchmark-model", str(binary)]
+    res = CliRunner().invoke(app, [*args, "--delegates", "cpu,nnapi", "--device-threads", "2"])
+    assert res.exit_code == 0, res.output
+    dev = json.loads((tmp_path / "bench.json").read_text())["device"]
+    assert dev["serial"] == "STANDIN01" and dev["abi"] == "arm64-v8a" and dev["model"] == "Stand-in"
+    assert [r["delegate"] for r in dev["rows"]] == ["cpu", "nnapi"] and all(r["avg_ms"] > 0 for r in dev["rows"])
+    assert "On Stand-in (STANDIN01, arm64-v8a) via adb" in (tmp_path / "bench.md").read_text()

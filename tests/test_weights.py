@@ -17,11 +17,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from tests.conftest import _need
 from typer.testing import CliRunner
 
 from derm._util import sha256_file
 from derm.trainer import weights as W
+from tests.conftest import _need
 
 # Keras 3.15's TensorFlow backend calls np.array(variable) when saving, which numpy 2.4 deprecates; not ours to fix.
 pytestmark = pytest.mark.filterwarnings(
