@@ -278,15 +278,18 @@ def markdown(report: dict[str, Any]) -> str:
             if "mean_ms" in lat
             else "-"
         )
+
+        def num(value: Any, fmt: str) -> str:
+            return "-" if value is None else format(value, fmt)
+
+        three = acc.get("probs_three", {}).get("mean_per_class_accuracy")
+        nine = acc.get("probs_nine", {}).get("mean_per_class_accuracy")
         lines.append(
-            f"| {Path(r['file']).name if 'target' in r else r['file']} | {r.get('size_mb', 0):.1f} | "
-            f"{lat.get('load_s', float('nan')):.2f} | {lat.get('first_ms', float('nan')):.0f} | {lat_s} | "
-            f"{lat.get('peak_rss_mb', float('nan')):.0f} | "
-            f"{acc.get('probs_three', {}).get('mean_per_class_accuracy', float('nan')):.3f} | "
-            f"{acc.get('probs_nine', {}).get('mean_per_class_accuracy', float('nan')):.3f} | "
-            f"{auc('task_melanoma_vs_nevus')} | "
-            f"{auc('task_carcinoma_vs_seborrheic_keratosis')} | {top1 or '-'} | "
-            f"{'-' if aucd is None else format(aucd, '.4f')} | {status} |"
+            f"| {Path(r['file']).name if 'target' in r else r['file']} | {num(r.get('size_mb'), '.1f')} | "
+            f"{num(lat.get('load_s'), '.2f')} | {num(lat.get('first_ms'), '.0f')} | {lat_s} | "
+            f"{num(lat.get('peak_rss_mb'), '.0f')} | {num(three, '.3f')} | {num(nine, '.3f')} | "
+            f"{auc('task_melanoma_vs_nevus')} | {auc('task_carcinoma_vs_seborrheic_keratosis')} | {top1 or '-'} | "
+            f"{num(aucd, '.4f')} | {status} |"
         )
     if "device" in report:
         d = report["device"]
