@@ -1,8 +1,9 @@
 """derm: dermatologist-level skin-lesion classification (after Esteva et al., Nature 2017), to the phone.
 
-The light core: the disease taxonomy, the partitioning algorithm, the aggregation matrix, labelled datasets and
-group-aware splits. It never imports TensorFlow; the trainer (``derm.trainer``), exporter (``derm.exporter``)
-and benchmarks (``derm.benchmarks``) add the heavy stacks behind extras.
+The light core: the disease taxonomy, the partitioning algorithm, the aggregation matrix, labelled datasets,
+group-aware splits, and :class:`Classifier`, which runs an exported file (TFLite, ONNX; Core ML on macOS). It never
+imports TensorFlow; the trainer (``derm.trainer``), exporter (``derm.exporter``) and benchmarks (``derm.benchmarks``)
+add the heavy stacks behind extras.
 
 A research and triage aid, not a diagnostic device.
 """
@@ -15,21 +16,27 @@ from derm.aggregation import (
     task_matrix,
     task_targets,
 )
+from derm.classifier import Classifier, Decision, Prediction
 from derm.datasets import Dataset, read_dataset
 from derm.errors import DatasetError, DermError, PartitionError, TaxonomyError
+from derm.manifest import ModelFileError, read_manifest
 from derm.partition import Partition, TrainingClass, partition
 from derm.splits import Fingerprints, group_components, image_fingerprints, kfold, perceptual_hash, train_val_split
 from derm.taxonomy import BinaryTask, Node, Taxonomy, default_taxonomy, load_taxonomy
 
 __all__ = [
     "BinaryTask",
+    "Classifier",
     "Dataset",
     "DatasetError",
+    "Decision",
     "DermError",
     "Fingerprints",
+    "ModelFileError",
     "Node",
     "Partition",
     "PartitionError",
+    "Prediction",
     "Taxonomy",
     "TaxonomyError",
     "TrainingClass",
@@ -45,6 +52,7 @@ __all__ = [
     "partition",
     "perceptual_hash",
     "read_dataset",
+    "read_manifest",
     "task_matrix",
     "task_targets",
     "train_val_split",
