@@ -43,12 +43,11 @@ from typing import Any
 import numpy as np
 
 from derm.exporter.graph import ExportError, OutputSpec
-from derm.exporter.manifest import DISCLAIMER, manifest_json
+from derm.exporter.manifest import DISCLAIMER, LABELS_KEY, manifest_json, metadata_problems, read_embedded
 from derm.exporter.targets import RunnerUnavailable
+from derm.manifest import MANIFEST_KEY
 
 QUANTIZATIONS = ("fp16", "int8")
-MANIFEST_KEY = "derm_manifest"
-LABELS_KEY = "derm_labels_{}"
 AUTHOR = "derm-toolchain"
 LICENSE = "Apache-2.0 (code); the weights inherit the terms of their training data"
 _WEIGHT_OPS = ("conv", "conv_transpose", "linear")  # ops whose weights carry the model (checked for precision)
@@ -227,12 +226,7 @@ def _load_spec(path: str | os.PathLike[str]) -> Any:
         raise ExportError(f"{str(path)!r} cannot be read as a Core ML package: {exc}") from exc
 
 
-def read_manifest(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """The manifest from an ``.mlpackage``'s user-defined metadata (nothing is compiled)."""
-    meta = _load_spec(path).description.metadata.userDefined
-    if MANIFEST_KEY not in meta:
-        raise ExportError(f"{str(path)!r} carries no derm manifest (was it written by derm-export?).")
-    return json.loads(meta[MANIFEST_KEY])
+read_manifest = read_embedded  # the SDK's reader: one for every target
 
 
 def expected_matrix(spec: OutputSpec) -> np.ndarray:
@@ -289,14 +283,7 @@ def check_structure(
         problems.append(f"unexpected outputs {sorted(extra)}")
 
     meta = spec.description.metadata.userDefined
-    if MANIFEST_KEY not in meta:
-        problems.append(f"user-defined metadata lacks {MANIFEST_KEY!r}")
-    elif json.loads(meta[MANIFEST_KEY]) != json.loads(manifest_json(manifest)):
-        problems.append("the embedded manifest differs from the one written")
-    for s in specs:
-        key = LABELS_KEY.format(s.name)
-        if key not in meta or json.loads(meta[key]) != list(s.labels):
-            problems.append(f"user-defined metadata {key!r} does not list the output's labels")
+    problems += metadata_problems(meta, manifest, specs, "user-defined metadata")
 
     producer = {o.name: op for op in block.operations for o in op.outputs}
 

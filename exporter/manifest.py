@@ -9,14 +9,17 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
+import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from derm._util import sha256_file
-from derm.exporter.graph import OutputSpec
-from derm.manifest import MANIFEST_FORMAT  # the schema version the SDK checks
+from derm.exporter.graph import ExportError, OutputSpec
+from derm.manifest import MANIFEST_FORMAT, MANIFEST_KEY  # the schema version the SDK checks; the metadata key
 from derm.partition import Partition
+
+LABELS_KEY = "derm_labels_{}"  # ONNX metadata_props / Core ML user_defined_metadata: one JSON list per output
 
 DISCLAIMER = (
     "A research and triage aid, not a diagnostic device: it does not replace examination by a clinician, and its "
@@ -128,3 +131,31 @@ def build_manifest(
 
 def manifest_json(manifest: Mapping[str, Any]) -> str:
     return json.dumps(manifest, indent=1, sort_keys=True, ensure_ascii=False)
+
+
+def metadata_problems(
+    meta: Mapping[str, str], manifest: Mapping[str, Any], specs: Sequence[OutputSpec], where: str
+) -> list[str]:
+    """What is wrong with a file's key/value metadata (ONNX ``metadata_props``, Core ML ``user_defined_metadata``):
+    the manifest must equal the one written and every output's label list must be there."""
+    problems = []
+    if MANIFEST_KEY not in meta:
+        problems.append(f"{where} lacks {MANIFEST_KEY!r}")
+    elif json.loads(meta[MANIFEST_KEY]) != json.loads(manifest_json(manifest)):
+        problems.append("the embedded manifest differs from the one written")
+    for s in specs:
+        key = LABELS_KEY.format(s.name)
+        if key not in meta or json.loads(meta[key]) != list(s.labels):
+            problems.append(f"{where} {key!r} does not list the output's labels")
+    return problems
+
+
+def read_embedded(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """The manifest inside an exported file of any target: the SDK's reader (:func:`derm.manifest.read_manifest`,
+    no TensorFlow), with its error raised as an :class:`ExportError`."""
+    from derm.manifest import ModelFileError, read_manifest
+
+    try:
+        return read_manifest(path)
+    except ModelFileError as exc:
+        raise ExportError(str(exc)) from exc

@@ -27,12 +27,11 @@ import numpy as np
 
 from derm._util import atomic_write
 from derm.exporter.graph import ExportError, OutputSpec
-from derm.exporter.manifest import DISCLAIMER, manifest_json
+from derm.exporter.manifest import DISCLAIMER, LABELS_KEY, manifest_json, metadata_problems, read_embedded
+from derm.manifest import MANIFEST_KEY
 
 QUANTIZATIONS = ("fp32", "int8")
 OPSET = 17
-MANIFEST_KEY = "derm_manifest"
-LABELS_KEY = "derm_labels_{}"  # one per output: a JSON list of its column labels
 PRODUCER = "derm-exporter"
 _BATCH = 32  # images per onnxruntime call in the runner
 
@@ -297,12 +296,7 @@ def read_metadata(path: str | os.PathLike[str]) -> dict[str, str]:
     return dict(session.get_modelmeta().custom_metadata_map)
 
 
-def read_manifest(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """The manifest from an ONNX file's ``metadata_props``."""
-    meta = read_metadata(path)
-    if MANIFEST_KEY not in meta:
-        raise ExportError(f"{str(path)!r} carries no derm manifest (was it written by derm-export?).")
-    return json.loads(meta[MANIFEST_KEY])
+read_manifest = read_embedded  # the SDK's reader: one for every target
 
 
 def expected_matrix(spec: OutputSpec) -> np.ndarray:
@@ -376,14 +370,7 @@ def check_structure(
         problems.append(f"unexpected outputs {sorted(extra)}")
 
     meta = {p.key: p.value for p in model.metadata_props}
-    if MANIFEST_KEY not in meta:
-        problems.append(f"metadata_props lacks {MANIFEST_KEY!r}")
-    elif json.loads(meta[MANIFEST_KEY]) != json.loads(manifest_json(manifest)):
-        problems.append("the embedded manifest differs from the one written")
-    for s in specs:
-        key = LABELS_KEY.format(s.name)
-        if key not in meta or json.loads(meta[key]) != list(s.labels):
-            problems.append(f"metadata_props[{key!r}] does not list the output's labels")
+    problems += metadata_problems(meta, manifest, specs, "metadata_props")
 
     producer = {out: node for node in graph.node for out in node.output}
     for s in specs:

@@ -95,19 +95,13 @@ def rebuild_in_tf_keras(model: Any) -> Any:
     """The Keras 3 classifier as a flat tf-keras model: same layer names and wiring, weights copied by name."""
     import tf_keras as tfk
 
-    from derm.trainer.weights import _graph_order, _history_names
+    from derm.trainer.weights import _graph_order, _history_names, wire_inputs
 
     config = {layer["name"]: layer for layer in model.get_config()["layers"]}
     tensors: dict[str, Any] = {}
 
     def wire(obj: Any) -> Any:
-        if isinstance(obj, dict) and obj.get("class_name") == "__keras_tensor__":
-            return tensors[obj["config"]["keras_history"][0]]
-        if isinstance(obj, (list, tuple)):
-            return type(obj)(wire(v) for v in obj)
-        if isinstance(obj, dict):
-            return {k: wire(v) for k, v in obj.items()}
-        return obj
+        return wire_inputs(obj, tensors)
 
     # Conv2D -> BatchNormalization pairs are folded into one Conv2D with a bias, as the TFLite converter folds them:
     # quantization-aware training must see (and fake-quantize) the folded weights the int8 file will hold.

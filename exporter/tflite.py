@@ -21,7 +21,7 @@ import numpy as np
 from derm._util import atomic_write
 from derm.exporter._metadata_version import ensure_registered
 from derm.exporter.graph import ExportError, OutputSpec
-from derm.exporter.manifest import DISCLAIMER, manifest_json
+from derm.exporter.manifest import DISCLAIMER, manifest_json, read_embedded
 from derm.manifest import MANIFEST_FILE
 
 QUANTIZATIONS = ("fp32", "fp16", "dynamic", "int8")
@@ -175,15 +175,7 @@ def open_runner(path: str | os.PathLike[str], threads: int | None = None) -> TFL
     return TFLiteRunner(str(path), threads)
 
 
-def read_manifest(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """The manifest from a .tflite file (no TensorFlow needed: see :func:`derm.manifest.read_manifest`)."""
-    from derm.manifest import ModelFileError
-    from derm.manifest import read_manifest as read
-
-    try:
-        return read(path)
-    except ModelFileError as exc:
-        raise ExportError(str(exc)) from exc
+read_manifest = read_embedded  # the SDK's reader: one for every target
 
 
 def check_structure(

@@ -118,3 +118,30 @@ def small_tflite(small_run, tmp_path_factory) -> str:
     _, run = small_run
     out = tmp_path_factory.mktemp("small_tflite") / "small.tflite"
     return export(ExportConfig(run=str(run), quantize="fp16", out=str(out), validation_size=8)).path
+
+
+@pytest.fixture(scope="session")
+def small_export(small_run) -> dict:
+    """The small run's export graph, 24 of its real images (uint8, SMALL_SIZE) and the graph's outputs on them:
+    built once for every exporter test."""
+    import numpy as np
+
+    from derm.exporter.graph import build_export_model, output_specs
+    from derm.preprocess import preprocess
+    from derm.trainer.evaluate import load_run
+
+    _, run = small_run
+    model, _, part, _ = load_run(run)
+    specs = output_specs(part)
+    export = build_export_model(model, part, specs)
+    images = np.stack([preprocess(r["image"], SMALL_SIZE) for r in read_rows(run / "split.csv")[:24]])
+    reference = export.predict(images, verbose=0)
+    return {
+        "run": run,
+        "model": model,
+        "part": part,
+        "specs": specs,
+        "export": export,
+        "images": images,
+        "reference": reference,
+    }

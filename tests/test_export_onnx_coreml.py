@@ -9,25 +9,15 @@ import sys
 import numpy as np
 import pytest
 
-from tests.conftest import SMALL_SIZE, read_rows
+from tests.conftest import SMALL_SIZE
 
 pytest.importorskip("tensorflow")
 
 
 @pytest.fixture(scope="module")
-def exported(small_run):
-    from derm.exporter.graph import build_export_model, output_specs
-    from derm.preprocess import preprocess
-    from derm.trainer.evaluate import load_run
-
-    _, run = small_run
-    model, _, part, _ = load_run(run)
-    specs = output_specs(part)
-    export = build_export_model(model, part, specs)
-    rows = read_rows(run / "split.csv")
-    images = np.stack([preprocess(r["image"], SMALL_SIZE) for r in rows[:24]])
-    reference = export.predict(images, verbose=0)
-    return run, part, specs, export, images, reference
+def exported(small_export):
+    e = small_export
+    return e["run"], e["part"], e["specs"], e["export"], e["images"], e["reference"]
 
 
 def _manifest(exported, target, quantize):

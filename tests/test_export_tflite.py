@@ -5,24 +5,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from tests.conftest import SMALL_SIZE, read_rows
-
 pytest.importorskip("tensorflow")
 
 
 @pytest.fixture(scope="module")
-def exported(small_run):
-    from derm.exporter.graph import build_export_model, output_specs
-    from derm.preprocess import preprocess
-    from derm.trainer.evaluate import load_run
-
-    _, run = small_run
-    model, _, part, _ = load_run(run)
-    specs = output_specs(part)
-    export = build_export_model(model, part, specs)
-    rows = read_rows(run / "split.csv")
-    images = np.stack([preprocess(r["image"], SMALL_SIZE) for r in rows[:24]])
-    return model, part, specs, export, images
+def exported(small_export):
+    e = small_export
+    return e["model"], e["part"], e["specs"], e["export"], e["images"]
 
 
 def test_graph_outputs_are_the_aggregated_probabilities(exported):

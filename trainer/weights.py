@@ -598,6 +598,17 @@ def build_inception_v3(
     return keras.Model(keras.utils.get_source_inputs(input_tensor), outputs, name=base.name)
 
 
+def wire_inputs(obj: Any, tensors: dict[str, Any]) -> Any:
+    """A serialized call argument (Keras 3 config), each ``__keras_tensor__`` replaced by ``tensors[layer name]``."""
+    if isinstance(obj, dict) and obj.get("class_name") == "__keras_tensor__":
+        return tensors[obj["config"]["keras_history"][0]]
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(wire_inputs(v, tensors) for v in obj)
+    if isinstance(obj, dict):
+        return {k: wire_inputs(v, tensors) for k, v in obj.items()}
+    return obj
+
+
 def _replay(base: keras.Model, inputs: Any, clone: Any) -> Any:
     """Call ``clone(layer)`` for every layer of single-input ``base``, in graph order, wired as in ``base``.
 
@@ -610,13 +621,7 @@ def _replay(base: keras.Model, inputs: Any, clone: Any) -> Any:
     tensors: dict[str, Any] = {}
 
     def wire(obj: Any) -> Any:
-        if isinstance(obj, dict) and obj.get("class_name") == "__keras_tensor__":
-            return tensors[obj["config"]["keras_history"][0]]
-        if isinstance(obj, (list, tuple)):
-            return type(obj)(wire(v) for v in obj)
-        if isinstance(obj, dict):
-            return {k: wire(v) for k, v in obj.items()}
-        return obj
+        return wire_inputs(obj, tensors)
 
     order = _graph_order(base)
     for name in order:
