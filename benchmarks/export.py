@@ -144,6 +144,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeats", type=int, default=30, help="timed invokes per latency figure")
     ap.add_argument("--only", default="", help="comma-separated target:quantize pairs (default: all)")
     ap.add_argument("--qat-steps", type=int, default=0, help="also export tflite qat with this many fine-tune steps")
+    ap.add_argument("--weight-rounding", default="gptq", help="int8 weights: gptq (default) or nearest")
+    ap.add_argument("--no-float-head", action="store_true", help="TFLite int8: quantize the head too")
     ap.add_argument("--results", default=str(RESULTS))
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
@@ -181,10 +183,14 @@ def main(argv: list[str] | None = None) -> int:
                     overwrite=True,
                     force=True,
                     qat_steps=args.qat_steps or None,
+                    weight_rounding=args.weight_rounding,
+                    float_head=not args.no_float_head,
                 )
             )
             row = res.to_dict()
-            row.pop("manifest")
+            how = row.pop("manifest")["export"]
+            row["weight_rounding"] = how.get("weight_rounding", {}).get("method")
+            row["float_head"] = how.get("float_head")
             row["size_mb"] = res.size_bytes / 1e6
             if target.name in ("tflite", "onnx"):
                 invoke = _tflite_invoke if target.name == "tflite" else _onnx_invoke
@@ -210,6 +216,8 @@ def main(argv: list[str] | None = None) -> int:
     }
     results_dir = Path(args.results)
     name = "export" if not wanted else "export_" + "_".join(sorted(f"{t}_{q}" for t, q in wanted))
+    if args.weight_rounding != "gptq" or args.no_float_head:
+        name += f"_{args.weight_rounding}" + ("_int8head" if args.no_float_head else "")
     with atomic_write(results_dir / f"{name}.json") as f:
         json.dump(report, f, indent=1)
     with atomic_write(results_dir / f"{name}.md") as f:
@@ -226,9 +234,9 @@ def markdown(report: dict[str, Any]) -> str:
         f"Keras model; int8 calibrated on {report['calibration_size']} training images. Latency: median of "
         "single-image invokes on this machine's CPU, against the plain export of the same Keras model.",
         "",
-        "| file | convert s | MB | max abs (3 / 9) | mean abs (3 / 9) | top-1 (3 / 9) | MvN AUC diff | parity ok "
-        "| ms 1 thr (plain) | ms 2 thr (plain) |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| file | int8 weights | convert s | MB | max abs (3 / 9) | mean abs (3 / 9) | top-1 (3 / 9) | MvN AUC diff "
+        "| parity ok | ms 1 thr (plain) | ms 2 thr (plain) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in report["results"]:
         p = {(x["output"], x["metric"]): x["value"] for x in r["parity"]}
@@ -248,17 +256,29 @@ def markdown(report: dict[str, Any]) -> str:
 
         ok = "structure only" if r["parity_skipped"] else ("yes" if r["ok"] else "**NO**")
         lines.append(
-            f"| {r['target']} {r['quantize']} | {r['seconds'].get('convert', 0):.0f} | {r['size_mb']:.1f} | "
+            f"| {r['target']} {r['quantize']} | {_weights(r)} | {r['seconds'].get('convert', 0):.0f} | "
+            f"{r['size_mb']:.1f} | "
             f"{pair('max_abs', '.4f')} | {pair('mean_abs', '.5f')} | {pair('top1', '.3f')} | "
             f"{'-' if aucd is None else format(aucd, '.4f')} | {ok} | {ms('1')} | {ms('2')} |"
         )
     t = report["issue_targets"]
     lines += [
         "",
+        "int8 weights: gptq = GPTQ rounding (derm.exporter.rounding), nearest = the converter's; "
+        "+ float head = TFLite int8 with the head (pooling onward) in float32.",
+        "",
         f"Issue targets: int8 TFLite at most {t['int8_max_mb']} MB, top-1 agreement at least {t['int8_top1']}, "
         f"melanoma-vs-nevus AUC within {t['int8_auc']}; float16 AUC within {t['fp16_auc']}.",
     ]
     return "\n".join(lines) + "\n"
+
+
+def _weights(r: dict[str, Any]) -> str:
+    if r["quantize"] in ("fp32", "fp16") or r["target"] == "coreml":
+        return "-"
+    if r["quantize"] == "qat":
+        return "QAT"
+    return (r.get("weight_rounding") or "nearest") + (" + float head" if r.get("float_head") else "")
 
 
 if __name__ == "__main__":

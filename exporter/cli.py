@@ -57,6 +57,17 @@ def export_command(
     threads: Annotated[Optional[int], typer.Option(help="Runtime threads for validation.")] = None,  # noqa: UP045
     qat_epochs: Annotated[int, typer.Option(help="--quantize qat: epochs of quantization-aware fine-tuning.")] = 1,
     qat_steps: Annotated[Optional[int], typer.Option(help="--quantize qat: steps per epoch (default all).")] = None,  # noqa: UP045
+    weight_rounding: Annotated[
+        str,
+        typer.Option(
+            help="int8 weights: gptq (rounding that keeps each layer's output on real images) or nearest (the "
+            "converters' own)."
+        ),
+    ] = "gptq",
+    rounding_images: Annotated[int, typer.Option(help="Calibration images GPTQ measures layer inputs on.")] = 64,
+    float_head: Annotated[
+        bool, typer.Option(help="TFLite int8: keep the head (global pooling onward, <0.1% of the compute) in float32.")
+    ] = True,
     report: Annotated[
         Optional[Path],  # noqa: UP045
         typer.Option(help="Also write the result (structure checks, parity table, timings, manifest) as JSON."),
@@ -86,6 +97,9 @@ def export_command(
         threads=threads,
         qat_epochs=qat_epochs,
         qat_steps=qat_steps,
+        weight_rounding=weight_rounding,
+        rounding_images=rounding_images,
+        float_head=float_head,
     )
     try:
         result = export(cfg)

@@ -29,6 +29,7 @@ from derm._util import sha256_file
 from derm.aggregation import task_targets
 from derm.exporter.graph import DEFAULT_LEVELS, ExportError, OutputSpec, build_export_model, output_specs
 from derm.exporter.manifest import build_manifest
+from derm.exporter.rounding import METHODS as ROUNDING_METHODS
 from derm.exporter.targets import Parity, RunnerUnavailable, Target, check_quantize, get_target
 from derm.metrics import auc
 from derm.preprocess import ImageError, preprocess
@@ -39,6 +40,7 @@ log = logging.getLogger(__name__)
 MIN_CALIBRATION = 8  # fewer images cannot give int8 ranges worth trusting
 DEFAULT_CALIBRATION = 300
 DEFAULT_VALIDATION = 200
+DEFAULT_ROUNDING_IMAGES = 64
 
 
 @dataclass
@@ -60,6 +62,9 @@ class ExportConfig:
     threads: int | None = None
     qat_epochs: int = 1  # quantization-aware fine-tuning (quantize="qat")
     qat_steps: int | None = None
+    weight_rounding: str = "gptq"  # int8 weights (see derm.exporter.rounding): "gptq" or "nearest" (the converters')
+    rounding_images: int = DEFAULT_ROUNDING_IMAGES  # calibration images GPTQ measures each layer's inputs on
+    float_head: bool = True  # TFLite int8: keep the head (pooling onward) in float32
 
 
 @dataclass
@@ -271,12 +276,21 @@ def export(cfg: ExportConfig) -> ExportResult:
         raise ExportError(f"Output {str(out)!r} should end in {target.suffix!r} for target {target.name!r}.")
     if (out.exists() or out.is_symlink()) and not cfg.overwrite:
         raise ExportError(f"{str(out)!r} exists; pass --overwrite to replace it.")
-    for name, value in (("calibration_size", cfg.calibration_size), ("validation_size", cfg.validation_size)):
+    for name, value in (
+        ("calibration_size", cfg.calibration_size),
+        ("validation_size", cfg.validation_size),
+        ("rounding_images", cfg.rounding_images),
+    ):
         if value < 1:
             raise ExportError(f"{name} must be at least 1, received {value}.")
+    if cfg.weight_rounding not in ROUNDING_METHODS:
+        raise ExportError(
+            f"Unknown weight rounding {cfg.weight_rounding!r}; choose one of {', '.join(ROUNDING_METHODS)}."
+        )
+    rounds = quantize in target.rounds_weights and cfg.weight_rounding == "gptq"
     cal_rows: list[dict[str, str]] = []
     cal_source = ""
-    if quantize in target.needs_calibration:
+    if quantize in target.needs_calibration or rounds:
         cal_rows, cal_source = calibration_rows(cfg)
 
     seconds: dict[str, float] = {}
@@ -311,6 +325,8 @@ def export(cfg: ExportConfig) -> ExportResult:
         calibration=calibration_info,
         versions=_converter_versions(target),
     )
+    if target.name == "tflite" and quantize == "int8":
+        manifest["export"]["float_head"] = cfg.float_head
     seconds["prepare"] = time.perf_counter() - t0
 
     module = target.load()
@@ -324,10 +340,15 @@ def export(cfg: ExportConfig) -> ExportResult:
             from derm.exporter.qat import quantization_aware
 
             converted = quantization_aware(cfg, run, part, specs, cal_images)
+        to_convert = export_model
+        if rounds:
+            to_convert = _rounded_export_model(run, part, specs, cal_images[: cfg.rounding_images], manifest)
         if target.name == "tflite":
-            module.write(export_model, tmp, quantize, cal_images, manifest, specs, converted=converted)
+            module.write(
+                to_convert, tmp, quantize, cal_images, manifest, specs, converted=converted, float_head=cfg.float_head
+            )
         elif target.name == "onnx":
-            module.write(export_model, tmp, quantize, cal_images, manifest, specs)
+            module.write(to_convert, tmp, quantize, cal_images, manifest, specs)
         else:
             module.write(export_model, tmp, quantize, None, manifest, specs)
         seconds["convert"] = time.perf_counter() - t0
@@ -368,6 +389,23 @@ def export(cfg: ExportConfig) -> ExportResult:
         return result
     finally:
         _remove(tmp)
+
+
+def _rounded_export_model(
+    run: Path, part: Any, specs: Sequence[OutputSpec], images: np.ndarray, manifest: dict[str, Any]
+) -> Any:
+    """A second copy of the run's model with GPTQ-rounded int8 weights, as an export graph; the manifest records
+    the rounding. (The parity reference stays the run's own model.)"""
+    from derm.exporter.rounding import round_weights, summary
+    from derm.trainer.evaluate import load_run
+
+    model, *_ = load_run(run)
+    t0 = time.perf_counter()
+    rows = round_weights(model, images.astype(np.float32), "gptq")
+    info = {"method": "gptq", "images": len(images), **summary(rows), "seconds": round(time.perf_counter() - t0, 1)}
+    manifest["export"]["weight_rounding"] = info
+    log.info("Weight rounding: %s", info)
+    return build_export_model(model, part, specs)
 
 
 _REFERENCES: dict[tuple[Any, ...], dict[str, np.ndarray]] = {}

@@ -131,6 +131,30 @@ class _Calibration:
         return None if i is None else {self.input_name: self.images[i : i + 1]}
 
 
+POOLING_OPS = ("GlobalAveragePool", "ReduceMean")
+
+
+def float_head(model: Any) -> list[str]:
+    """Names of the classifier head's nodes: every global average pooling and every node downstream of one (feature
+    concatenation, logits, softmax, aggregation). Kept float in int8 files, as in TFLite (see
+    :func:`derm.exporter.tflite._int8_float_head`): under 0.1% of the compute, and their int8 version rounds the
+    pooled features and the logits coarsely. Empty where the graph has no global pooling."""
+    consumers: dict[str, list[Any]] = {}
+    for node in model.graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    found: dict[str, Any] = {}
+    todo = [node for node in model.graph.node if node.op_type in POOLING_OPS]
+    while todo:
+        node = todo.pop()
+        if node.name in found:
+            continue
+        found[node.name] = node
+        for out in node.output:
+            todo.extend(consumers.get(out, []))
+    return list(found)
+
+
 def float_after_logits(model: Any) -> list[str]:
     """Names of the nodes that compute the outputs from the logits: the training softmax and the whole aggregation.
 
@@ -164,7 +188,7 @@ def quantize_static_file(
     """Static int8 QDQ quantization of the ONNX file ``src`` into ``dst``: weights per channel (int8), activations
     uint8 with min/max ranges over ``calibration`` (cast to the model input's dtype).
 
-    ``nodes_to_exclude`` default: :func:`float_after_logits` of the pre-processed graph.
+    ``nodes_to_exclude`` default: :func:`float_head` of the pre-processed graph (else :func:`float_after_logits`).
     """
     import onnx
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
@@ -180,7 +204,9 @@ def quantize_static_file(
         (inp,) = [i for i in model.graph.input if i.name not in {t.name for t in model.graph.initializer}]
         dtype = onnx.helper.tensor_dtype_to_np_dtype(inp.type.tensor_type.elem_type)
         images = np.asarray(calibration).astype(dtype, copy=False)
-        exclude = list(nodes_to_exclude) if nodes_to_exclude is not None else float_after_logits(model)
+        exclude = (
+            list(nodes_to_exclude) if nodes_to_exclude is not None else float_head(model) or float_after_logits(model)
+        )
         del model
         quantize_static(
             str(pre),

@@ -49,6 +49,7 @@ class Target:
     parity: dict[str, Parity]  # quantization -> thresholds; its keys are the quantizations the target offers
     default_quantize: str
     needs_calibration: tuple[str, ...] = ()  # quantizations that need calibration images
+    rounds_weights: tuple[str, ...] = ()  # quantizations whose int8 weights GPTQ rounds (derm.exporter.rounding)
     is_directory: bool = False  # the export is a directory (.mlpackage), not one file
 
     @property
@@ -76,6 +77,7 @@ TARGETS: dict[str, Target] = {
             {"fp32": _FLOAT32, "fp16": _FLOAT16, "dynamic": _INT8, "int8": _INT8, "qat": _INT8},
             default_quantize="int8",
             needs_calibration=("int8", "qat"),
+            rounds_weights=("int8", "dynamic"),
         ),
         Target(
             "onnx",
@@ -85,6 +87,7 @@ TARGETS: dict[str, Target] = {
             {"fp32": _FLOAT32, "int8": _INT8},
             default_quantize="fp32",
             needs_calibration=("int8",),
+            rounds_weights=("int8",),
         ),
         Target(
             "coreml",
