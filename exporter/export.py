@@ -1,7 +1,9 @@
 """``derm-export``'s pipeline: run directory in; a converted, quantized, self-describing, validated file out.
 
 1. check every argument before any heavy work (target, quantization, output path, calibration CSV);
-2. build the export graph (:mod:`derm.exporter.graph`) and the manifest (:mod:`derm.exporter.manifest`);
+2. build the export graph (:mod:`derm.exporter.graph`) and the manifest (:mod:`derm.exporter.manifest`); for int8
+   weights, the graph is converted from a second copy of the model whose weights GPTQ rounded onto the int8 grid
+   (:mod:`derm.exporter.rounding`), while the parity reference stays the run's own model;
 3. convert into a temporary path beside the output, reload it in its runtime, check its structure and compare it with
    the Keras model on real images (:func:`parity`);
 4. only when every difference is within the target's thresholds (or ``force``) move it onto the output path.
