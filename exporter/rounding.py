@@ -20,7 +20,7 @@ same scale and its own rounding changes nothing (tested on converted TFLite file
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -40,11 +40,17 @@ class LayerRounding:
     error_ratio: float  # output error of GPTQ / output error of nearest rounding, on the calibration images
 
 
+def channel_scale(rows: np.ndarray) -> np.ndarray:
+    """The symmetric int8 scale ``max|w| / 127`` of each row (1 for an all-zero row)."""
+    scale = np.abs(rows).max(1) / QMAX
+    scale[scale == 0] = 1.0
+    return scale
+
+
 def grid(kernel: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Per-output-channel (last axis) symmetric int8 scale and the nearest-rounded integers of a kernel."""
     flat = kernel.reshape(-1, kernel.shape[-1])
-    scale = np.abs(flat).max(0) / QMAX
-    scale[scale == 0] = 1.0
+    scale = channel_scale(flat.T)
     return scale, np.clip(np.round(flat / scale), -QMAX, QMAX)
 
 
@@ -56,8 +62,7 @@ def gptq(weights: np.ndarray, hessian: np.ndarray, damp: float = 0.01, block: in
     """
     w = np.array(weights, dtype=np.float64)
     rows, d = w.shape
-    scale = np.abs(w).max(1) / QMAX
-    scale[scale == 0] = 1.0
+    scale = channel_scale(w)
     pinned = np.zeros_like(w, dtype=bool)
     pinned[np.arange(rows), np.abs(w).argmax(1)] = True
     original = w.copy()
@@ -145,12 +150,9 @@ def round_weights(model: Any, images: np.ndarray, method: str = "gptq") -> list[
         kernel, *rest = layer.get_weights()
         h = _hessian(layer, inputs)
         w = kernel.reshape(-1, kernel.shape[-1]).T
-        q = gptq(w, h)
-        scale = np.abs(w).max(1) / QMAX
-        scale[scale == 0] = 1.0
-        approx = q * scale[:, None]
-        nearest = np.clip(np.round(w / scale[:, None]), -QMAX, QMAX) * scale[:, None]
-        base = output_error(w, nearest, h)
+        scale, nearest = grid(kernel)
+        approx = gptq(w, h) * scale[:, None]
+        base = output_error(w, (nearest * scale).T, h)
         ratio = output_error(w, approx, h) / base if base > 0 else 1.0
         layer.set_weights([approx.T.reshape(kernel.shape).astype(kernel.dtype), *rest])
         done.append(LayerRounding(layer.name, tuple(kernel.shape), ratio))
@@ -168,6 +170,8 @@ def _run_layer_by_layer(model: Any, x: np.ndarray, hooked: set[int], before: Any
     (Keras' own ``Functional._run_through_graph`` keeps every intermediate tensor: tens of GB for Inception-v3 on a
     64-image batch.)
     """
+    import keras
+
     nodes = [
         node
         for depth in sorted(model._nodes_by_depth, reverse=True)
@@ -189,20 +193,12 @@ def _run_layer_by_layer(model: Any, x: np.ndarray, hooked: set[int], before: Any
         if getattr(layer, "_call_has_training_arg", False):
             kwargs["training"] = False
         outputs = layer(*args, **kwargs)
-        for t, v in zip(node.outputs, _flatten(outputs), strict=True):
+        for t, v in zip(node.outputs, keras.tree.flatten(outputs), strict=True):
             values[id(t)] = v
         for t in node.input_tensors:
             uses[id(t)] -= 1
             if uses[id(t)] <= 0:
                 values.pop(id(t), None)
-
-
-def _flatten(outputs: Any) -> Sequence[Any]:
-    if isinstance(outputs, (list, tuple)):
-        return list(outputs)
-    if isinstance(outputs, dict):
-        return list(outputs.values())
-    return [outputs]
 
 
 def summary(rows: Iterable[LayerRounding]) -> dict[str, Any]:

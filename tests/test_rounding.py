@@ -41,7 +41,7 @@ def test_gptq_keeps_a_real_layers_output_closer_than_nearest_rounding(small_expo
 def test_round_weights_rejects_unknown_methods_and_empty_images(small_export):
     from derm.exporter.rounding import round_weights
 
-    with pytest.raises(ValueError, match="'stochastic'.*gptq, nearest"):
+    with pytest.raises(ValueError, match=r"'stochastic'.*gptq, nearest"):
         round_weights(small_export["model"], small_export["images"], "stochastic")
     with pytest.raises(ValueError, match="needs calibration images"):
         round_weights(small_export["model"], small_export["images"][:0])
@@ -100,7 +100,7 @@ def test_export_refuses_an_unknown_weight_rounding_before_any_work(small_run, tm
 
     _, run = small_run
     out = tmp_path / "m.tflite"
-    with pytest.raises(ExportError, match="'stochastic'.*gptq, nearest"):
+    with pytest.raises(ExportError, match=r"'stochastic'.*gptq, nearest"):
         export(ExportConfig(run=str(run), out=str(out), weight_rounding="stochastic"))
     with pytest.raises(ExportError, match="rounding_images must be at least 1, received 0"):
         export(ExportConfig(run=str(run), out=str(out), rounding_images=0))
