@@ -10,9 +10,9 @@ aggregation wrong.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -21,6 +21,7 @@ from derm.errors import DermError, PartitionError
 from derm.partition import Partition
 
 DEFAULT_LEVELS = ("three", "nine")
+T = TypeVar("T")
 
 
 class ExportError(DermError, ValueError):
@@ -54,6 +55,23 @@ def output_specs(
             continue  # the training data cannot express this task (e.g. no carcinoma class): no output
         specs.append(OutputSpec(f"task_{_safe(task_id)}", "task", (tax.task(task_id).id,), m))
     return specs
+
+
+def downstream(
+    ops: Iterable[T],
+    start: Callable[[T], bool],
+    inputs: Callable[[T], Iterable[Any]],
+    outputs: Callable[[T], Iterable[Any]],
+) -> list[T]:
+    """The ops, in the given topological order (a TFLite subgraph's and an ONNX graph's own), that are a ``start`` op
+    or read, directly or not, an output of one: e.g. a classifier's head from its global pooling onward."""
+    reached: set[Any] = set()
+    found: list[T] = []
+    for op in ops:
+        if start(op) or reached.intersection(inputs(op)):
+            reached.update(outputs(op))
+            found.append(op)
+    return found
 
 
 def _safe(name: str) -> str:

@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from derm._util import atomic_write
-from derm.exporter.graph import ExportError, OutputSpec
+from derm.exporter.graph import ExportError, OutputSpec, downstream
 from derm.exporter.manifest import DISCLAIMER, LABELS_KEY, manifest_json, metadata_problems, read_embedded
 from derm.manifest import MANIFEST_KEY
 
@@ -139,20 +139,10 @@ def float_head(model: Any) -> list[str]:
     concatenation, logits, softmax, aggregation). Kept float in int8 files, as in TFLite (see
     :func:`derm.exporter.tflite._int8_float_head`): under 0.1% of the compute, and their int8 version rounds the
     pooled features and the logits coarsely. Empty where the graph has no global pooling."""
-    consumers: dict[str, list[Any]] = {}
-    for node in model.graph.node:
-        for name in node.input:
-            consumers.setdefault(name, []).append(node)
-    found: dict[str, Any] = {}
-    todo = [node for node in model.graph.node if node.op_type in POOLING_OPS]
-    while todo:
-        node = todo.pop()
-        if node.name in found:
-            continue
-        found[node.name] = node
-        for out in node.output:
-            todo.extend(consumers.get(out, []))
-    return list(found)
+    head = downstream(  # ONNX keeps its nodes in topological order
+        model.graph.node, lambda n: n.op_type in POOLING_OPS, lambda n: n.input, lambda n: n.output
+    )
+    return [node.name for node in head]
 
 
 def float_after_logits(model: Any) -> list[str]:

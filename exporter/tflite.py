@@ -20,7 +20,7 @@ import numpy as np
 
 from derm._util import atomic_write
 from derm.exporter._metadata_version import ensure_registered
-from derm.exporter.graph import ExportError, OutputSpec
+from derm.exporter.graph import ExportError, OutputSpec, downstream
 from derm.exporter.manifest import DISCLAIMER, manifest_json, read_embedded
 from derm.manifest import MANIFEST_FILE
 
@@ -84,14 +84,13 @@ def head_nodes(calibrated: bytes) -> list[str]:
 
     interp = Interpreter(model_content=calibrated)
     names = {t["index"]: t["name"] for t in interp.get_tensor_details()}
-    reached: set[int] = set()
-    nodes: list[str] = []
-    for op in interp._get_ops_details():  # execution order: producers before consumers
-        if op["op_name"] == "MEAN" or reached.intersection(int(i) for i in op["inputs"]):
-            outs = [int(i) for i in op["outputs"]]
-            reached.update(outs)
-            nodes.extend(names[i] for i in outs)
-    return nodes
+    head = downstream(
+        interp._get_ops_details(),  # execution order: producers before consumers
+        lambda op: op["op_name"] == "MEAN",
+        lambda op: [int(i) for i in op["inputs"]],
+        lambda op: [int(i) for i in op["outputs"]],
+    )
+    return [names[int(i)] for op in head for i in op["outputs"]]
 
 
 def _int8_float_head(conv: Any, sample: np.ndarray) -> bytes:
@@ -106,9 +105,8 @@ def _int8_float_head(conv: Any, sample: np.ndarray) -> bytes:
 
     debugger = tf.lite.experimental.QuantizationDebugger(converter=conv, debug_dataset=lambda: iter([[sample]]))
     nodes = head_nodes(debugger.calibrated_model)
-    if not nodes:  # no global pooling: nothing to keep in float
-        return debugger.get_nondebug_quantized_model()
-    debugger.options = tf.lite.experimental.QuantizationDebugOptions(denylisted_nodes=nodes)
+    if nodes:  # none without global pooling: nothing to keep in float
+        debugger.options = tf.lite.experimental.QuantizationDebugOptions(denylisted_nodes=nodes)
     return debugger.get_nondebug_quantized_model()
 
 
