@@ -27,15 +27,13 @@ from typing import Annotated, Any, Optional
 import numpy as np
 import typer
 
+from derm._cli import cli_app
 from derm._util import atomic_write
 from derm.errors import DermError
 
-app = typer.Typer(
-    name="derm-bench",
-    help="Latency, memory and accuracy parity of every exported file. A research aid, not a diagnostic device.",
-    no_args_is_help=True,
-    pretty_exceptions_enable=False,
-    add_completion=False,
+app = cli_app(
+    "derm-bench",
+    "Latency, memory and accuracy parity of every exported file. A research aid, not a diagnostic device.",
 )
 log = logging.getLogger("derm.benchmarks.bench")
 

@@ -12,16 +12,14 @@ from typing import Annotated, Optional
 
 import typer
 
+from derm._cli import cli_app
 from derm._util import atomic_write
 from derm.errors import DermError
 from derm.exporter.targets import TARGETS
 
-app = typer.Typer(
-    name="derm-export",
-    help="Export a trained skin-lesion classifier for phones and desktops. A research aid, not a diagnostic device.",
-    no_args_is_help=True,
-    pretty_exceptions_enable=False,
-    add_completion=False,
+app = cli_app(
+    "derm-export",
+    "Export a trained skin-lesion classifier for phones and desktops. A research aid, not a diagnostic device.",
 )
 
 _QUANT_HELP = "; ".join(

@@ -13,15 +13,13 @@ from typing import Annotated
 
 import typer
 
+from derm._cli import cli_app
 from derm._version import __version__
 
-app = typer.Typer(
-    name="derm",
-    help="Skin-lesion classification toolchain (after Esteva et al. 2017). A research and triage aid, "
+app = cli_app(
+    "derm",
+    "Skin-lesion classification toolchain (after Esteva et al. 2017). A research and triage aid, "
     "not a diagnostic device.",
-    no_args_is_help=True,
-    pretty_exceptions_enable=False,
-    add_completion=False,
 )
 taxonomy_app = typer.Typer(help="Inspect, validate and partition disease taxonomies.", no_args_is_help=True)
 data_app = typer.Typer(help="Check labelled datasets and make group-aware folds.", no_args_is_help=True)

@@ -10,15 +10,13 @@ from typing import Annotated, Any
 
 import typer
 
+from derm._cli import cli_app
 from derm.errors import DermError
 from derm.trainer.weights import weights_app
 
-app = typer.Typer(
-    name="derm-train",
-    help="Train the skin-lesion classifier (Esteva et al. 2017 recipe). A research aid, not a diagnostic device.",
-    no_args_is_help=True,
-    pretty_exceptions_enable=False,
-    add_completion=False,
+app = cli_app(
+    "derm-train",
+    "Train the skin-lesion classifier (Esteva et al. 2017 recipe). A research aid, not a diagnostic device.",
 )
 app.add_typer(weights_app, name="weights")
 
