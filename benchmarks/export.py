@@ -146,6 +146,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--qat-steps", type=int, default=0, help="also export tflite qat with this many fine-tune steps")
     ap.add_argument("--weight-rounding", default="gptq", help="int8 weights: gptq (default) or nearest")
     ap.add_argument("--no-float-head", action="store_true", help="TFLite int8: quantize the head too")
+    ap.add_argument("--no-equalize", action="store_true", help="int8: no activation equalization")
     ap.add_argument("--results", default=str(RESULTS))
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
@@ -185,12 +186,14 @@ def main(argv: list[str] | None = None) -> int:
                     qat_steps=args.qat_steps or None,
                     weight_rounding=args.weight_rounding,
                     float_head=not args.no_float_head,
+                    equalize=not args.no_equalize,
                 )
             )
             row = res.to_dict()
             how = row.pop("manifest")["export"]
             row["weight_rounding"] = how.get("weight_rounding", {}).get("method")
             row["float_head"] = how.get("float_head")
+            row["equalization"] = how.get("equalization")
             row["size_mb"] = res.size_bytes / 1e6
             if target.name in ("tflite", "onnx"):
                 invoke = _tflite_invoke if target.name == "tflite" else _onnx_invoke
@@ -216,8 +219,9 @@ def main(argv: list[str] | None = None) -> int:
     }
     results_dir = Path(args.results)
     name = "export" if not wanted else "export_" + "_".join(sorted(f"{t}_{q}" for t, q in wanted))
-    if args.weight_rounding != "gptq" or args.no_float_head:
+    if args.weight_rounding != "gptq" or args.no_float_head or args.no_equalize:
         name += f"_{args.weight_rounding}" + ("_int8head" if args.no_float_head else "")
+        name += "_noeq" if args.no_equalize else ""
     with atomic_write(results_dir / f"{name}.json") as f:
         json.dump(report, f, indent=1)
     with atomic_write(results_dir / f"{name}.md") as f:
@@ -234,8 +238,8 @@ def markdown(report: dict[str, Any]) -> str:
         f"Keras model; int8 calibrated on {report['calibration_size']} training images. Latency: median of "
         "single-image invokes on this machine's CPU, against the plain export of the same Keras model.",
         "",
-        "| file | int8 weights | convert s | MB | max abs (3 / 9) | mean abs (3 / 9) | top-1 (3 / 9) | MvN AUC diff "
-        "| parity ok | ms 1 thr (plain) | ms 2 thr (plain) |",
+        "| file | int8 preparation | convert s | MB | max abs (3 / 9) | mean abs (3 / 9) | top-1 (3 / 9) "
+        "| MvN AUC diff | parity ok | ms 1 thr (plain) | ms 2 thr (plain) |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in report["results"]:
@@ -264,7 +268,8 @@ def markdown(report: dict[str, Any]) -> str:
     t = report["issue_targets"]
     lines += [
         "",
-        "int8 weights: gptq = GPTQ rounding (derm.exporter.rounding), nearest = the converter's; "
+        "int8 preparation: equalized = ReLU channels rescaled for per-tensor int8 activations "
+        "(derm.exporter.equalize); gptq = GPTQ weight rounding (derm.exporter.rounding), nearest = the converter's; "
         "+ float head = TFLite int8 with the head (pooling onward) in float32.",
         "",
         f"Issue targets: int8 TFLite at most {t['int8_max_mb']} MB, top-1 agreement at least {t['int8_top1']}, "
@@ -278,7 +283,12 @@ def _weights(r: dict[str, Any]) -> str:
         return "-"
     if r["quantize"] == "qat":
         return "QAT"
-    return (r.get("weight_rounding") or "nearest") + (" + float head" if r.get("float_head") else "")
+    eq = r.get("equalization")
+    return (
+        (f"equalized ({eq['alpha']}) + " if eq else "")
+        + (r.get("weight_rounding") or "nearest")
+        + (" + float head" if r.get("float_head") else "")
+    )
 
 
 if __name__ == "__main__":

@@ -62,7 +62,20 @@ def export_command(
             "converters' own)."
         ),
     ] = "gptq",
-    rounding_images: Annotated[int, typer.Option(help="Calibration images GPTQ measures layer inputs on.")] = 64,
+    rounding_images: Annotated[
+        int, typer.Option(help="Calibration images GPTQ and activation equalization measure layers on.")
+    ] = 64,
+    equalize: Annotated[
+        bool,
+        typer.Option(
+            help="Full-integer int8: exact rewrites for per-tensor int8 activations: the input scaling folded into the "
+            "first convolution, ReLU channels rescaled (compensated in the next layers) so small channels use more of "
+            "their tensor's int8 range."
+        ),
+    ] = True,
+    equalize_alpha: Annotated[
+        float, typer.Option(help="Equalization strength in (0, 1]: gain (tensor max / channel max) ** alpha.")
+    ] = 0.5,
     float_head: Annotated[
         bool, typer.Option(help="TFLite int8: keep the head (global pooling onward, <0.1% of the compute) in float32.")
     ] = True,
@@ -97,6 +110,8 @@ def export_command(
         qat_steps=qat_steps,
         weight_rounding=weight_rounding,
         rounding_images=rounding_images,
+        equalize=equalize,
+        equalize_alpha=equalize_alpha,
         float_head=float_head,
     )
     try:

@@ -1,8 +1,9 @@
 """``derm-export``'s pipeline: run directory in; a converted, quantized, self-describing, validated file out.
 
 1. check every argument before any heavy work (target, quantization, output path, calibration CSV);
-2. build the export graph (:mod:`derm.exporter.graph`) and the manifest (:mod:`derm.exporter.manifest`); for int8
-   weights, the graph is converted from a second copy of the model whose weights GPTQ rounded onto the int8 grid
+2. build the export graph (:mod:`derm.exporter.graph`) and the manifest (:mod:`derm.exporter.manifest`); for int8,
+   the graph is converted from a second copy of the model whose ReLU channels are equalized for full-integer
+   activations (:mod:`derm.exporter.equalize`) and whose weights GPTQ rounded onto the int8 grid
    (:mod:`derm.exporter.rounding`), while the parity reference stays the run's own model;
 3. convert into a temporary path beside the output, reload it in its runtime, check its structure and compare it with
    the Keras model on real images (:func:`parity`);
@@ -29,6 +30,7 @@ import numpy as np
 from derm._progress import track
 from derm._util import sha256_file
 from derm.aggregation import task_targets
+from derm.exporter.equalize import DEFAULT_ALPHA
 from derm.exporter.graph import DEFAULT_LEVELS, ExportError, OutputSpec, build_export_model, output_specs
 from derm.exporter.manifest import build_manifest
 from derm.exporter.rounding import METHODS as ROUNDING_METHODS
@@ -65,7 +67,9 @@ class ExportConfig:
     qat_epochs: int = 1  # quantization-aware fine-tuning (quantize="qat")
     qat_steps: int | None = None
     weight_rounding: str = "gptq"  # int8 weights (see derm.exporter.rounding): "gptq" or "nearest" (the converters')
-    rounding_images: int = DEFAULT_ROUNDING_IMAGES  # calibration images GPTQ measures each layer's inputs on
+    rounding_images: int = DEFAULT_ROUNDING_IMAGES  # calibration images GPTQ and equalization measure layers on
+    equalize: bool = True  # full-integer int8: equalize ReLU channels first (see derm.exporter.equalize)
+    equalize_alpha: float = DEFAULT_ALPHA
     float_head: bool = True  # TFLite int8: keep the head (pooling onward) in float32
 
 
@@ -289,10 +293,13 @@ def export(cfg: ExportConfig) -> ExportResult:
         raise ExportError(
             f"Unknown weight rounding {cfg.weight_rounding!r}; choose one of {', '.join(ROUNDING_METHODS)}."
         )
+    if not 0.0 < cfg.equalize_alpha <= 1.0:
+        raise ExportError(f"equalize_alpha must be in (0, 1], received {cfg.equalize_alpha!r}; 0.5 is the default.")
     rounds = quantize in target.rounds_weights and cfg.weight_rounding == "gptq"
+    equalizes = quantize in target.equalizes and cfg.equalize
     cal_rows: list[dict[str, str]] = []
     cal_source = ""
-    if quantize in target.needs_calibration or rounds:
+    if quantize in target.needs_calibration or rounds or equalizes:
         cal_rows, cal_source = calibration_rows(cfg)
 
     seconds: dict[str, float] = {}
@@ -343,8 +350,16 @@ def export(cfg: ExportConfig) -> ExportResult:
 
             converted = quantization_aware(cfg, run, part, specs, cal_images)
         to_convert = export_model
-        if rounds:
-            to_convert = _rounded_export_model(run, part, specs, cal_images[: cfg.rounding_images], manifest)
+        if rounds or equalizes:
+            to_convert = _int8_ready_model(
+                run,
+                part,
+                specs,
+                cal_images[: cfg.rounding_images],
+                manifest,
+                alpha=cfg.equalize_alpha if equalizes else None,
+                rounds=rounds,
+            )
         if target.name == "tflite":
             module.write(
                 to_convert, tmp, quantize, cal_images, manifest, specs, converted=converted, float_head=cfg.float_head
@@ -393,20 +408,35 @@ def export(cfg: ExportConfig) -> ExportResult:
         _remove(tmp)
 
 
-def _rounded_export_model(
-    run: Path, part: Any, specs: Sequence[OutputSpec], images: np.ndarray, manifest: dict[str, Any]
+def _int8_ready_model(
+    run: Path,
+    part: Any,
+    specs: Sequence[OutputSpec],
+    images: np.ndarray,
+    manifest: dict[str, Any],
+    alpha: float | None,
+    rounds: bool,
 ) -> Any:
-    """A second copy of the run's model with GPTQ-rounded int8 weights, as an export graph; the manifest records
-    the rounding. (The parity reference stays the run's own model.)"""
+    """A second copy of the run's model prepared for int8, as an export graph: input scaling folded into the first
+    convolution and ReLU channels equalized (when ``alpha`` is given), then weights GPTQ-rounded onto the int8 grid
+    (when ``rounds``); the manifest records both. The parity reference stays the run's own model."""
+    from derm.exporter.equalize import equalize, fold_input_scaling
     from derm.exporter.rounding import round_weights, summary
     from derm.trainer.evaluate import load_run
 
     model, *_ = load_run(run)
-    t0 = time.perf_counter()
-    rows = round_weights(model, images.astype(np.float32), "gptq")
-    info = {"method": "gptq", "images": len(images), **summary(rows), "seconds": round(time.perf_counter() - t0, 1)}
-    manifest["export"]["weight_rounding"] = info
-    log.info("Weight rounding: %s", info)
+    x = images.astype(np.float32)
+    if alpha is not None:
+        folded = fold_input_scaling(model)
+        info = {**equalize(model, x, alpha=alpha).to_dict(), "input_scaling_folded": folded}
+        manifest["export"]["equalization"] = info
+        log.info("Activation equalization: %s", info)
+    if rounds:
+        t0 = time.perf_counter()
+        rows = round_weights(model, x, "gptq")
+        info = {"method": "gptq", "images": len(x), **summary(rows), "seconds": round(time.perf_counter() - t0, 1)}
+        manifest["export"]["weight_rounding"] = info
+        log.info("Weight rounding: %s", info)
     return build_export_model(model, part, specs)
 
 

@@ -176,7 +176,8 @@ def quantize_static_file(
     nodes_to_exclude: Sequence[str] | None = None,
 ) -> None:
     """Static int8 QDQ quantization of the ONNX file ``src`` into ``dst``: weights per channel (int8), activations
-    uint8 with min/max ranges over ``calibration`` (cast to the model input's dtype).
+    uint8 with min/max ranges over ``calibration`` (cast to the model input's dtype), the inputs of each concatenation
+    sharing its range (:func:`shared_concat_ranges`).
 
     ``nodes_to_exclude`` default: :func:`float_head` of the pre-processed graph (else :func:`float_after_logits`).
     """
@@ -197,6 +198,7 @@ def quantize_static_file(
         exclude = (
             list(nodes_to_exclude) if nodes_to_exclude is not None else float_head(model) or float_after_logits(model)
         )
+        overrides = shared_concat_ranges(model, images, inp.name)
         del model
         quantize_static(
             str(pre),
@@ -208,8 +210,56 @@ def quantize_static_file(
             weight_type=QuantType.QInt8,
             calibrate_method=CalibrationMethod.MinMax,
             nodes_to_exclude=exclude,
-            extra_options={"CalibStridedMinMax": _stride(len(images))},
+            extra_options={"CalibStridedMinMax": _stride(len(images)), "TensorQuantOverrides": overrides},
         )
+
+
+def shared_concat_ranges(model: Any, images: np.ndarray, input_name: str, batch: int = 10) -> dict[str, Any]:
+    """onnxruntime's ``TensorQuantOverrides`` that give every ReLU (or nested concatenation) feeding a Concat the
+    range of the outermost concatenation it feeds, measured on ``images`` with the float graph.
+
+    onnxruntime quantizes a Concat's inputs each with its own range, then requantizes them all to the output's scale:
+    a second rounding at every Inception block (TFLite's int8 spec shares one scale instead). With the shared range the
+    inputs are already on the output's grid; it also is what activation equalization (derm.exporter.equalize) assumes.
+    """
+    import onnx
+    import onnxruntime as ort
+
+    producer = {out: node for node in model.graph.node for out in node.output}
+    users: dict[str, list[Any]] = {}
+    for node in model.graph.node:
+        for name in node.input:
+            users.setdefault(name, []).append(node)
+
+    def outermost(tensor: str) -> str:
+        only = users.get(tensor, [])
+        return outermost(only[0].output[0]) if len(only) == 1 and only[0].op_type == "Concat" else tensor
+
+    def sources(tensor: str) -> list[str]:  # the tensor, and back through layout ops (tf2onnx's Transposes)
+        node = producer.get(tensor)
+        if node is not None and node.op_type in ("Transpose", "Reshape", "Squeeze", "Unsqueeze"):
+            return [tensor, *sources(node.input[0])]
+        return [tensor] if node is not None and node.op_type in ("Relu", "Concat") else []
+
+    concats = [node for node in model.graph.node if node.op_type == "Concat"]
+    shared = {
+        s: outermost(node.output[0]) for node in concats for t in [*node.input, node.output[0]] for s in sources(t)
+    }
+    if not shared:
+        return {}
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    tops = sorted(set(shared.values()))
+    known = {o.name for o in probe.graph.output}
+    probe.graph.output.extend(
+        onnx.helper.make_tensor_value_info(t, onnx.TensorProto.FLOAT, None) for t in tops if t not in known
+    )
+    session = ort.InferenceSession(probe.SerializeToString(), providers=["CPUExecutionProvider"])
+    lo, hi = dict.fromkeys(tops, 0.0), dict.fromkeys(tops, 0.0)  # int8 ranges must contain 0
+    for i in range(0, len(images), batch):
+        for t, out in zip(tops, session.run(tops, {input_name: images[i : i + batch]}), strict=True):
+            lo[t], hi[t] = min(lo[t], float(out.min())), max(hi[t], float(out.max()))
+    return {t: [{"rmin": np.float32(lo[top]), "rmax": np.float32(hi[top])}] for t, top in shared.items()}
 
 
 def _stride(n: int, most: int = 16) -> int:

@@ -50,6 +50,7 @@ class Target:
     default_quantize: str
     needs_calibration: tuple[str, ...] = ()  # quantizations that need calibration images
     rounds_weights: tuple[str, ...] = ()  # quantizations whose int8 weights GPTQ rounds (derm.exporter.rounding)
+    equalizes: tuple[str, ...] = ()  # full-integer quantizations whose ReLU channels are equalized first
     is_directory: bool = False  # the export is a directory (.mlpackage), not one file
 
     @property
@@ -78,6 +79,7 @@ TARGETS: dict[str, Target] = {
             default_quantize="int8",
             needs_calibration=("int8", "qat"),
             rounds_weights=("int8", "dynamic"),
+            equalizes=("int8",),
         ),
         Target(
             "onnx",
@@ -88,6 +90,7 @@ TARGETS: dict[str, Target] = {
             default_quantize="fp32",
             needs_calibration=("int8",),
             rounds_weights=("int8",),
+            equalizes=("int8",),
         ),
         Target(
             "coreml",

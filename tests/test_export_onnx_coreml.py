@@ -53,6 +53,35 @@ def test_onnx_fp32_matches_keras(exported, onnx_files):
         assert np.abs(got[s.name] - reference[s.name]).max() < 1e-4, s.name
 
 
+def test_onnx_int8_concatenations_share_one_scale(onnx_files):
+    """Every input of every Concat is quantized on the Concat's own grid (shared_concat_ranges), so onnxruntime does
+    not round each Inception block's branches a second time."""
+    import onnx
+    from onnx import numpy_helper
+
+    model = onnx.load_from_string(onnx_files["int8"])
+    consts = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    producer = {o: n for n in model.graph.node for o in n.output}
+    users: dict[str, list] = {}
+    for n in model.graph.node:
+        for i in n.input:
+            users.setdefault(i, []).append(n)
+    concats = [n for n in model.graph.node if n.op_type == "Concat"]
+    assert len(concats) >= 11  # mixed0..mixed10 (and mixed9/10's inner ones)
+    for node in concats:
+        (q,) = [u for u in users[node.output[0]] if u.op_type == "QuantizeLinear"]
+        want = (float(consts[q.input[1]]), int(consts[q.input[2]]))
+        dequantized = [producer[i] for i in node.input if producer[i].op_type == "DequantizeLinear"]
+        quantized = [producer[dq.input[0]] for dq in dequantized if dq.input[0] in producer]
+        branches = [
+            qi for qi in quantized if producer.get(qi.input[0]) is None or producer[qi.input[0]].op_type != "MaxPool"
+        ]
+        assert branches, node.name
+        for qi in branches:  # a max-pool branch keeps its input's scale, as onnxruntime makes it
+            got = (float(consts[qi.input[1]]), int(consts[qi.input[2]]))
+            assert got == pytest.approx(want, rel=1e-6), (node.name, qi.name)
+
+
 def test_onnx_int8_is_close_smaller_and_keeps_the_aggregation_exact(exported, onnx_files):
     from derm.exporter.onnx import ONNXRunner
 

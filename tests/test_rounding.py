@@ -48,10 +48,12 @@ def test_round_weights_rejects_unknown_methods_and_empty_images(small_export):
 
 
 def test_export_int8_keeps_the_gptq_weights_and_a_float_head(small_run, tmp_path):
-    """derm-export int8 (defaults: GPTQ, float head): every convolution of the file holds exactly the integers GPTQ
-    chose (the converter's own rounding changes nothing), the head runs in float32, and the manifest says so."""
+    """derm-export int8 (defaults: equalized, GPTQ, float head): every convolution of the file holds exactly the
+    integers GPTQ chose (the converter's own rounding changes nothing), the head runs in float32, and the manifest
+    says so."""
     from ai_edge_litert.interpreter import Interpreter
 
+    from derm.exporter.equalize import equalize, fold_input_scaling
     from derm.exporter.export import ExportConfig, calibration_rows, export, load_images
     from derm.exporter.rounding import grid, round_weights
     from derm.trainer.evaluate import load_run
@@ -66,10 +68,14 @@ def test_export_int8_keeps_the_gptq_weights_and_a_float_head(small_run, tmp_path
     assert info["quantize"] == "int8" and info["float_head"] is True
     assert info["weight_rounding"]["method"] == "gptq" and info["weight_rounding"]["images"] == 12
     assert 0 < info["weight_rounding"]["error_ratio_median"] < 1
+    assert info["equalization"]["tensors"] == 94 and info["equalization"]["images"] == 12
+    assert info["equalization"]["input_scaling_folded"] is True
 
-    # the same rounding again, on the same images (the first 12 of the seeded calibration draw)
+    # the same equalization and rounding again, on the same images (the first 12 of the seeded calibration draw)
     model, *_ = load_run(run)
     images = load_images([r["image"] for r in calibration_rows(cfg)[0][:12]], SMALL_SIZE, "calibration")
+    fold_input_scaling(model)
+    equalize(model, images.astype(np.float32))
     round_weights(model, images.astype(np.float32))
     interp = Interpreter(model_path=result.path)
     interp.allocate_tensors()
