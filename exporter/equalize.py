@@ -217,12 +217,31 @@ def _scale_producer(conv: Any, bn: Any | None, g: np.ndarray) -> None:
             times(bn.beta)
 
 
+def _topological(model: Any) -> list[Any]:
+    """The model's layers, every one after all the layers that feed it."""
+    order: list[Any] = []
+    done: set[str] = set()
+    for root in model.layers:
+        stack = [(root, False)]
+        while stack:
+            layer, expanded = stack.pop()
+            if layer.name in done:
+                continue
+            if expanded:
+                done.add(layer.name)
+                order.append(layer)
+                continue
+            stack.append((layer, True))
+            stack.extend((p, False) for p in _parents(layer) if p.name not in done)
+    return order
+
+
 def _compensate_consumers(model: Any, gains: dict[str, np.ndarray]) -> None:
     """Carry each tensor's channel gains forward through channel-wise layers; divide them out of Conv2D / Dense."""
     import keras
 
     carried: dict[str, np.ndarray | None] = {}
-    for layer in model.layers:  # Keras keeps a functional model's layers in topological order
+    for layer in _topological(model):
         parents = _parents(layer)
         incoming = [carried.get(p.name) for p in parents]
         if layer.name in gains:
