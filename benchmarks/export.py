@@ -260,7 +260,7 @@ def markdown(report: dict[str, Any]) -> str:
 
         ok = "structure only" if r["parity_skipped"] else ("yes" if r["ok"] else "**NO**")
         lines.append(
-            f"| {r['target']} {r['quantize']} | {_weights(r)} | {r['seconds'].get('convert', 0):.0f} | "
+            f"| {r['target']} {r['quantize']} | {_preparation(r)} | {r['seconds'].get('convert', 0):.0f} | "
             f"{r['size_mb']:.1f} | "
             f"{pair('max_abs', '.4f')} | {pair('mean_abs', '.5f')} | {pair('top1', '.3f')} | "
             f"{'-' if aucd is None else format(aucd, '.4f')} | {ok} | {ms('1')} | {ms('2')} |"
@@ -278,7 +278,7 @@ def markdown(report: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _weights(r: dict[str, Any]) -> str:
+def _preparation(r: dict[str, Any]) -> str:
     if r["quantize"] in ("fp32", "fp16") or r["target"] == "coreml":
         return "-"
     if r["quantize"] == "qat":

@@ -85,7 +85,6 @@ class _Graph:
     """Who feeds whom in a functional Keras model, and which tensors each scaled ReLU's gain travels through."""
 
     def __init__(self, model: Any):
-        self.model = model
         self.users: dict[str, list[Any]] = {}
         for layer in model.layers:
             for p in _parents(layer):
@@ -156,7 +155,8 @@ def equalize(
         raise ValueError("Activation equalization needs calibration images.")
     t0 = time.perf_counter()
     graph = _Graph(model)
-    relus = [r for r in model.layers if _is_relu(r) and graph.producer(r) and graph.consumers_ok(r)]
+    producers = {r.name: graph.producer(r) for r in model.layers if _is_relu(r) and graph.consumers_ok(r)}
+    relus = [model.get_layer(name) for name, made_by in producers.items() if made_by]
     groups = {r.name: graph.quantization_group(r) for r in relus}
     probed = list({layer.name: layer for layer in [*relus, *groups.values()]}.values())
     peak = _channel_peaks(model, probed, np.asarray(images, np.float32), batch)
@@ -169,7 +169,7 @@ def equalize(
         g[live] = np.minimum((top / m[live]) ** alpha, max_gain)
         gains[relu.name] = g.astype(np.float64)
     for relu in relus:
-        _scale_producer(*graph.producer(relu), gains[relu.name])
+        _scale_producer(*producers[relu.name], gains[relu.name])
     _compensate_consumers(model, gains)
 
     every = np.concatenate(list(gains.values())) if gains else np.ones(1)
@@ -219,31 +219,14 @@ def _scale_producer(conv: Any, bn: Any | None, g: np.ndarray) -> None:
             times(bn.beta)
 
 
-def _topological(model: Any) -> list[Any]:
-    """The model's layers, every one after all the layers that feed it."""
-    order: list[Any] = []
-    done: set[str] = set()
-    for root in model.layers:
-        stack = [(root, False)]
-        while stack:
-            layer, expanded = stack.pop()
-            if layer.name in done:
-                continue
-            if expanded:
-                done.add(layer.name)
-                order.append(layer)
-                continue
-            stack.append((layer, True))
-            stack.extend((p, False) for p in _parents(layer) if p.name not in done)
-    return order
-
-
 def _compensate_consumers(model: Any, gains: dict[str, np.ndarray]) -> None:
     """Carry each tensor's channel gains forward through channel-wise layers; divide them out of Conv2D / Dense."""
     import keras
 
+    from derm.exporter.rounding import graph_nodes
+
     carried: dict[str, np.ndarray | None] = {}
-    for layer in _topological(model):
+    for layer in (node.operation for node in graph_nodes(model)):
         parents = _parents(layer)
         incoming = [carried.get(p.name) for p in parents]
         if layer.name in gains:

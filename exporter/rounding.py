@@ -163,6 +163,16 @@ def round_weights(model: Any, images: np.ndarray, method: str = "gptq") -> list[
     return done
 
 
+def graph_nodes(model: Any) -> list[Any]:
+    """The functional ``model``'s call nodes (its inputs left out), each after every node that feeds it."""
+    return [
+        node
+        for depth in sorted(model._nodes_by_depth, reverse=True)
+        for node in model._nodes_by_depth[depth]
+        if node.operation is not None and not node.is_input
+    ]
+
+
 def _run_layer_by_layer(model: Any, x: np.ndarray, hooked: set[int], before: Any) -> None:
     """Execute the functional ``model`` on ``x`` node by node in graph order, calling ``before(layer, input)`` ahead
     of every hooked layer, and freeing each intermediate tensor once its last consumer has run.
@@ -172,12 +182,7 @@ def _run_layer_by_layer(model: Any, x: np.ndarray, hooked: set[int], before: Any
     """
     import keras
 
-    nodes = [
-        node
-        for depth in sorted(model._nodes_by_depth, reverse=True)
-        for node in model._nodes_by_depth[depth]
-        if node.operation is not None and not node.is_input
-    ]
+    nodes = graph_nodes(model)
     uses: Counter[int] = Counter(id(t) for node in nodes for t in node.input_tensors)
     for t in model.outputs:
         uses[id(t)] += 1
