@@ -143,7 +143,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--calibration-size", type=int, default=300)
     ap.add_argument("--repeats", type=int, default=30, help="timed invokes per latency figure")
     ap.add_argument("--only", default="", help="comma-separated target:quantize pairs (default: all)")
-    ap.add_argument("--qat-steps", type=int, default=0, help="also export tflite qat with this many fine-tune steps")
+    ap.add_argument(
+        "--qat-steps", type=int, default=None, help="also export tflite qat with this many fine-tune steps (0: none)"
+    )
     ap.add_argument("--weight-rounding", default="gptq", help="int8 weights: gptq (default) or nearest")
     ap.add_argument("--no-float-head", action="store_true", help="TFLite int8: quantize the head too")
     ap.add_argument("--no-equalize", action="store_true", help="int8: no activation equalization")
@@ -169,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
     plain_seconds = time.perf_counter() - t0
     for target in TARGETS.values():
         for quantize in target.quantizations:
-            if (quantize == "qat" and not args.qat_steps) or (wanted and (target.name, quantize) not in wanted):
+            if (quantize == "qat" and args.qat_steps is None) or (wanted and (target.name, quantize) not in wanted):
                 continue  # qat needs the [qat] environment (DERM_QAT_PYTHON) and a training budget
             log.info("exporting %s %s", target.name, quantize)
             out = Path(args.out) / f"model-{quantize}{target.suffix}"
@@ -183,7 +185,7 @@ def main(argv: list[str] | None = None) -> int:
                     calibration_size=args.calibration_size,
                     overwrite=True,
                     force=True,
-                    qat_steps=args.qat_steps or None,
+                    qat_steps=args.qat_steps,
                     weight_rounding=args.weight_rounding,
                     float_head=not args.no_float_head,
                     equalize=not args.no_equalize,
@@ -194,6 +196,7 @@ def main(argv: list[str] | None = None) -> int:
             row["weight_rounding"] = how.get("weight_rounding", {}).get("method")
             row["float_head"] = how.get("float_head")
             row["equalization"] = how.get("equalization")
+            row["qat"] = how.get("qat")
             row["size_mb"] = res.size_bytes / 1e6
             if target.name in ("tflite", "onnx"):
                 invoke = _tflite_invoke if target.name == "tflite" else _onnx_invoke
@@ -222,6 +225,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.weight_rounding != "gptq" or args.no_float_head or args.no_equalize:
         name += f"_{args.weight_rounding}" + ("_int8head" if args.no_float_head else "")
         name += "_noeq" if args.no_equalize else ""
+    if ("tflite", "qat") in wanted:
+        name += f"_{args.qat_steps}steps"
     with atomic_write(results_dir / f"{name}.json") as f:
         json.dump(report, f, indent=1)
     with atomic_write(results_dir / f"{name}.md") as f:
@@ -281,9 +286,12 @@ def markdown(report: dict[str, Any]) -> str:
 def _preparation(r: dict[str, Any]) -> str:
     if r["quantize"] in ("fp32", "fp16") or r["target"] == "coreml":
         return "-"
-    if r["quantize"] == "qat":
-        return "QAT"
     eq = r.get("equalization")
+    if r["quantize"] == "qat":
+        qat = r.get("qat") or {}
+        steps = qat.get("images", 0) // max(qat.get("batch_size", 1), 1)
+        rounding = r.get("weight_rounding") or "nearest"
+        return (f"equalized ({eq['alpha']}) + " if eq else "") + f"{rounding} + QAT ({steps} steps)"
     return (
         (f"equalized ({eq['alpha']}) + " if eq else "")
         + (r.get("weight_rounding") or "nearest")

@@ -54,7 +54,10 @@ def export_command(
     force: Annotated[bool, typer.Option(help="Keep the file even when it fails the parity thresholds.")] = False,
     threads: Annotated[Optional[int], typer.Option(help="Runtime threads for validation.")] = None,  # noqa: UP045
     qat_epochs: Annotated[int, typer.Option(help="--quantize qat: epochs of quantization-aware fine-tuning.")] = 1,
-    qat_steps: Annotated[Optional[int], typer.Option(help="--quantize qat: steps per epoch (default all).")] = None,  # noqa: UP045
+    qat_steps: Annotated[
+        Optional[int],  # noqa: UP045
+        typer.Option(help="--quantize qat: steps per epoch (default all; 0 converts without fine-tuning)."),
+    ] = None,
     weight_rounding: Annotated[
         str,
         typer.Option(

@@ -293,6 +293,11 @@ def export(cfg: ExportConfig) -> ExportResult:
         raise ExportError(
             f"Unknown weight rounding {cfg.weight_rounding!r}; choose one of {', '.join(ROUNDING_METHODS)}."
         )
+    if cfg.qat_epochs < 0 or (cfg.qat_steps is not None and cfg.qat_steps < 0):
+        raise ExportError(
+            f"qat_epochs and qat_steps must be at least 0 (0 steps: convert without fine-tuning), received "
+            f"{cfg.qat_epochs} and {cfg.qat_steps}."
+        )
     if not 0.0 < cfg.equalize_alpha <= 1.0:
         raise ExportError(f"equalize_alpha must be in (0, 1], received {cfg.equalize_alpha!r}; 0.5 is the default.")
     rounds = quantize in target.rounds_weights and cfg.weight_rounding == "gptq"
@@ -345,21 +350,24 @@ def export(cfg: ExportConfig) -> ExportResult:
     try:
         t0 = time.perf_counter()
         converted = None
-        if quantize == "qat":
-            from derm.exporter.qat import quantization_aware
-
-            converted = quantization_aware(cfg, run, part, specs, cal_images)
         to_convert = export_model
-        if rounds or equalizes:
-            to_convert = _int8_ready_model(
+        if quantize == "qat" or rounds or equalizes:
+            prepared = _int8_ready_classifier(
                 run,
-                part,
-                specs,
                 cal_images[: cfg.rounding_images],
                 manifest,
                 alpha=cfg.equalize_alpha if equalizes else None,
                 rounds=rounds,
+                fold=quantize == "qat",  # QAT's input quantizer then reads the exact uint8 pixels (exporter.qat)
             )
+            if quantize == "qat":
+                from derm.exporter.qat import quantization_aware
+
+                converted, info = quantization_aware(cfg, run, prepared, cal_images)
+                manifest["export"]["qat"] = info
+                log.info("Quantization-aware training: %s", info)
+            else:
+                to_convert = build_export_model(prepared, part, specs)
         if target.name == "tflite":
             module.write(
                 to_convert, tmp, quantize, cal_images, manifest, specs, converted=converted, float_head=cfg.float_head
@@ -408,36 +416,37 @@ def export(cfg: ExportConfig) -> ExportResult:
         _remove(tmp)
 
 
-def _int8_ready_model(
+def _int8_ready_classifier(
     run: Path,
-    part: Any,
-    specs: Sequence[OutputSpec],
     images: np.ndarray,
     manifest: dict[str, Any],
     alpha: float | None,
     rounds: bool,
+    fold: bool = False,
 ) -> Any:
-    """A second copy of the run's model prepared for int8, as an export graph: input scaling folded into the first
-    convolution and ReLU channels equalized (when ``alpha`` is given), then weights GPTQ-rounded onto the int8 grid
-    (when ``rounds``); the manifest records both. The parity reference stays the run's own model."""
+    """A second copy of the run's classifier prepared for int8: input scaling folded into the first convolution (when
+    ``fold`` or ``alpha`` is given) and ReLU channels equalized (when ``alpha`` is given), then weights GPTQ-rounded
+    onto the int8 grid (when ``rounds``); the manifest records each. The parity reference stays the run's own model."""
     from derm.exporter.equalize import equalize, fold_input_scaling
     from derm.exporter.rounding import round_weights, summary
     from derm.trainer.evaluate import load_run
 
     model, *_ = load_run(run)
     x = images.astype(np.float32)
+    folded = fold_input_scaling(model) if fold or alpha is not None else False
     if alpha is not None:
-        folded = fold_input_scaling(model)
         info = {**equalize(model, x, alpha=alpha).to_dict(), "input_scaling_folded": folded}
         manifest["export"]["equalization"] = info
         log.info("Activation equalization: %s", info)
+    elif fold:
+        manifest["export"]["input_scaling_folded"] = folded
     if rounds:
         t0 = time.perf_counter()
         rows = round_weights(model, x, "gptq")
         info = {"method": "gptq", "images": len(x), **summary(rows), "seconds": round(time.perf_counter() - t0, 1)}
         manifest["export"]["weight_rounding"] = info
         log.info("Weight rounding: %s", info)
-    return build_export_model(model, part, specs)
+    return model
 
 
 _REFERENCES: dict[tuple[Any, ...], dict[str, np.ndarray]] = {}

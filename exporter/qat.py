@@ -5,17 +5,32 @@ tensorflow-model-optimization works only under tf-keras (``TF_USE_LEGACY_KERAS=1
 trainer saves Keras 3 models, and it pins an absl-py that mediapipe (the metadata writers) refuses. So QAT runs in its
 own process and, usually, its own environment (the ``[qat]`` extra; ``DERM_QAT_PYTHON`` names its interpreter):
 
-1. the Keras 3 classifier is rebuilt layer by layer in tf-keras (same names, same wiring, weights copied by name),
-   with each Conv2D -> BatchNormalization pair folded into one biased Conv2D, as the TFLite converter folds them
-   (without folding, the fake-quantized kernels were not the ones the int8 file holds: top-1 agreement 0.72 / 0.51
-   with the float model after 60 steps, against 0.95 / 0.92 folded);
-2. ``quantize_apply`` inserts the fake-quant ops, their activation ranges start from the float model's, and a short
-   fine-tune (Adam, small learning rate) distils the float model's probabilities on the run's training images, so the
-   int8 weights learn the float model's answers;
-3. the export graph is put around it: uint8 image in, the training probabilities, and every inference level and task
+1. the parent prepares the model as for post-training int8 (input scaling folded into the first convolution, ReLU
+   channels equalized, kernels GPTQ-rounded: see ``export._int8_ready_classifier``) and hands it over as a file;
+2. the child rebuilds it layer by layer in tf-keras with each Conv2D -> BatchNormalization -> ReLU folded into one
+   biased Conv2D with a ReLU activation, as the TFLite converter fuses them. The fusion is not cosmetic: given a
+   separate ReLU layer, tfmot's ``LayerReluActivationQuantize`` transform gives the convolution a
+   ``NoOpQuantizeConfig``, which switches off the fake quantization of its *kernel*, so the fine-tune saw float
+   weights that the int8 file does not have;
+3. ``quantize_apply`` inserts the fake-quant ops. The classifier's head from the global pooling on is not left to
+   tfmot: the poolings and the feature concatenation are fake-quantized (otherwise the converter quantizes the
+   pooling at the last block's range, far coarser than pooled features need; its QAT path has no node denylist, so
+   post-training int8's float pooling is not available here), the logits and softmax stay float.
+   Every range starts where the converter would put it (``init_ranges``): kernels at their per-channel extremes,
+   activations at the float model's range on the calibration images, and every input of a concatenation at the
+   concatenation's range (TFLite requires one scale there; with its own range a branch would be rounded twice);
+4. a short fine-tune distils the float model's probabilities on the run's training images with the ranges held
+   fixed (the graph runs in inference mode, so the file quantizes with exactly the ranges it was trained with);
+5. the export graph is put around it: uint8 image in, the training probabilities, and every inference level and task
    through non-trainable matmuls added after training (so training cannot move them: checked) and left in float;
-4. ``TFLiteConverter`` turns the fake-quant ranges into an int8 model; the bytes go back to the parent, which adds
-   the metadata and checks parity like any other file.
+6. ``TFLiteConverter`` turns the fake-quant ranges into an int8 model; the bytes go back to the parent with a summary
+   for the manifest, and the parent adds the metadata and checks parity like any other file.
+
+Why steps 2-3 matter (benchmark model, training-class probabilities, mean abs difference from the float model;
+exploratory comparison of the fake-quantized graph and the file layer by layer): before them the file was 0.018 from
+the float model while the graph it came from was 0.0056 (200 test images), so the fine-tune optimised a graph the
+file did not reproduce; with them the file is 0.0063 and the graph 0.0057 (500 test images), and every layer's
+error in the file matches the graph's. Results: ``benchmarks/results/export_tflite_qat_*steps.md``.
 """
 
 from __future__ import annotations
@@ -27,7 +42,7 @@ import re
 import subprocess
 import sys
 import tempfile
-from collections.abc import Sequence
+import time
 from pathlib import Path
 from typing import Any
 
@@ -39,27 +54,37 @@ QAT_ENV = "DERM_QAT_PYTHON"
 _DROP = ("_initializer", "_regularizer", "_constraint")
 
 
-def quantization_aware(cfg: Any, run: Path, partition: Any, specs: Sequence[Any], calibration: np.ndarray) -> bytes:
-    """Run QAT in a child process (see the module docstring) and return the converted TFLite bytes."""
+def quantization_aware(cfg: Any, run: Path, model: Any, calibration: np.ndarray) -> tuple[bytes, dict[str, Any]]:
+    """Run QAT on ``model`` (the run's classifier prepared for int8) in a child process (see the module docstring);
+    return the converted TFLite bytes and the child's summary for the manifest."""
     python = os.environ.get(QAT_ENV, sys.executable)
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "qat.tflite"
+        info = Path(tmp) / "qat.json"
+        model_file = Path(tmp) / "prepared.keras"
+        cal_file = Path(tmp) / "calibration.npy"
+        model.save(model_file)
+        np.save(cal_file, np.asarray(calibration, dtype=np.uint8))
         cmd = [
             python,
             "-m",
             "derm.exporter.qat",
             "--run",
             str(run),
+            "--model",
+            str(model_file),
+            "--calibration",
+            str(cal_file),
             "--out",
             str(out),
-            "--levels",
-            ",".join(s.name for s in specs),
+            "--info",
+            str(info),
             "--epochs",
             str(cfg.qat_epochs),
             "--seed",
             str(cfg.seed),
         ]
-        if cfg.qat_steps:
+        if cfg.qat_steps is not None:
             cmd += ["--steps", str(cfg.qat_steps)]
         env = {**os.environ, "TF_USE_LEGACY_KERAS": "1"}
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
@@ -72,7 +97,7 @@ def quantization_aware(cfg: Any, run: Path, partition: Any, specs: Sequence[Any]
                     f"absl-py that mediapipe refuses) and point {QAT_ENV} at its python."
                 )
             raise ExportError(f"Quantization-aware training failed (exit {proc.returncode}).{hint}\n{tail}")
-        return out.read_bytes()
+        return out.read_bytes(), json.loads(info.read_text())
 
 
 def _tf_keras_layer(tfk: Any, class_name: str, config: dict[str, Any]) -> Any:
@@ -92,49 +117,60 @@ def _tf_keras_layer(tfk: Any, class_name: str, config: dict[str, Any]) -> Any:
 
 
 def rebuild_in_tf_keras(model: Any) -> Any:
-    """The Keras 3 classifier as a flat tf-keras model: same layer names and wiring, weights copied by name."""
+    """The Keras 3 classifier as a flat tf-keras model: same layer names and wiring, weights copied by name, each
+    Conv2D -> BatchNormalization (-> ReLU) run folded into one Conv2D (see the module docstring, step 2), and an
+    identity input scaling (after ``fold_input_scaling``) dropped."""
     import tf_keras as tfk
 
-    from derm.trainer.weights import _graph_order, _history_names, wire_inputs
+    from derm.trainer.weights import _graph, _graph_order, wire_inputs
 
     config = {layer["name"]: layer for layer in model.get_config()["layers"]}
-    tensors: dict[str, Any] = {}
-
-    def wire(obj: Any) -> Any:
-        return wire_inputs(obj, tensors)
-
-    # Conv2D -> BatchNormalization pairs are folded into one Conv2D with a bias, as the TFLite converter folds them:
-    # quantization-aware training must see (and fake-quantize) the folded weights the int8 file will hold.
+    parents, _ = _graph(model)
     consumers: dict[str, list[str]] = {}
+    for name, feeding in parents.items():
+        for parent in feeding:
+            consumers.setdefault(parent, []).append(name)
+
+    def only_user(name: str, class_name: str) -> str | None:
+        users = consumers.get(name, [])
+        return users[0] if len(users) == 1 and config[users[0]]["class_name"] == class_name else None
+
+    bns: dict[str, str] = {}  # batch norm -> the Conv2D it is folded into
+    relus: dict[str, str] = {}  # ReLU -> the Conv2D (with its batch norm) it is fused into
     for name, layer in config.items():
-        for node in layer.get("inbound_nodes", []):
-            for parent in _history_names(node):
-                consumers.setdefault(parent, []).append(name)
-    folded = {
-        bn: conv
-        for conv, users in consumers.items()
-        if config[conv]["class_name"] == "Conv2D" and len(users) == 1
-        for bn in users
-        if config[bn]["class_name"] == "BatchNormalization"
-    }
+        if layer["class_name"] != "Conv2D" or layer["config"].get("activation") not in (None, "linear"):
+            continue
+        bn = only_user(name, "BatchNormalization")
+        if bn is None:
+            continue
+        bns[bn] = name
+        relu = only_user(bn, "Activation")
+        if relu is not None and config[relu]["config"].get("activation") == "relu":
+            relus[relu] = name
+    folded = {**bns, **relus}
+    tensors: dict[str, Any] = {}
     inputs = None
     for name in _graph_order(model):
         layer = config[name]
+        cfg = dict(layer["config"])
         if layer["class_name"] == "InputLayer":
-            shape = layer["config"].get("batch_shape") or layer["config"].get("batch_input_shape")
+            shape = cfg.get("batch_shape") or cfg.get("batch_input_shape")
             inputs = tensors[name] = tfk.Input(shape=tuple(shape[1:]), dtype="float32", name=name)
             continue
+        (node,) = layer["inbound_nodes"]
         if name in folded:
             tensors[name] = tensors[folded[name]]
             continue
-        (node,) = layer["inbound_nodes"]
-        cfg = dict(layer["config"])
+        if layer["class_name"] == "Rescaling" and cfg.get("scale") == 1.0 and cfg.get("offset") == 0.0:
+            tensors[name] = wire_inputs(node["args"], tensors)[0]
+            continue
         if name in folded.values():
             cfg["use_bias"] = True
+            cfg["activation"] = "relu" if name in relus.values() else "linear"
         new = _tf_keras_layer(tfk, layer["class_name"], cfg)
-        tensors[name] = new(*wire(node["args"]), **wire(node["kwargs"]))
+        tensors[name] = new(*wire_inputs(node["args"], tensors), **wire_inputs(node["kwargs"], tensors))
     out = tfk.Model(inputs, tensors["probs"], name="derm_qat")
-    conv_bn = {conv: bn for bn, conv in folded.items()}
+    conv_bn = {conv: bn for bn, conv in bns.items()}
     for layer in model.layers:
         if not layer.weights or layer.name in folded:
             continue
@@ -150,39 +186,124 @@ def rebuild_in_tf_keras(model: Any) -> Any:
     return out
 
 
-def init_ranges(qat: Any, flat: Any, images: np.ndarray, batch_size: int = 8) -> int:
-    """Start every activation quantizer at the range the float model really produces on ``images``.
+def _consumers(flat: Any) -> dict[str, list[str]]:
+    out: dict[str, list[str]] = {}
+    for layer in flat.layers:
+        for node in layer.inbound_nodes:
+            for parent in node.inbound_layers if isinstance(node.inbound_layers, list) else [node.inbound_layers]:
+                out.setdefault(parent.name, []).append(layer.name)
+    return out
 
-    tfmot starts them at [-6, 6] and moves them by a 0.999 moving average, so a short fine-tune would quantize with
-    ranges far from the real ones (seen: top-1 agreement 0.2 after 2 steps). Returns how many ranges were set.
+
+def head_layers(flat: Any) -> set[str]:
+    """The global poolings and every layer downstream of them: the classifier's head."""
+    import tf_keras as tfk
+
+    users = _consumers(flat)
+    head: set[str] = set()
+    stack = [layer.name for layer in flat.layers if isinstance(layer, tfk.layers.GlobalAveragePooling2D)]
+    while stack:
+        name = stack.pop()
+        if name not in head:
+            head.add(name)
+            stack += users.get(name, [])
+    return head
+
+
+def quantize_model(flat: Any) -> Any:
+    """``quantize_apply`` with the head kept as the converter should see it (module docstring, step 3)."""
+    import tensorflow_model_optimization as tfmot
+    import tf_keras as tfk
+
+    q = tfmot.quantization.keras
+    head = head_layers(flat)
+
+    def annotate(layer: Any) -> Any:
+        if isinstance(layer, tfk.layers.InputLayer):
+            return layer
+        in_head = layer.name in head
+        if in_head and not isinstance(layer, (tfk.layers.GlobalAveragePooling2D, tfk.layers.Concatenate)):
+            return layer.__class__.from_config(layer.get_config())  # float: a fresh copy, weights copied below
+        if isinstance(layer, tfk.layers.Rescaling):  # an input scaling that could not be folded stays float
+            return layer.__class__.from_config(layer.get_config())
+        return q.quantize_annotate_layer(layer)
+
+    with q.quantize_scope():
+        qat = q.quantize_apply(tfk.models.clone_model(flat, clone_function=annotate))
+    for layer in flat.layers:
+        if layer.weights and layer.name in head:
+            qat.get_layer(layer.name).set_weights(layer.get_weights())
+    for layer in qat.layers:  # the int8 file holds every backbone kernel in int8: training must see them so
+        inner = getattr(layer, "layer", None)
+        if isinstance(inner, tfk.layers.Conv2D) and not any("kernel_min" in w.name for w in layer.weights):
+            raise ExportError(
+                f"tfmot left the kernel of {inner.name!r} unquantized ({type(layer.quantize_config).__name__}); "
+                f"the fine-tune would not see the int8 weights the file holds."
+            )
+    return qat
+
+
+def _node(model: Any, layer: Any) -> Any:
+    """``layer``'s node in ``model``'s own graph (cloning leaves layers with nodes in other graphs too)."""
+    found = [i for i in range(len(layer.inbound_nodes)) if f"{layer.name}_ib-{i}" in model._network_nodes]
+    return layer.inbound_nodes[found[0]]
+
+
+def layer_output(model: Any, layer: Any) -> Any:
+    return _node(model, layer).outputs
+
+
+def init_ranges(qat: Any, flat: Any, images: np.ndarray, batch_size: int = 8) -> dict[str, int]:
+    """Start every quantizer where the converter will quantize (module docstring, step 3).
+
+    tfmot starts activation ranges at [-6, 6] and kernel ranges at [-6, 6] per channel until a training step has
+    run, so a fake-quantized graph that is only converted, or fine-tuned with the ranges held, would quantize with
+    ranges far from the real ones. Returns how many kernel, activation and concatenation-shared ranges were set.
     """
     import tf_keras as tfk
 
-    targets = []  # (min variable, max variable, float tensor whose range it should cover)
+    users = _consumers(flat)
+
+    def concat_root(name: str) -> str:  # the outermost concatenation a tensor reaches through concatenations only
+        while len(users.get(name, [])) == 1 and isinstance(flat.get_layer(users[name][0]), tfk.layers.Concatenate):
+            name = users[name][0]
+        return name
+
+    counts = {"kernels": 0, "activations": 0, "shared_with_concat": 0}
+    targets: list[tuple[Any, Any, str | None]] = []  # (min, max, flat layer whose output it covers; None: the image)
     for layer in qat.layers:
-        mins = [v for v in layer.weights if v.name.endswith(("output_min:0", "quantize_layer_min:0"))]
-        maxs = [v for v in layer.weights if v.name.endswith(("output_max:0", "quantize_layer_max:0"))]
-        if len(mins) != 1 or len(maxs) != 1:
-            continue
-        if hasattr(layer, "layer"):  # QuantizeWrapper: the wrapped layer's output
-            tensor = flat.get_layer(layer.layer.name).output
-        else:  # the QuantizeLayer right after the input scaling
-            tensor = flat.get_layer(layer.inbound_nodes[0].inbound_layers.name).output
-        targets.append((mins[0], maxs[0], tensor))
-    if not targets:
-        return 0
-    probe = tfk.Model(flat.input, [t for _, _, t in targets])
-    lo = np.full(len(targets), np.inf)
-    hi = np.full(len(targets), -np.inf)
-    for i in range(0, len(images), batch_size):
-        outs = probe(images[i : i + batch_size], training=False)
-        for j, o in enumerate(outs):
+        weights = {w.name.split("/")[-1].split(":")[0]: w for w in layer.weights}
+        if "kernel_min" in weights:
+            kernel = weights["kernel"].numpy()
+            peak = np.abs(kernel).max(axis=tuple(range(kernel.ndim - 1)))
+            weights["kernel_min"].assign(-peak)
+            weights["kernel_max"].assign(peak)
+            counts["kernels"] += 1
+        for lo, hi in (("post_activation_min", "post_activation_max"), ("output_min", "output_max")):
+            if lo in weights:
+                root = concat_root(layer.layer.name)
+                counts["shared_with_concat"] += root != layer.layer.name
+                targets.append((weights[lo], weights[hi], root))
+        if "quantize_layer_min" in weights:  # the QuantizeLayer on the image (or an unfolded input scaling)
+            source = _node(qat, layer).inbound_layers
+            name = source.name if not isinstance(source, tfk.layers.InputLayer) else None
+            targets.append((weights["quantize_layer_min"], weights["quantize_layer_max"], name))
+    names = sorted({n for *_, n in targets if n is not None})
+    probe = tfk.Model(flat.input, [flat.get_layer(n).output for n in names])
+    lo = dict.fromkeys(names, np.inf)
+    hi = dict.fromkeys(names, -np.inf)
+    x = images.astype(np.float32)
+    for i in range(0, len(x), batch_size):
+        outs = probe(x[i : i + batch_size], training=False)
+        for n, o in zip(names, outs if len(names) > 1 else [outs], strict=True):
             o = np.asarray(o)
-            lo[j], hi[j] = min(lo[j], o.min()), max(hi[j], o.max())
-    for (vmin, vmax, _), a, b in zip(targets, lo, hi, strict=True):
-        vmin.assign(min(float(a), 0.0))  # int8 ranges must contain 0
-        vmax.assign(max(float(b), 0.0))
-    return len(targets)
+            lo[n], hi[n] = min(lo[n], float(o.min())), max(hi[n], float(o.max()))
+    for vmin, vmax, n in targets:
+        a, b = (0.0, 255.0) if n is None else (lo[n], hi[n])  # the image is uint8: its range is exactly [0, 255]
+        vmin.assign(min(a, 0.0))  # int8 ranges must contain 0
+        vmax.assign(max(b, 0.0))
+        counts["activations"] += 1
+    return counts
 
 
 def _training_images(run: Path, size: int, limit: int | None, seed: int) -> np.ndarray:
@@ -197,51 +318,79 @@ def _training_images(run: Path, size: int, limit: int | None, seed: int) -> np.n
     return np.stack([preprocess(r["image"], size) for r in rows]).astype(np.float32)
 
 
-def qat_convert(run: Path, epochs: int, steps: int | None, seed: int, batch_size: int = 16, lr: float = 1e-5) -> bytes:
+def distil(qat: Any, teacher: Any, x: np.ndarray, epochs: int, batch_size: int, lr: float, seed: int) -> list[float]:
+    """Fine-tune the fake-quantized model towards the float model's probabilities (KL divergence), in inference mode:
+    the quantization ranges stay where ``init_ranges`` put them (tfmot would move them by a moving average, away from
+    what the file will use) and dropout is off. Returns the mean loss of each epoch."""
+    import tensorflow as tf
+    import tf_keras as tfk
+
+    targets = teacher.predict(x, batch_size=batch_size, verbose=0)
+    opt = tfk.optimizers.Adam(lr)
+    variables = qat.trainable_variables
+
+    @tf.function
+    def step(xb: Any, tb: Any) -> Any:
+        with tf.GradientTape() as tape:
+            p = qat(xb, training=False)
+            loss = tf.reduce_mean(tf.reduce_sum(tb * (tf.math.log(tb + 1e-8) - tf.math.log(p + 1e-8)), axis=-1))
+        grads = tape.gradient(loss, variables)
+        opt.apply_gradients([(g, v) for g, v in zip(grads, variables, strict=True) if g is not None])
+        return loss
+
+    rng = np.random.default_rng(seed)
+    losses = []
+    for epoch in range(epochs):
+        order = rng.permutation(len(x))
+        total, t0 = 0.0, time.perf_counter()
+        for i in range(0, len(x), batch_size):
+            idx = np.sort(order[i : i + batch_size])
+            total += float(step(x[idx], targets[idx])) * len(idx)
+        losses.append(total / len(x))
+        print(f"epoch {epoch + 1}/{epochs}: KL {losses[-1]:.5f} ({time.perf_counter() - t0:.0f} s)", file=sys.stderr)
+    return losses
+
+
+def qat_convert(
+    run: Path,
+    model_file: Path,
+    calibration: np.ndarray,
+    epochs: int,
+    steps: int | None,
+    seed: int,
+    batch_size: int = 16,
+    lr: float = 1e-5,
+) -> tuple[bytes, dict[str, Any]]:
     """Everything in the child process: rebuild, quantize, fine-tune, wrap in the export graph, convert."""
     import keras
     import tensorflow as tf
-    import tensorflow_model_optimization as tfmot
     import tf_keras as tfk
 
     from derm.exporter.graph import output_specs
     from derm.trainer.evaluate import load_partition
 
+    t0 = time.perf_counter()
     tf.keras.utils.set_random_seed(seed)
-    k3 = keras.models.load_model(run / "model.keras", compile=False)
+    k3 = keras.models.load_model(model_file, compile=False)
     _, part = load_partition(run)
     size = int(k3.input_shape[1])
     flat = rebuild_in_tf_keras(k3)
-    q = tfmot.quantization.keras
-
-    def annotate(layer: Any) -> Any:  # the input scaling stays float (tfmot has no int8 Rescaling); all else int8
-        return (
-            layer
-            if isinstance(layer, (tfk.layers.InputLayer, tfk.layers.Rescaling))
-            else q.quantize_annotate_layer(layer)
-        )
-
-    with q.quantize_scope():
-        qat = q.quantize_apply(tfk.models.clone_model(flat, clone_function=annotate))
-    x = _training_images(run, size, steps * batch_size if steps else None, seed)
-    drift = float(np.abs(flat.predict(x[:8], verbose=0) - k3.predict(x[:8], verbose=0)).max())
+    probe = calibration[:8].astype(np.float32)
+    drift = float(np.abs(flat.predict(probe, verbose=0) - k3.predict(probe, verbose=0)).max())
     if drift > 1e-3:
-        raise ExportError(f"The tf-keras rebuild (batch norms folded) differs from the model by {drift:.2g}.")
-    init_ranges(qat, flat, x[:64])
-    # Distil from the float model: the aim is the float model's answers in int8, not new ones from the labels.
-    teacher = flat.predict(x, batch_size=batch_size, verbose=0)
-    for layer in qat.layers:  # batch norms keep their statistics: a short fine-tune on small batches would spoil them
-        inner = getattr(layer, "layer", layer)
-        if isinstance(inner, tfk.layers.BatchNormalization):
-            inner.trainable = False
-    qat.compile(optimizer=tfk.optimizers.Adam(lr), loss="categorical_crossentropy")
-    qat.fit(x, teacher, batch_size=batch_size, epochs=epochs, shuffle=True, verbose=2)
+        raise ExportError(f"The tf-keras rebuild (batch norms and ReLUs folded) differs from the model by {drift:.2g}.")
+    qat = quantize_model(flat)
+    ranges = init_ranges(qat, flat, calibration)
+    losses: list[float] = []
+    n_train = 0
+    if steps != 0 and epochs > 0:
+        x = _training_images(run, size, steps * batch_size if steps else None, seed)
+        n_train = len(x)
+        losses = distil(qat, flat, x, epochs, batch_size, lr, seed)
 
     specs = output_specs(part)
     image = tfk.Input(shape=(size, size, 3), dtype="uint8", name="image")
-    probs_layer = next(layer for layer in qat.layers if layer.name.endswith("probs"))
-    logits_layer = next(layer for layer in qat.layers if layer.name.endswith("logits"))
-    inner = tfk.Model(qat.input, [probs_layer.output, logits_layer.output])
+    inner = tfk.Model(qat.input, [layer_output(qat, qat.get_layer(n)) for n in ("probs", "logits")])
     probs, logits = inner(tfk.layers.Lambda(lambda t: tf.cast(t, tf.float32), name="to_float")(image))
     outputs, frozen = {}, []
 
@@ -269,23 +418,40 @@ def qat_convert(run: Path, epochs: int, steps: int | None, seed: int, batch_size
             raise ExportError(f"The aggregation layer {dense.name!r} changed or became trainable during QAT.")
     conv = tf.lite.TFLiteConverter.from_keras_model(export)
     conv.optimizations = [tf.lite.Optimize.DEFAULT]
-    return conv.convert()
+    buf = conv.convert()
+    info = {
+        "epochs": epochs if n_train else 0,
+        "images": n_train,
+        "batch_size": batch_size,
+        "learning_rate": lr,
+        "loss": "KL divergence to the float model's probabilities",
+        "kl_per_epoch": [round(v, 6) for v in losses],
+        "ranges": ranges,
+        "calibration_images": len(calibration),
+        "seconds": round(time.perf_counter() - t0, 1),
+    }
+    return buf, info
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description="Quantization-aware training child process of derm-export.")
     ap.add_argument("--run", required=True)
+    ap.add_argument("--model", required=True, help="the classifier prepared for int8 (.keras)")
+    ap.add_argument("--calibration", required=True, help="calibration images (.npy, uint8 N x s x s x 3)")
     ap.add_argument("--out", required=True)
-    ap.add_argument("--levels", default="")
+    ap.add_argument("--info", required=True, help="where to write the summary (JSON)")
     ap.add_argument("--epochs", type=int, default=1)
-    ap.add_argument("--steps", type=int, default=None)
+    ap.add_argument("--steps", type=int, default=None, help="steps per epoch (0: convert without fine-tuning)")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
     if os.environ.get("TF_USE_LEGACY_KERAS") != "1":
         print("derm.exporter.qat needs TF_USE_LEGACY_KERAS=1 (set by derm-export).", file=sys.stderr)
         return 2
-    buf = qat_convert(Path(args.run), args.epochs, args.steps, args.seed)
+    buf, info = qat_convert(
+        Path(args.run), Path(args.model), np.load(args.calibration), args.epochs, args.steps, args.seed
+    )
     Path(args.out).write_bytes(buf)
+    Path(args.info).write_text(json.dumps(info))
     print(json.dumps({"bytes": len(buf)}))
     return 0
 

@@ -78,8 +78,8 @@ TARGETS: dict[str, Target] = {
             {"fp32": _FLOAT32, "fp16": _FLOAT16, "dynamic": _INT8, "int8": _INT8, "qat": _INT8},
             default_quantize="int8",
             needs_calibration=("int8", "qat"),
-            rounds_weights=("int8", "dynamic"),
-            equalizes=("int8",),
+            rounds_weights=("int8", "dynamic", "qat"),
+            equalizes=("int8", "qat"),
         ),
         Target(
             "onnx",

@@ -212,6 +212,14 @@ def test_quantization_aware_training_end_to_end(small_run, tmp_path, monkeypatch
     cfg = ExportConfig(run=str(run), quantize="qat", out=str(tmp_path / "q.tflite"), qat_steps=2, force=True)
     result = export(cfg)
     assert result.quantize == "qat" and result.manifest["export"]["quantize"] == "qat"
+    qat = result.manifest["export"]["qat"]
+    assert qat["images"] == 2 * 16 and len(qat["kl_per_epoch"]) == 1  # 2 steps of 16 images, one epoch
+    import keras
+
+    layers = keras.models.load_model(run / "model.keras", compile=False).layers
+    convs = [la for la in layers if isinstance(la, keras.layers.Conv2D)]
+    assert qat["ranges"]["kernels"] == len(convs) > 0  # every kernel fake-quantized (tfmot had dropped them)
+    assert result.manifest["export"]["weight_rounding"]["method"] == "gptq"  # QAT starts from the PTQ preparation
     assert result.size_bytes < 30e6  # int8 weights (float32 would be ~87 MB)
     assert {r.metric for r in result.parity} >= {"max_abs", "top1"}  # measured (thresholds: see the benchmark)
     _, part = load_partition(run)
