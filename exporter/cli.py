@@ -66,7 +66,7 @@ def export_command(
         ),
     ] = "gptq",
     rounding_images: Annotated[
-        int, typer.Option(help="Calibration images GPTQ and activation equalization measure layers on.")
+        int, typer.Option(help="Calibration images GPTQ measures layers on (equalization uses them all).")
     ] = 64,
     equalize: Annotated[
         bool,

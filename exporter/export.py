@@ -67,7 +67,7 @@ class ExportConfig:
     qat_epochs: int = 1  # quantization-aware fine-tuning (quantize="qat")
     qat_steps: int | None = None
     weight_rounding: str = "gptq"  # int8 weights (see derm.exporter.rounding): "gptq" or "nearest" (the converters')
-    rounding_images: int = DEFAULT_ROUNDING_IMAGES  # calibration images GPTQ and equalization measure layers on
+    rounding_images: int = DEFAULT_ROUNDING_IMAGES  # calibration images GPTQ measures layers on
     equalize: bool = True  # full-integer int8: equalize ReLU channels first (see derm.exporter.equalize)
     equalize_alpha: float = DEFAULT_ALPHA
     float_head: bool = True  # TFLite int8: keep the head (pooling onward) in float32
@@ -354,7 +354,8 @@ def export(cfg: ExportConfig) -> ExportResult:
         if quantize == "qat" or rounds or equalizes:
             prepared = _int8_ready_classifier(
                 run,
-                cal_images[: cfg.rounding_images],
+                cal_images,
+                cfg.rounding_images,
                 manifest,
                 alpha=cfg.equalize_alpha if equalizes else None,
                 rounds=rounds,
@@ -419,14 +420,17 @@ def export(cfg: ExportConfig) -> ExportResult:
 def _int8_ready_classifier(
     run: Path,
     images: np.ndarray,
+    rounding_images: int,
     manifest: dict[str, Any],
     alpha: float | None,
     rounds: bool,
     fold: bool = False,
 ) -> Any:
     """A second copy of the run's classifier prepared for int8: input scaling folded into the first convolution (when
-    ``fold`` or ``alpha`` is given) and ReLU channels equalized (when ``alpha`` is given), then weights GPTQ-rounded
-    onto the int8 grid (when ``rounds``); the manifest records each. The parity reference stays the run's own model."""
+    ``fold`` or ``alpha`` is given) and ReLU channels equalized (when ``alpha`` is given) on all the calibration
+    ``images`` (the converter's ranges come from the same images), then weights GPTQ-rounded onto the int8 grid on the
+    first ``rounding_images`` (when ``rounds``); the manifest records each. The parity reference stays the run's
+    own model."""
     from derm.exporter.equalize import equalize, fold_input_scaling
     from derm.exporter.rounding import round_weights, summary
     from derm.trainer.evaluate import load_run
@@ -442,8 +446,13 @@ def _int8_ready_classifier(
         manifest["export"]["input_scaling_folded"] = folded
     if rounds:
         t0 = time.perf_counter()
-        rows = round_weights(model, x, "gptq")
-        info = {"method": "gptq", "images": len(x), **summary(rows), "seconds": round(time.perf_counter() - t0, 1)}
+        rows = round_weights(model, x[:rounding_images], "gptq")
+        info = {
+            "method": "gptq",
+            "images": len(x[:rounding_images]),
+            **summary(rows),
+            "seconds": round(time.perf_counter() - t0, 1),
+        }
         manifest["export"]["weight_rounding"] = info
         log.info("Weight rounding: %s", info)
     return model
