@@ -48,7 +48,7 @@ from typing import Any
 
 import numpy as np
 
-from derm.exporter.graph import ExportError
+from derm.exporter.graph import ExportError, downstream
 
 QAT_ENV = "DERM_QAT_PYTHON"
 _DROP = ("_initializer", "_regularizer", "_constraint")
@@ -186,28 +186,35 @@ def rebuild_in_tf_keras(model: Any) -> Any:
     return out
 
 
+def _parents(layer: Any) -> list[str]:
+    """Names of the layers feeding ``layer`` (a flat tf-keras model's layers have one node each)."""
+    return [
+        p.name
+        for node in layer.inbound_nodes
+        for p in (node.inbound_layers if isinstance(node.inbound_layers, list) else [node.inbound_layers])
+    ]
+
+
 def _consumers(flat: Any) -> dict[str, list[str]]:
     out: dict[str, list[str]] = {}
     for layer in flat.layers:
-        for node in layer.inbound_nodes:
-            for parent in node.inbound_layers if isinstance(node.inbound_layers, list) else [node.inbound_layers]:
-                out.setdefault(parent.name, []).append(layer.name)
+        for parent in _parents(layer):
+            out.setdefault(parent, []).append(layer.name)
     return out
 
 
 def head_layers(flat: Any) -> set[str]:
-    """The global poolings and every layer downstream of them: the classifier's head."""
+    """The global poolings and every layer downstream of them: the classifier's head (``model.layers`` is in
+    topological order)."""
     import tf_keras as tfk
 
-    users = _consumers(flat)
-    head: set[str] = set()
-    stack = [layer.name for layer in flat.layers if isinstance(layer, tfk.layers.GlobalAveragePooling2D)]
-    while stack:
-        name = stack.pop()
-        if name not in head:
-            head.add(name)
-            stack += users.get(name, [])
-    return head
+    found = downstream(
+        flat.layers,
+        start=lambda la: isinstance(la, tfk.layers.GlobalAveragePooling2D),
+        inputs=_parents,
+        outputs=lambda la: [la.name],
+    )
+    return {layer.name for layer in found}
 
 
 def quantize_model(flat: Any) -> Any:
@@ -247,10 +254,6 @@ def _node(model: Any, layer: Any) -> Any:
     """``layer``'s node in ``model``'s own graph (cloning leaves layers with nodes in other graphs too)."""
     found = [i for i in range(len(layer.inbound_nodes)) if f"{layer.name}_ib-{i}" in model._network_nodes]
     return layer.inbound_nodes[found[0]]
-
-
-def layer_output(model: Any, layer: Any) -> Any:
-    return _node(model, layer).outputs
 
 
 def init_ranges(qat: Any, flat: Any, images: np.ndarray, batch_size: int = 8) -> dict[str, int]:
@@ -390,7 +393,7 @@ def qat_convert(
 
     specs = output_specs(part)
     image = tfk.Input(shape=(size, size, 3), dtype="uint8", name="image")
-    inner = tfk.Model(qat.input, [layer_output(qat, qat.get_layer(n)) for n in ("probs", "logits")])
+    inner = tfk.Model(qat.input, [_node(qat, qat.get_layer(n)).outputs for n in ("probs", "logits")])
     probs, logits = inner(tfk.layers.Lambda(lambda t: tf.cast(t, tf.float32), name="to_float")(image))
     outputs, frozen = {}, []
 
