@@ -21,6 +21,7 @@ x86, dot-product on ARM): the results say which CPU they come from.
 from __future__ import annotations
 
 import argparse
+import csv
 import dataclasses
 import json
 import logging
@@ -139,7 +140,12 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--run", default="runs/bench/ham_cv/fold_0", help="derm-train run directory")
     ap.add_argument("--out", default="runs/bench/export", help="where the exported files go")
-    ap.add_argument("--validation-size", type=int, default=500, help="held-out images compared")
+    ap.add_argument(
+        "--validation-size",
+        type=int,
+        default=None,
+        help="held-out images compared (default: all of the run's test fold)",
+    )
     ap.add_argument("--calibration-size", type=int, default=300)
     ap.add_argument("--repeats", type=int, default=30, help="timed invokes per latency figure")
     ap.add_argument("--only", default="", help="comma-separated target:quantize pairs (default: all)")
@@ -160,6 +166,9 @@ def main(argv: list[str] | None = None) -> int:
     run = Path(args.run)
     model, _, _, cfg = load_run(run)
     size = int(model.input_shape[1])
+    if args.validation_size is None:  # the whole held-out fold: top-1 agreement over 500 images is +-0.01 by chance
+        with open(run / "split.csv", newline="", encoding="utf-8") as f:
+            args.validation_size = sum(r["role"] == "test" for r in csv.DictReader(f)) or 500
     wanted = {tuple(x.split(":")) for x in args.only.split(",") if x}
     results: list[dict[str, Any]] = []
     cal_cfg = ExportConfig(run=str(run), calibration_size=args.calibration_size)
@@ -244,8 +253,9 @@ def markdown(report: dict[str, Any]) -> str:
         "single-image invokes on this machine's CPU, against the plain export of the same Keras model.",
         "",
         "| file | int8 preparation | convert s | MB | max abs (3 / 9) | mean abs (3 / 9) | top-1 (3 / 9) "
-        "| MvN AUC diff | parity ok | ms 1 thr (plain) | ms 2 thr (plain) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| images that differ, 3 / 9 (top-1 95% interval) | MvN AUC diff | parity ok | ms 1 thr (plain) "
+        "| ms 2 thr (plain) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in report["results"]:
         p = {(x["output"], x["metric"]): x["value"] for x in r["parity"]}
@@ -255,6 +265,15 @@ def markdown(report: dict[str, Any]) -> str:
             return " / ".join("-" if v is None else format(v, fmt) for v in vals)
 
         aucd = p.get(("task_melanoma_vs_nevus", "auc_diff"))
+        top1 = {x["output"]: x for x in r["parity"] if x["metric"] == "top1"}
+
+        def differ(level: str, top1: dict = top1) -> str:
+            x = top1.get(f"probs_{level}")
+            if not x or not x.get("interval"):
+                return "-"
+            lo, hi = x["interval"]
+            return f"{x['n'] - round(x['value'] * x['n'])} ({lo:.3f}-{hi:.3f})"
+
         lat = r.get("latency_ms") or {}
 
         def ms(t: str, lat: dict = lat) -> str:
@@ -268,6 +287,7 @@ def markdown(report: dict[str, Any]) -> str:
             f"| {r['target']} {r['quantize']} | {_preparation(r)} | {r['seconds'].get('convert', 0):.0f} | "
             f"{r['size_mb']:.1f} | "
             f"{pair('max_abs', '.4f')} | {pair('mean_abs', '.5f')} | {pair('top1', '.3f')} | "
+            f"{differ('three')} / {differ('nine')} | "
             f"{'-' if aucd is None else format(aucd, '.4f')} | {ok} | {ms('1')} | {ms('2')} |"
         )
     t = report["issue_targets"]

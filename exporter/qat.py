@@ -6,7 +6,7 @@ trainer saves Keras 3 models, and it pins an absl-py that mediapipe (the metadat
 own process and, usually, its own environment (the ``[qat]`` extra; ``DERM_QAT_PYTHON`` names its interpreter):
 
 1. the parent prepares the model as for post-training int8 (input scaling folded into the first convolution, ReLU
-   channels equalized, kernels GPTQ-rounded: see ``export._int8_ready_classifier``) and hands it over as a file;
+   channels equalized, kernels GPTQ-rounded: see ``export.int8_ready_classifier``) and hands it over as a file;
 2. the child rebuilds it layer by layer in tf-keras with each Conv2D -> BatchNormalization -> ReLU folded into one
    biased Conv2D with a ReLU activation, as the TFLite converter fuses them. The fusion is not cosmetic: given a
    separate ReLU layer, tfmot's ``LayerReluActivationQuantize`` transform gives the convolution a

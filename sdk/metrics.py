@@ -25,6 +25,7 @@ __all__ = [
     "mean_per_class_accuracy",
     "multiclass_metrics",
     "operating_point",
+    "proportion_interval",
     "roc_curve",
     "sensitivity_at_specificity",
     "specificity_at_sensitivity",
@@ -147,6 +148,29 @@ def mean_per_class_accuracy(y_true: Any, y_pred: Any, n_classes: int) -> tuple[f
     recalls[present] = np.diag(cm)[present] / support[present]
     mean = float(recalls[present].mean()) if present.any() else math.nan
     return mean, recalls
+
+
+def proportion_interval(successes: int, n: int, confidence: float = 0.95) -> tuple[float, float]:
+    """Wilson score interval for a proportion ``successes / n`` (e.g. top-1 agreement over ``n`` images).
+
+    Unlike the normal approximation it stays inside [0, 1] and is not degenerate at 0 or ``n`` successes; with
+    ``n == 0`` it is ``(0, 1)``.
+    """
+    if n < 0 or not 0 <= successes <= n:
+        raise ValueError(f"Need 0 <= successes <= n, received successes={successes!r}, n={n!r}.")
+    confidence = _fraction(confidence, "confidence")
+    if confidence in (0.0, 1.0):
+        raise ValueError(f"confidence must lie strictly between 0 and 1, received {confidence!r}.")
+    if n == 0:
+        return 0.0, 1.0
+    from statistics import NormalDist
+
+    z = NormalDist().inv_cdf(0.5 + confidence / 2)
+    p = successes / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    lo, hi = max(0.0, centre - half), min(1.0, centre + half)
+    return (0.0 if successes == 0 else lo), (1.0 if successes == n else hi)  # exact ends, not 1 - 1e-16
 
 
 def accuracy(y_true: Any, y_pred: Any) -> float:

@@ -145,3 +145,29 @@ def small_export(small_run) -> dict:
         "images": images,
         "reference": reference,
     }
+
+
+@pytest.fixture(scope="session")
+def small_int8(small_run, tmp_path_factory) -> dict:
+    """The small run exported by derm-export as TFLite int8 (defaults: equalized, GPTQ on 12 of 24 calibration
+    images, float head; ``force``: parity is not what is tested), with the calibration images and the same
+    preparation of the Keras model again (fold, equalization on all 24 images, GPTQ on the first 12)."""
+    pytest.importorskip("mediapipe")
+    import dataclasses
+
+    import numpy as np
+
+    from derm.exporter.export import ExportConfig, calibration_rows, export, int8_ready_classifier, load_images
+
+    _, run = small_run
+    cfg = ExportConfig(
+        run=str(run),
+        out=str(tmp_path_factory.mktemp("small_int8") / "m.tflite"),
+        rounding_images=12,
+        calibration_size=24,
+        validation_size=8,
+    )
+    result = export(dataclasses.replace(cfg, force=True))
+    images = load_images([r["image"] for r in calibration_rows(cfg)[0]], SMALL_SIZE, "calibration")
+    prepared = int8_ready_classifier(run, images.astype(np.float32), 12, {"export": {}}, alpha=0.5, rounds=True)
+    return {"result": result, "config": cfg, "images": images, "prepared": prepared}

@@ -165,7 +165,7 @@ def test_parity_failure_leaves_nothing_unless_forced(small_run, tmp_path, monkey
 
 
 def test_parity_table_measures_what_it_says():
-    from derm.exporter.export import parity
+    from derm.exporter.export import format_parity, parity
     from derm.exporter.graph import output_specs
     from derm.exporter.targets import Parity
     from derm.partition import partition
@@ -178,7 +178,7 @@ def test_parity_table_measures_what_it_says():
     p = rng.dirichlet(np.ones(3), size=40)
     ref = {"probs_three": p, "task_melanoma_vs_nevus": p[:, :1]}
     moved = p.copy()
-    moved[0] = moved[0][::-1]  # one image's probabilities reversed
+    moved[0] = np.roll(moved[0], 1)  # one image's probabilities rotated: its top class changes
     got = {"probs_three": moved, "task_melanoma_vs_nevus": p[:, :1] + 0.01}
     nodes = ["melanocytic_nevus"] * 20 + ["malignant_melanoma"] * 20
     rows = {(r.output, r.metric): r for r in parity(ref, got, specs, Parity(0.5, 0.01, 0.99, 1e-6), tax, nodes)}
@@ -187,6 +187,11 @@ def test_parity_table_measures_what_it_says():
     assert rows["probs_three", "mean_abs"].value == pytest.approx(diff.mean())
     top1 = (p.argmax(1) == moved.argmax(1)).mean()
     assert rows["probs_three", "top1"].value == pytest.approx(top1) and rows["probs_three", "top1"].ok == (top1 >= 0.99)
+    # with its sample size and 95% interval: one image in 40 leaves the agreement anywhere from about 0.87 to 1
+    assert rows["probs_three", "top1"].n == 40
+    lo, hi = rows["probs_three", "top1"].interval
+    assert lo < top1 <= hi and hi - lo > 0.1
+    assert top1 == 39 / 40 and "1 of 40 images differ" in format_parity(list(rows.values()))
     assert rows["task_melanoma_vs_nevus", "auc_diff"].value == pytest.approx(0.0, abs=1e-12)  # a shift keeps ranks
     assert rows["task_melanoma_vs_nevus", "auc_diff"].ok
 

@@ -297,3 +297,24 @@ def test_no_heavy_imports():
 
     code = "import sys, derm.metrics; sys.exit(any(k.split('.')[0] in ('sklearn', 'tensorflow') for k in sys.modules))"
     assert subprocess.run([sys.executable, "-c", code], timeout=60).returncode == 0
+
+
+@pytest.mark.parametrize(("k", "n"), [(490, 500), (1990, 2003), (0, 12), (12, 12), (1, 3)])
+def test_proportion_interval_matches_scipys_wilson(k, n):
+    from scipy.stats import binomtest
+
+    want = binomtest(k, n).proportion_ci(confidence_level=0.95, method="wilson")
+    lo, hi = m.proportion_interval(k, n)
+    assert lo == pytest.approx(want.low, abs=1e-12) and hi == pytest.approx(want.high, abs=1e-12)
+    assert lo <= k / n <= hi
+
+
+def test_proportion_interval_narrows_with_more_images_and_rejects_bad_counts():
+    lo500, hi500 = m.proportion_interval(490, 500)
+    lo2000, hi2000 = m.proportion_interval(1960, 2000)
+    assert hi2000 - lo2000 < 0.6 * (hi500 - lo500)
+    assert m.proportion_interval(0, 0) == (0.0, 1.0)
+    with pytest.raises(ValueError, match="successes=5, n=4"):
+        m.proportion_interval(5, 4)
+    with pytest.raises(ValueError, match="strictly between 0 and 1"):
+        m.proportion_interval(1, 4, confidence=1.0)

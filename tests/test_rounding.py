@@ -3,8 +3,6 @@ int8 file keeps of it."""
 
 from __future__ import annotations
 
-import dataclasses
-
 import numpy as np
 import pytest
 
@@ -47,23 +45,15 @@ def test_round_weights_rejects_unknown_methods_and_empty_images(small_export):
         round_weights(small_export["model"], small_export["images"][:0])
 
 
-def test_export_int8_keeps_the_gptq_weights_and_a_float_head(small_run, tmp_path):
+def test_export_int8_keeps_the_gptq_weights_and_a_float_head(small_int8):
     """derm-export int8 (defaults: equalized, GPTQ, float head): every convolution of the file holds exactly the
     integers GPTQ chose (the converter's own rounding changes nothing), the head runs in float32, and the manifest
     says so."""
     from ai_edge_litert.interpreter import Interpreter
 
-    from derm.exporter.equalize import equalize, fold_input_scaling
-    from derm.exporter.export import ExportConfig, calibration_rows, export, load_images
-    from derm.exporter.rounding import grid, round_weights
-    from derm.trainer.evaluate import load_run
-    from tests.conftest import SMALL_SIZE
+    from derm.exporter.rounding import grid
 
-    _, run = small_run
-    cfg = ExportConfig(
-        run=str(run), out=str(tmp_path / "m.tflite"), rounding_images=12, calibration_size=24, validation_size=8
-    )
-    result = export(dataclasses.replace(cfg, force=True))
+    result = small_int8["result"]
     info = result.manifest["export"]
     assert info["quantize"] == "int8" and info["float_head"] is True
     assert info["weight_rounding"]["method"] == "gptq" and info["weight_rounding"]["images"] == 12
@@ -72,11 +62,7 @@ def test_export_int8_keeps_the_gptq_weights_and_a_float_head(small_run, tmp_path
     assert info["equalization"]["input_scaling_folded"] is True
 
     # the same equalization (all 24 images of the seeded calibration draw) and rounding (its first 12) again
-    model, *_ = load_run(run)
-    images = load_images([r["image"] for r in calibration_rows(cfg)[0]], SMALL_SIZE, "calibration")
-    fold_input_scaling(model)
-    equalize(model, images.astype(np.float32))
-    round_weights(model, images[:12].astype(np.float32))
+    model = small_int8["prepared"]
     interp = Interpreter(model_path=result.path)
     interp.allocate_tensors()
     filters: dict[tuple[int, ...], list[np.ndarray]] = {}

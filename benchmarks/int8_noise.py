@@ -1,0 +1,174 @@
+"""Where the int8 file's difference from the float model comes from: weights or activations, and which blocks.
+
+For a derm-train run (default: the HAM10000 fold-0 model of the trainer benchmark), the int8 preparation of
+``derm-export`` (input scaling folded, ReLU channels equalized, weights GPTQ-rounded; :mod:`derm.exporter.export`)
+is simulated in Keras with :mod:`derm.exporter.int8sim` on held-out images, rounding one thing at a time:
+
+- the weights alone (the GPTQ integers, float activations), the activations alone (float weights), both;
+- the activations of one part of Inception-v3 alone (the stem's first convolution, the rest of the stem, the 35x35,
+  17x17 and 8x8 blocks), float everywhere else.
+
+Each row gives the mean absolute difference of the 3-way and 9-way probabilities and the root mean square of the
+9-way difference, whose square roughly adds up over independent sources (its "share" column); with ``--file``
+the exported int8 file's own difference on the same images is measured beside them.
+
+    python -m derm.benchmarks.int8_noise --file runs/bench/export/model-int8.tflite
+
+writes ``benchmarks/results/int8_noise.json`` and ``int8_noise.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from derm._util import atomic_write
+
+RESULTS = Path(__file__).resolve().parent / "results"
+log = logging.getLogger("derm.benchmarks.int8_noise")
+
+# parts of Inception-v3, by the block each ReLU belongs to (derm.exporter.int8sim.blocks)
+PARTS = {
+    "stem: first convolution": None,  # filled in: the first ReLU alone
+    "stem: the other four convolutions": ["stem"],
+    "35x35 blocks (mixed0-2)": ["mixed0", "mixed1", "mixed2"],
+    "17x17 blocks (mixed3-7)": ["mixed3", "mixed4", "mixed5", "mixed6", "mixed7"],
+    "8x8 blocks (mixed8-10)": ["mixed8", "mixed9", "mixed10"],
+}
+
+
+def _test_images(run: Path, n: int, seed: int) -> list[str]:
+    with open(run / "split.csv", newline="", encoding="utf-8") as f:
+        paths = [r["image"] for r in csv.DictReader(f) if r["role"] == "test"]
+    if len(paths) > n:
+        idx = np.sort(np.random.default_rng(seed).choice(len(paths), n, replace=False))
+        paths = [paths[i] for i in idx]
+    return paths
+
+
+def differences(ref: np.ndarray, got: np.ndarray, matrices: dict[str, np.ndarray]) -> dict[str, float]:
+    """Mean absolute difference and top-1 agreement of each level's probabilities, and the 9-way rms difference."""
+    out: dict[str, float] = {}
+    for level, m in matrices.items():
+        a, b = ref @ m, got @ m
+        out[f"mean_abs_{level}"] = float(np.abs(a - b).mean())
+        out[f"top1_{level}"] = float((a.argmax(1) == b.argmax(1)).mean())
+        out[f"rms_{level}"] = float(np.sqrt(((a - b) ** 2).mean()))
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--run", default="runs/bench/ham_cv/fold_0", help="derm-train run directory")
+    ap.add_argument("--images", type=int, default=500, help="held-out (test fold) images, a seeded sample")
+    ap.add_argument("--calibration-size", type=int, default=300)
+    ap.add_argument("--rounding-images", type=int, default=64)
+    ap.add_argument("--file", default=None, help="the exported int8 .tflite of the same run, measured beside")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--results", default=str(RESULTS))
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+
+    from derm.exporter import int8sim
+    from derm.exporter.export import ExportConfig, calibration_rows, int8_ready_classifier, load_images
+    from derm.exporter.graph import output_specs
+    from derm.trainer.evaluate import load_run
+
+    t0 = time.perf_counter()
+    run = Path(args.run)
+    model, _, part, cfg = load_run(run)
+    size = int(model.input_shape[1])
+    matrices = {s.name.removeprefix("probs_"): s.matrix for s in output_specs(part) if s.kind == "level"}
+    cal_rows, _ = calibration_rows(ExportConfig(run=str(run), calibration_size=args.calibration_size))
+    cal = load_images([r["image"] for r in cal_rows], size, "calibration").astype(np.float32)
+    paths = _test_images(run, args.images, args.seed)
+    images = load_images(paths, size, "held-out")
+    ref = model.predict(images.astype(np.float32), batch_size=16, verbose=0)
+
+    def prepared(rounds: bool) -> Any:  # derm-export's int8 preparation (fold, equalize, GPTQ when rounds)
+        return int8_ready_classifier(run, cal, args.rounding_images, {"export": {}}, alpha=0.5, rounds=rounds)
+
+    rows: list[dict[str, Any]] = []
+
+    def measure(name: str, m: Any, ranges: dict | None, only: list[str] | None = None) -> None:
+        t = time.perf_counter()
+        (got,) = int8sim.simulate(m, images, ranges, only)
+        rows.append({"rounded": name, **differences(ref, got, matrices), "seconds": time.perf_counter() - t})
+        log.info("%s: %s", name, rows[-1])
+
+    rounded = prepared(rounds=True)
+    measure("weights only (GPTQ integers, float activations)", rounded, None)
+    measure("weights and activations (the int8 file, simulated)", rounded, int8sim.activation_ranges(rounded, cal))
+    del rounded
+    floats = prepared(rounds=False)
+    ranges = int8sim.activation_ranges(floats, cal)
+    measure("activations only (float weights)", floats, ranges)
+    block_of = int8sim.blocks(floats)
+    first = next(name for name in block_of if block_of[name] == "stem")
+    for part_name, wanted in PARTS.items():
+        relus = [first] if wanted is None else [n for n, b in block_of.items() if b in wanted and n != first]
+        measure(f"activations of {part_name} only ({len(relus)} ReLUs)", floats, ranges, relus)
+    if args.file:
+        from derm.exporter.tflite import TFLiteRunner
+
+        got = TFLiteRunner(args.file)(images)["training_probs"]
+        rows.append(
+            {"rounded": f"the exported file {Path(args.file).name} (ai-edge-litert)", **differences(ref, got, matrices)}
+        )
+    whole = next(r for r in rows if r["rounded"].startswith("activations only"))["rms_nine"]
+    for r in rows:
+        r["share_of_activation_rms2"] = (r["rms_nine"] / whole) ** 2 if whole else None
+    report = {
+        "command": "python -m derm.benchmarks.int8_noise "
+        + " ".join(argv if argv is not None else __import__("sys").argv[1:]),
+        "run": str(run),
+        "weights": cfg.get("weights"),
+        "input_size": size,
+        "images": len(images),
+        "calibration_images": len(cal),
+        "rounding_images": args.rounding_images,
+        "seconds": time.perf_counter() - t0,
+        "rows": rows,
+    }
+    out = Path(args.results)
+    with atomic_write(out / "int8_noise.json") as f:
+        json.dump(report, f, indent=1)
+    with atomic_write(out / "int8_noise.md") as f:
+        f.write(markdown(report))
+    print(markdown(report))
+    return 0
+
+
+def markdown(report: dict[str, Any]) -> str:
+    lines = [
+        f"# Where int8's difference comes from: {report['run']} ({report['weights']}, "
+        f"{report['input_size']}x{report['input_size']})",
+        "",
+        f"{report['images']} held-out images (test fold, seeded sample) against the float Keras model. The int8 "
+        f"preparation is derm-export's (input scaling folded, equalized on {report['calibration_images']} calibration "
+        f"images, GPTQ on {report['rounding_images']}); roundings simulated in Keras (derm.exporter.int8sim), one "
+        "source at a time. Share: the row's squared 9-way rms difference over that of all activations (independent "
+        "sources add up roughly in squares).",
+        "",
+        "| rounded | mean abs 3 / 9 | top-1 3 / 9 | rms 9 | share |",
+        "|---|---|---|---|---|",
+    ]
+    for r in report["rows"]:
+        share = r.get("share_of_activation_rms2")
+        lines.append(
+            f"| {r['rounded']} | {r['mean_abs_three']:.5f} / {r['mean_abs_nine']:.5f} | "
+            f"{r['top1_three']:.3f} / {r['top1_nine']:.3f} | {r['rms_nine']:.5f} | "
+            f"{'-' if share is None else format(share, '.2f')} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
