@@ -67,6 +67,23 @@ def test_both_backends_give_the_manifest_and_agree(files):
     np.testing.assert_allclose([list(p.levels["nine"].values()) for p in pb], raw["probs_nine"], atol=1e-6)
 
 
+def test_run_takes_batches_larger_than_one_runtime_call(files, monkeypatch):
+    """Classifier.run slices a large batch for onnxruntime (which holds every intermediate of a whole batch) and
+    gives the same rows as image-by-image calls."""
+    from derm import classifier
+    from derm.preprocess import preprocess
+
+    _, onx, images = files
+    monkeypatch.setattr(classifier, "BATCH", 4)
+    clf = classifier.Classifier.load(onx, threads=1)
+    batch = np.stack([preprocess(p, SMALL_SIZE) for p in images] * 2)  # 12 images: slices of 4, 4, 4
+    got = clf.run(batch)
+    one = [clf.run(batch[i : i + 1]) for i in range(len(batch))]
+    for name, value in got.items():
+        assert value.shape[0] == len(batch)
+        np.testing.assert_allclose(value, np.concatenate([o[name] for o in one]), atol=1e-6)
+
+
 def test_every_kind_of_input_gives_the_same_answer(files):
     from PIL import Image
 
