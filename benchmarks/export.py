@@ -21,12 +21,12 @@ x86, dot-product on ARM): the results say which CPU they come from.
 from __future__ import annotations
 
 import argparse
-import csv
 import dataclasses
 import json
 import logging
 import os
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -159,16 +159,16 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
 
-    from derm.exporter.export import ExportConfig, calibration_rows, export, load_images
+    from derm.exporter.export import ExportConfig, calibration_rows, export, load_images, validation_rows
     from derm.exporter.targets import TARGETS
     from derm.trainer.evaluate import load_run
 
     run = Path(args.run)
-    model, _, _, cfg = load_run(run)
+    model, tax, _, cfg = load_run(run)
     size = int(model.input_shape[1])
     if args.validation_size is None:  # the whole held-out fold: top-1 agreement over 500 images is +-0.01 by chance
-        with open(run / "split.csv", newline="", encoding="utf-8") as f:
-            args.validation_size = sum(r["role"] == "test" for r in csv.DictReader(f)) or 500
+        every = ExportConfig(run=str(run), validation_size=sys.maxsize)
+        args.validation_size = len(validation_rows(every, tax)[0])
     wanted = {tuple(x.split(":")) for x in args.only.split(",") if x}
     results: list[dict[str, Any]] = []
     cal_cfg = ExportConfig(run=str(run), calibration_size=args.calibration_size)

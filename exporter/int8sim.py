@@ -19,14 +19,13 @@ from the float model have the file's size, not its exact values (``tests/test_in
 
 from __future__ import annotations
 
-from collections import Counter
 from collections.abc import Iterable
 from typing import Any
 
 import numpy as np
 
 from derm.exporter.equalize import _Graph, _is_relu, _kind
-from derm.exporter.rounding import graph_nodes
+from derm.exporter.rounding import run_graph
 
 LEVELS = 255  # steps of an 8-bit grid
 
@@ -97,19 +96,10 @@ def _run(model: Any, x: np.ndarray, ranges: dict[str, tuple[float, float]]) -> l
     import keras
     import tensorflow as tf
 
-    nodes = graph_nodes(model)
-    uses: Counter[int] = Counter(id(t) for node in nodes for t in node.input_tensors)
-    for t in model.outputs:
-        uses[id(t)] += 1
-    (inp,) = model.inputs
-    values: dict[int, Any] = {id(inp): tf.constant(x)}
     grids: dict[int, tuple[float, float]] = {}  # tensor -> the range of the grid its values lie on
-    for node in nodes:
-        args, kwargs = node.arguments.fill_in(values)
+
+    def rounded(node: Any, out: Any) -> Any:
         layer = node.operation
-        if getattr(layer, "_call_has_training_arg", False):
-            kwargs["training"] = False
-        out = layer(*args, **kwargs)
         before = [grids.get(id(t)) for t in node.input_tensors]
         grid = None
         if layer.name in ranges:
@@ -120,15 +110,11 @@ def _run(model: Any, x: np.ndarray, ranges: dict[str, tuple[float, float]]) -> l
             out = fake_quant(out, *grid)
         elif _kind(layer) in ("MaxPooling2D", "Concatenate") and before and all(g is not None for g in before):
             grid = before[0]  # exact: max pooling picks values on the grid; concatenation inputs share it
-        for t, v in zip(node.outputs, keras.tree.flatten(out), strict=True):
-            values[id(t)] = v
-            if grid is not None:
-                grids[id(t)] = grid
-        for t in node.input_tensors:
-            uses[id(t)] -= 1
-            if uses[id(t)] <= 0:
-                values.pop(id(t), None)
-    return [keras.ops.convert_to_numpy(values[id(t)]) for t in model.outputs]
+        if grid is not None:
+            grids.update(dict.fromkeys((id(t) for t in node.outputs), grid))
+        return out
+
+    return [keras.ops.convert_to_numpy(v) for v in run_graph(model, tf.constant(x), after=rounded)]
 
 
 def blocks(model: Any) -> dict[str, str]:

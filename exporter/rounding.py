@@ -20,7 +20,7 @@ same scale and its own rounding changes nothing (tested on converted TFLite file
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -146,7 +146,11 @@ def round_weights(model: Any, images: np.ndarray, method: str = "gptq") -> list[
     done: list[LayerRounding] = []
     progress = iter(track(range(len(convs)), "Rounding weights (GPTQ)", total=len(convs)))
 
+    hooked = {id(c) for c in convs}
+
     def before(layer: Any, inputs: Any) -> None:
+        if id(layer) not in hooked:
+            return
         kernel, *rest = layer.get_weights()
         h = _hessian(layer, inputs)
         w = kernel.reshape(-1, kernel.shape[-1]).T
@@ -158,7 +162,7 @@ def round_weights(model: Any, images: np.ndarray, method: str = "gptq") -> list[
         done.append(LayerRounding(layer.name, tuple(kernel.shape), ratio))
         next(progress, None)
 
-    _run_layer_by_layer(model, np.asarray(images, np.float32), {id(c) for c in convs}, before)
+    run_graph(model, np.asarray(images, np.float32), before)
     next(progress, None)  # finish the bar
     return done
 
@@ -173,9 +177,15 @@ def graph_nodes(model: Any) -> list[Any]:
     ]
 
 
-def _run_layer_by_layer(model: Any, x: np.ndarray, hooked: set[int], before: Any) -> None:
-    """Execute the functional ``model`` on ``x`` node by node in graph order, calling ``before(layer, input)`` ahead
-    of every hooked layer, and freeing each intermediate tensor once its last consumer has run.
+def run_graph(
+    model: Any,
+    x: Any,
+    before: Callable[[Any, Any], None] | None = None,
+    after: Callable[[Any, Any], Any] | None = None,
+) -> list[Any]:
+    """Execute the functional ``model`` on ``x`` node by node in graph order and return its outputs, freeing each
+    intermediate tensor once its last consumer has run. ``before(layer, input)`` is called ahead of every layer;
+    ``after(node, outputs)`` may replace a node's outputs (what it returns is what the consumers see).
 
     (Keras' own ``Functional._run_through_graph`` keeps every intermediate tensor: tens of GB for Inception-v3 on a
     64-image batch.)
@@ -193,17 +203,20 @@ def _run_layer_by_layer(model: Any, x: np.ndarray, hooked: set[int], before: Any
             continue
         args, kwargs = node.arguments.fill_in(values)
         layer = node.operation
-        if id(layer) in hooked:
+        if before is not None:
             before(layer, args[0])
         if getattr(layer, "_call_has_training_arg", False):
             kwargs["training"] = False
         outputs = layer(*args, **kwargs)
+        if after is not None:
+            outputs = after(node, outputs)
         for t, v in zip(node.outputs, keras.tree.flatten(outputs), strict=True):
             values[id(t)] = v
         for t in node.input_tensors:
             uses[id(t)] -= 1
             if uses[id(t)] <= 0:
                 values.pop(id(t), None)
+    return [values[id(t)] for t in model.outputs]
 
 
 def summary(rows: Iterable[LayerRounding]) -> dict[str, Any]:
