@@ -272,7 +272,7 @@ def markdown(report: dict[str, Any]) -> str:
             if not x or not x.get("interval"):
                 return "-"
             lo, hi = x["interval"]
-            return f"{x['n'] - round(x['value'] * x['n'])} ({lo:.3f}-{hi:.3f})"
+            return f"{x['differ']} ({lo:.3f}-{hi:.3f})"
 
         lat = r.get("latency_ms") or {}
 

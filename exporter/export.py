@@ -82,6 +82,7 @@ class ParityRow:
     ok: bool
     n: int = 0  # images compared
     interval: tuple[float, float] | None = None  # top1: 95% Wilson interval of the agreement over these images
+    differ: int | None = None  # top1: images whose top class differs
 
 
 @dataclass
@@ -228,6 +229,7 @@ def parity(
                     agree >= thresholds.top1,
                     len(ref),
                     proportion_interval(same, len(ref)),
+                    len(ref) - same,
                 )
             )
         elif s.kind == "task":
@@ -251,8 +253,7 @@ def format_parity(rows: Sequence[ParityRow]) -> str:
         sign = ">=" if r.metric == "top1" else "<="
         note = ""
         if r.metric == "top1" and r.interval is not None:
-            differ = r.n - round(r.value * r.n)
-            note = f"{differ} of {r.n} images differ; 95% interval {r.interval[0]:.3f}-{r.interval[1]:.3f}"
+            note = f"{r.differ} of {r.n} images differ; 95% interval {r.interval[0]:.3f}-{r.interval[1]:.3f}"
         ok = "yes" if r.ok else "NO"
         lines.append(f"{r.output:<44} {r.metric:<9} {r.value:>9.5f} {sign}{r.threshold:>7.4g}  {ok:<4} {note}")
     return "\n".join(line.rstrip() for line in lines)

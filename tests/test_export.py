@@ -188,7 +188,7 @@ def test_parity_table_measures_what_it_says():
     top1 = (p.argmax(1) == moved.argmax(1)).mean()
     assert rows["probs_three", "top1"].value == pytest.approx(top1) and rows["probs_three", "top1"].ok == (top1 >= 0.99)
     # with its sample size and 95% interval: one image in 40 leaves the agreement anywhere from about 0.87 to 1
-    assert rows["probs_three", "top1"].n == 40
+    assert rows["probs_three", "top1"].n == 40 and rows["probs_three", "top1"].differ == 1
     lo, hi = rows["probs_three", "top1"].interval
     assert lo < top1 <= hi and hi - lo > 0.1
     assert top1 == 39 / 40 and "1 of 40 images differ" in format_parity(list(rows.values()))
