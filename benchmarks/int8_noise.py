@@ -20,7 +20,6 @@ writes ``benchmarks/results/int8_noise.json`` and ``int8_noise.md``.
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import logging
 import time
@@ -44,15 +43,6 @@ PARTS = {
 }
 
 
-def _test_images(run: Path, n: int, seed: int) -> list[str]:
-    with open(run / "split.csv", newline="", encoding="utf-8") as f:
-        paths = [r["image"] for r in csv.DictReader(f) if r["role"] == "test"]
-    if len(paths) > n:
-        idx = np.sort(np.random.default_rng(seed).choice(len(paths), n, replace=False))
-        paths = [paths[i] for i in idx]
-    return paths
-
-
 def differences(ref: np.ndarray, got: np.ndarray, matrices: dict[str, np.ndarray]) -> dict[str, float]:
     """Mean absolute difference and top-1 agreement of each level's probabilities, and the 9-way rms difference."""
     out: dict[str, float] = {}
@@ -67,7 +57,7 @@ def differences(ref: np.ndarray, got: np.ndarray, matrices: dict[str, np.ndarray
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--run", default="runs/bench/ham_cv/fold_0", help="derm-train run directory")
-    ap.add_argument("--images", type=int, default=500, help="held-out (test fold) images, a seeded sample")
+    ap.add_argument("--images", type=int, default=500, help="held-out images (test fold), derm-export's seeded sample")
     ap.add_argument("--calibration-size", type=int, default=300)
     ap.add_argument("--rounding-images", type=int, default=64)
     ap.add_argument("--file", default=None, help="the exported int8 .tflite of the same run, measured beside")
@@ -77,18 +67,25 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
 
     from derm.exporter import int8sim
-    from derm.exporter.export import ExportConfig, calibration_rows, int8_ready_classifier, load_images
+    from derm.exporter.export import (
+        ExportConfig,
+        calibration_rows,
+        int8_ready_classifier,
+        load_images,
+        validation_rows,
+    )
     from derm.exporter.graph import output_specs
     from derm.trainer.evaluate import load_run
 
     t0 = time.perf_counter()
     run = Path(args.run)
-    model, _, part, cfg = load_run(run)
+    model, tax, part, cfg = load_run(run)
     size = int(model.input_shape[1])
     matrices = {s.name.removeprefix("probs_"): s.matrix for s in output_specs(part) if s.kind == "level"}
     cal_rows, _ = calibration_rows(ExportConfig(run=str(run), calibration_size=args.calibration_size))
     cal = load_images([r["image"] for r in cal_rows], size, "calibration").astype(np.float32)
-    paths = _test_images(run, args.images, args.seed)
+    # the held-out images derm-export itself would compare on with --validation-size IMAGES (its seeded sample)
+    paths, _, source = validation_rows(ExportConfig(run=str(run), validation_size=args.images, seed=args.seed), tax)
     images = load_images(paths, size, "held-out")
     ref = model.predict(images.astype(np.float32), batch_size=16, verbose=0)
 
@@ -132,6 +129,7 @@ def main(argv: list[str] | None = None) -> int:
         "weights": cfg.get("weights"),
         "input_size": size,
         "images": len(images),
+        "source": source,
         "calibration_images": len(cal),
         "rounding_images": args.rounding_images,
         "seconds": time.perf_counter() - t0,
@@ -151,7 +149,8 @@ def markdown(report: dict[str, Any]) -> str:
         f"# Where int8's difference comes from: {report['run']} ({report['weights']}, "
         f"{report['input_size']}x{report['input_size']})",
         "",
-        f"{report['images']} held-out images (test fold, seeded sample) against the float Keras model. The int8 "
+        f"{report['images']} held-out images ({report['source']}, derm-export's seeded sample) against the float Keras "
+        "model. The int8 "
         f"preparation is derm-export's (input scaling folded, equalized on {report['calibration_images']} calibration "
         f"images, GPTQ on {report['rounding_images']}); roundings simulated in Keras (derm.exporter.int8sim), one "
         "source at a time. Share: the row's squared 9-way rms difference over that of all activations (independent "
