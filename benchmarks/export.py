@@ -35,6 +35,7 @@ from typing import Any
 import numpy as np
 
 from derm._util import atomic_write
+from derm.exporter.export import DEFAULT_CALIBRATION
 
 RESULTS = Path(__file__).resolve().parent / "results"
 log = logging.getLogger("derm.benchmarks.export")
@@ -146,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="held-out images compared (default: all of the run's test fold)",
     )
-    ap.add_argument("--calibration-size", type=int, default=300)
+    ap.add_argument("--calibration-size", type=int, default=DEFAULT_CALIBRATION)
     ap.add_argument("--repeats", type=int, default=30, help="timed invokes per latency figure")
     ap.add_argument("--only", default="", help="comma-separated target:quantize pairs (default: all)")
     ap.add_argument(

@@ -29,6 +29,8 @@ from typing import Any
 import numpy as np
 
 from derm._util import atomic_write
+from derm.exporter.equalize import DEFAULT_ALPHA
+from derm.exporter.export import DEFAULT_CALIBRATION, DEFAULT_ROUNDING_IMAGES
 
 RESULTS = Path(__file__).resolve().parent / "results"
 log = logging.getLogger("derm.benchmarks.int8_noise")
@@ -58,8 +60,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--run", default="runs/bench/ham_cv/fold_0", help="derm-train run directory")
     ap.add_argument("--images", type=int, default=500, help="held-out images (test fold), derm-export's seeded sample")
-    ap.add_argument("--calibration-size", type=int, default=300)
-    ap.add_argument("--rounding-images", type=int, default=64)
+    ap.add_argument("--calibration-size", type=int, default=DEFAULT_CALIBRATION)
+    ap.add_argument("--rounding-images", type=int, default=DEFAULT_ROUNDING_IMAGES)
     ap.add_argument("--file", default=None, help="the exported int8 .tflite of the same run, measured beside")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--results", default=str(RESULTS))
@@ -90,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     ref = model.predict(images.astype(np.float32), batch_size=16, verbose=0)
 
     def prepared(rounds: bool) -> Any:  # derm-export's int8 preparation (fold, equalize, GPTQ when rounds)
-        return int8_ready_classifier(run, cal, args.rounding_images, {"export": {}}, alpha=0.5, rounds=rounds)
+        return int8_ready_classifier(run, cal, args.rounding_images, {"export": {}}, alpha=DEFAULT_ALPHA, rounds=rounds)
 
     rows: list[dict[str, Any]] = []
 

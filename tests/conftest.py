@@ -157,6 +157,7 @@ def small_int8(small_run, tmp_path_factory) -> dict:
 
     import numpy as np
 
+    from derm.exporter.equalize import DEFAULT_ALPHA
     from derm.exporter.export import ExportConfig, calibration_rows, export, int8_ready_classifier, load_images
 
     _, run = small_run
@@ -169,5 +170,7 @@ def small_int8(small_run, tmp_path_factory) -> dict:
     )
     result = export(dataclasses.replace(cfg, force=True))
     images = load_images([r["image"] for r in calibration_rows(cfg)[0]], SMALL_SIZE, "calibration")
-    prepared = int8_ready_classifier(run, images.astype(np.float32), 12, {"export": {}}, alpha=0.5, rounds=True)
+    prepared = int8_ready_classifier(
+        run, images.astype(np.float32), 12, {"export": {}}, alpha=DEFAULT_ALPHA, rounds=True
+    )
     return {"result": result, "config": cfg, "images": images, "prepared": prepared}
