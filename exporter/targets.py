@@ -27,17 +27,32 @@ class RunnerUnavailable(RuntimeError):
 
 @dataclass(frozen=True)
 class Parity:
-    """How close an exported file's inference-class probabilities must stay to the Keras model's.
+    """What an exported file must keep of its float Keras model, judged on the validation images.
 
-    ``max_abs``/``mean_abs``: absolute differences over every probability of every inference level; ``top1``: the
-    fraction of images whose most likely class agrees, per level; ``auc``: absolute AUC difference on each binary
-    task whose labels the validation images have.
+    Fidelity (any images, labelled or not), per inference level:
+
+    - ``max_abs`` / ``mean_abs``: absolute differences over every probability; the mean is the steady measure of how
+      much noise a quantization adds; the max catches a file broken on a few images;
+    - ``top1``: agreement of the most likely class. Judged on the **upper end of its 95% Wilson interval**: the file
+      fails only when the images show its agreement is below the bar. A faithful int8 file flips near-ties (the
+      float model's top two classes within a few percent), so its agreement on 2,000 images is about 0.98-0.99;
+      a degraded one (e.g. the converter's nearest rounding with an int8 head) falls to 0.95.
+
+    Accuracy (labelled images only), the float model minus the file, with a paired bootstrap 95% interval:
+
+    - ``auc``: loss of AUC on each binary task;
+    - ``mpca``: loss of mean per-class accuracy on each level the labels reach.
+
+    Each fails only when the **lower end** of its interval exceeds the allowed loss, i.e. when the labelled images
+    show the file is worse than allowed; with few labelled images (a task with 15 positives) one swapped pair is not
+    evidence, and the table says how many examples each line rests on.
     """
 
     max_abs: float
     mean_abs: float
     top1: float
     auc: float
+    mpca: float
 
 
 @dataclass(frozen=True)
@@ -61,11 +76,19 @@ class Target:
         return importlib.import_module(self.module)
 
 
-# Float files must agree almost exactly; float16 keeps the AUC within 0.001 and int8 within 0.005 (issue #4's
-# targets), with at least 99% top-1 agreement. Dynamic range quantizes weights only, so it is held to int8's bar.
-_FLOAT32 = Parity(max_abs=1e-4, mean_abs=1e-5, top1=1.0, auc=1e-4)
-_FLOAT16 = Parity(max_abs=2e-2, mean_abs=2e-3, top1=0.99, auc=1e-3)
-_INT8 = Parity(max_abs=0.35, mean_abs=0.03, top1=0.99, auc=5e-3)
+# The thresholds, and why (the one place they are set; README "Export" explains them for users):
+# - float32 must agree almost exactly: any flipped class is a conversion bug.
+# - float16 keeps the AUC within 0.001 and 99% top-1 agreement (issue #4's targets); it rounds weights only.
+# - int8 (and dynamic range, which quantizes weights only but is held to the same bar) keeps the AUC within 0.005
+#   (issue #4) and mean per-class accuracy within 0.01. Its top-1 bar is 0.98 on the interval's upper end: on the
+#   HAM10000 benchmark model (2,003 test images) the faithful int8 file agrees 0.986 / 0.981 (3 / 9-way; 95% intervals
+#   0.980-0.990 / 0.974-0.986) with accuracy and AUC equal to the float model's, while the converter's defaults
+#   (nearest rounding, int8 head) agree 0.978 / 0.946 with 3x its mean difference. mean_abs 0.02 sits between the
+#   faithful file's 0.004-0.008 and a badly calibrated file's; max_abs 0.35 lets a near-tie image move but not a
+#   confident one flip outright.
+_FLOAT32 = Parity(max_abs=1e-4, mean_abs=1e-5, top1=1.0, auc=1e-4, mpca=1e-4)
+_FLOAT16 = Parity(max_abs=2e-2, mean_abs=2e-3, top1=0.99, auc=1e-3, mpca=0.005)
+_INT8 = Parity(max_abs=0.35, mean_abs=0.02, top1=0.98, auc=5e-3, mpca=0.01)
 
 TARGETS: dict[str, Target] = {
     t.name: t
