@@ -314,3 +314,36 @@ def test_within_labels_refuses_nested_labels(ham_csv, tmp_path):
         w.writerows({"image": str(ham_csv.parent / r["image"]), "label": r["label"]} for r in rows)
     with pytest.raises(TrainError, match=r"'basal_cell_carcinoma' lies under 'malignant_epidermal'.*max-class-size"):
         prepare(TrainConfig(data=str(path), out=str(tmp_path / "o"), within="labels"))
+
+
+def test_source_weights_weigh_a_source_within_the_class_weights(bottleneck_run, small_csv, tmp_path):
+    """--source-weight: phone photos among dermoscopy get more weight per image, on top of the class balance; the
+    head trains with them (from the cache), and bad values are refused with what was received."""
+    import dataclasses
+
+    from derm.trainer.train import TrainConfig, TrainError, prepare, sample_weights, train
+
+    rows = _rows(small_csv)
+    data = tmp_path / "sources.csv"
+    with open(data, "w", newline="", encoding="utf-8") as f:
+        w = csv.DictWriter(f, fieldnames=[*rows[0], "source"])
+        w.writeheader()
+        w.writerows({**r, "source": "phone" if i % 4 == 0 else "dermoscopy"} for i, r in enumerate(rows))
+    cfg, _ = bottleneck_run
+    cfg = dataclasses.replace(cfg, data=str(data), out=str(tmp_path / "w"), head_epochs=2, source_weights={"phone": 5})
+    prep = prepare(cfg)
+    tr = prep.indices("train")
+    w = sample_weights(cfg, prep, tr)
+    plain = sample_weights(dataclasses.replace(cfg, source_weights=None), prep, tr)
+    assert w is not None and plain is not None and w.mean() == pytest.approx(1.0)
+    phone = np.asarray([prep.dataset.extras["source"][i] == "phone" for i in tr])
+    ratio = (w / plain)[phone] / (w / plain)[~phone].mean()
+    np.testing.assert_allclose(ratio, 5.0, rtol=1e-5)  # same class, five times the weight
+    run = train(cfg)
+    assert json.loads((run / "config.json").read_text())["source_weights"] == {"phone": 5}
+    with pytest.raises(TrainError, match=r"no row's 'source' holds.*\['tablet'\]"):
+        sample_weights(dataclasses.replace(cfg, source_weights={"tablet": 2.0}), prep, tr)
+    with pytest.raises(TrainError, match=r"source_weights must be .* received \{'phone': -1\}"):
+        TrainConfig.from_dict({"data": "x", "out": "y", "source_weights": {"phone": -1}})
+    with pytest.raises(TrainError, match="not implemented for mode='finetune'"):
+        TrainConfig.from_dict({"data": "x", "out": "y", "mode": "finetune", "source_weights": {"phone": 2}})

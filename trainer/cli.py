@@ -12,6 +12,7 @@ import typer
 
 from derm._cli import cli_app
 from derm.errors import DermError
+from derm.trainer.reference import reference_app
 from derm.trainer.weights import weights_app
 
 app = cli_app(
@@ -19,6 +20,7 @@ app = cli_app(
     "Train the skin-lesion classifier (Esteva et al. 2017 recipe). A research aid, not a diagnostic device.",
 )
 app.add_typer(weights_app, name="weights")
+app.add_typer(reference_app, name="reference")
 
 
 @app.callback()
@@ -82,7 +84,33 @@ STRATEGY = Annotated[str | None, _opt("tf.distribute strategy: auto, default, mi
 HOLDOUT = Annotated[
     str | None, _opt("Fixed test set: rows whose COLUMN equals VALUE (e.g. split=validation).", "--holdout")
 ]
+SOURCE_WEIGHT = Annotated[
+    list[str] | None,
+    _opt(
+        "VALUE=WEIGHT: weigh the training images whose --source-column is VALUE (repeat for several), e.g. "
+        "pad_ufes20=8 for phone photos among dermoscopy.",
+        "--source-weight",
+    ),
+]
+SOURCE_COLUMN = Annotated[str | None, _opt("Column --source-weight reads [source].", "--source-column")]
 OVERWRITE = Annotated[bool, typer.Option("--overwrite", help="Replace an existing run directory.")]
+
+
+def _source_weights(items: list[str] | None) -> dict[str, float] | None:
+    if not items:
+        return None
+    out = {}
+    for item in items:
+        value, sep, weight = item.rpartition("=")
+        try:
+            out[value] = float(weight)
+        except ValueError:
+            sep = ""
+        if not sep or not value:
+            from derm.trainer.train import TrainError
+
+            raise TrainError(f"--source-weight takes VALUE=WEIGHT (e.g. pad_ufes20=8), received {item!r}.")
+    return out
 
 
 def _run(fn: Any, *args: Any) -> Any:
@@ -119,11 +147,14 @@ def train_command(
     feature_cache: CACHE = None,
     strategy: STRATEGY = None,
     holdout: HOLDOUT = None,
+    source_weight: SOURCE_WEIGHT = None,
+    source_column: SOURCE_COLUMN = None,
     overwrite: OVERWRITE = False,
 ) -> None:
     """Train one model into a run directory (model.keras, taxonomy, partition, preprocessing, config, metrics)."""
-    given = {k: v for k, v in locals().items() if k != "config"}
+    given = {k: v for k, v in locals().items() if k not in ("config", "source_weight")}
     given["overwrite"] = overwrite or None
+    given["source_weights"] = _run(_source_weights, source_weight)
     from derm.evaluation import format_summary
     from derm.trainer.train import train
 
@@ -163,12 +194,15 @@ def cv_command(
     feature_cache: CACHE = None,
     strategy: STRATEGY = None,
     holdout: HOLDOUT = None,
+    source_weight: SOURCE_WEIGHT = None,
+    source_column: SOURCE_COLUMN = None,
     overwrite: OVERWRITE = False,
     folds: Annotated[int, typer.Option("--folds", help="Number of group-aware folds (the paper: 9).")] = 9,
 ) -> None:
     """k-fold cross-validation: OUT/fold_K runs (each tested on its held-out fold) and OUT/cv.md."""
-    given = {k: v for k, v in locals().items() if k not in ("config", "folds")}
+    given = {k: v for k, v in locals().items() if k not in ("config", "folds", "source_weight")}
     given["overwrite"] = overwrite or None
+    given["source_weights"] = _run(_source_weights, source_weight)
     from derm.trainer.train import cross_validate
 
     if folds < 2:

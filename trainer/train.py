@@ -75,6 +75,11 @@ class TrainConfig:
     dropout: float = 0.0
     batch_size: int = 32
     class_weighting: str = "balanced"
+    # per-image weight by the value of a column, multiplied into the class weights (bottleneck head only), e.g.
+    # {"pad_ufes20": 8.0} with source_column "source" so that 360 phone photos are not drowned by 12,000 dermoscopy
+    # images; values not listed weigh 1
+    source_weights: dict[str, float] | None = None
+    source_column: str = "source"
     seed: int = 0
     # bottleneck head
     views: int = 4  # augmented views per training image in the feature cache
@@ -166,6 +171,17 @@ class TrainConfig:
             raise TrainError("Give either holdout (a fixed test set) or folds/fold, not both.")
         if self.steps_per_epoch is not None and (not isinstance(self.steps_per_epoch, int) or self.steps_per_epoch < 1):
             raise bad("steps_per_epoch", "a positive integer or None")
+        if self.source_weights is not None:
+            if not isinstance(self.source_weights, dict) or not all(
+                isinstance(k, str) and isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0
+                for k, v in self.source_weights.items()
+            ):
+                raise bad("source_weights", f"a mapping of {self.source_column} values to positive weights")
+            if self.mode != "bottleneck" or self.unfreeze_top:
+                raise TrainError(
+                    "source_weights weigh the bottleneck head's training images; they are not implemented for "
+                    f"mode={self.mode!r} / unfreeze_top={self.unfreeze_top}. Leave them out there."
+                )
 
 
 def read_config_file(path: str | os.PathLike[str]) -> dict[str, Any]:
@@ -302,6 +318,30 @@ def _class_weights(targets: np.ndarray, num_classes: int, how: str) -> dict[int,
     return class_weights(targets, num_classes) if how == "balanced" else None
 
 
+def sample_weights(cfg: TrainConfig, prep: Prepared, idx: np.ndarray) -> np.ndarray | None:
+    """Per-image weights of the images ``idx``: class weight x source weight, scaled to mean 1 (None: unweighted)."""
+    y = prep.targets[idx]
+    cw = _class_weights(y, len(prep.partition.classes), cfg.class_weighting)
+    w = np.ones(len(idx)) if cw is None else np.asarray([cw[int(c)] for c in y])
+    if cfg.source_weights:
+        col = prep.dataset.extras.get(cfg.source_column)
+        if col is None:
+            raise TrainError(
+                f"source_weights need a {cfg.source_column!r} column in {cfg.data!r}; columns there: "
+                f"{sorted(prep.dataset.extras)}. Set source_column."
+            )
+        values = set(col)
+        unknown = sorted(set(cfg.source_weights) - values)
+        if unknown:
+            raise TrainError(
+                f"source_weights name {unknown}, which no row's {cfg.source_column!r} holds; values: {sorted(values)}."
+            )
+        w = w * np.asarray([cfg.source_weights.get(col[i], 1.0) for i in idx])
+    elif cw is None:
+        return None
+    return (w / w.mean()).astype(np.float32)
+
+
 def _json(path: Path, obj: Any) -> None:
     with atomic_write(path) as f:
         json.dump(obj, f, indent=2, sort_keys=False, default=_np_default)
@@ -361,9 +401,11 @@ def train_head(
     seed: int,
     history: EpochLog,
     on_epoch: Callable[[int], None] | None = None,
+    sample_weight: np.ndarray | None = None,
 ) -> Any:
     """Train the softmax head on cached features: epoch ``e`` uses view ``e mod views`` of every image. Keeps the
-    weights of the epoch with the best validation mean per-class accuracy (training classes)."""
+    weights of the epoch with the best validation mean per-class accuracy (training classes). ``sample_weight``
+    (per image, see :func:`sample_weights`) replaces ``class_weight`` when given."""
     import keras
 
     from derm.trainer.model import head_model
@@ -383,7 +425,8 @@ def train_head(
             batch_size=batch_size,
             epochs=epoch + 1,
             initial_epoch=epoch,
-            class_weight=class_weight,
+            class_weight=None if sample_weight is not None else class_weight,
+            sample_weight=sample_weight,
             shuffle=True,
             verbose=0,
         )
@@ -612,6 +655,7 @@ def train(cfg: TrainConfig | Mapping[str, Any]) -> Path:
             class_weight=_class_weights(prep.targets[tr], n_cls, cfg.class_weighting),
             seed=cfg.seed,
             history=history,
+            sample_weight=sample_weights(cfg, prep, tr) if cfg.source_weights else None,
         )
         timings["head_s"] = time.perf_counter() - t
         copy_head(head, model)
