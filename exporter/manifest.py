@@ -15,6 +15,8 @@ from pathlib import Path
 from typing import Any
 
 from derm._util import sha256_file
+from derm.aggregation import task_matrix
+from derm.classifier import CONDITION_THRESHOLD
 from derm.exporter.graph import ExportError, OutputSpec
 from derm.manifest import MANIFEST_FORMAT, MANIFEST_KEY  # the schema version the SDK checks; the metadata key
 from derm.partition import Partition
@@ -51,6 +53,16 @@ def operating_points(metrics: Mapping[str, Any]) -> dict[str, Any]:
     return {}
 
 
+def _names(tax: Any, node_ids: Sequence[str]) -> str:
+    """Node names as words in a sentence: "malignant melanoma", "a, b or c" (an initial capital lowered unless the
+    name starts with an acronym)."""
+    words = []
+    for nid in node_ids:
+        name = tax.nodes[nid].name
+        words.append(name[:1].lower() + name[1:] if name[1:2].islower() else name)
+    return words[0] if len(words) == 1 else f"{', '.join(words[:-1])} or {words[-1]}"
+
+
 def build_manifest(
     run_dir: str | Path,
     partition: Partition,
@@ -84,11 +96,21 @@ def build_manifest(
             entry["description"] = (
                 f"{task.name}: P(positive | positive or negative), the paper's conditional probability; one column"
             )
+            # the task's condition: the training classes under its positive / negative nodes (the columns of its
+            # aggregation matrix); the SDK and the apps sum their probabilities and show the task only where that sum
+            # reaches condition_threshold (a carcinoma photo gets no melanoma-vs-nevus number)
+            sides = s.matrix if s.matrix is not None else task_matrix(partition, task.id)
+            positive_name = _names(tax, task.positive)
             entry["task"] = {
                 "id": task.id,
                 "name": task.name,
                 "positive": list(task.positive),
                 "negative": list(task.negative),
+                "positive_classes": [c.label for c in partition.classes if sides[c.index, 1]],
+                "negative_classes": [c.label for c in partition.classes if sides[c.index, 0]],
+                "positive_name": positive_name,
+                "condition": f"{positive_name} or {_names(tax, task.negative)}",
+                "condition_threshold": CONDITION_THRESHOLD,
             }
         outputs.append(entry)
     return {

@@ -14,7 +14,7 @@ import os
 import platform
 from collections import deque
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +24,13 @@ from derm.manifest import ModelFileError, model_kind, read_manifest
 from derm.preprocess import ImageError, ImageSource, preprocess
 
 DEFAULT_OPERATING_POINT = "0.9"  # the manifest's threshold aiming at 90% sensitivity on the run's held-out images
+# A conditional task (e.g. P(melanoma | melanocytic lesion)) applies to an image only where the probability of its
+# condition (the sum of the training classes under its positive and negative nodes) is at least this. derm-export
+# writes it into each task's manifest entry ("condition_threshold"), so the apps read it from the file.
+CONDITION_THRESHOLD = 0.5
+DEFAULT_DISCLAIMER = (
+    "A research and triage aid, not a diagnostic device: it does not replace examination by a clinician."
+)
 
 
 @dataclass(frozen=True)
@@ -37,6 +44,7 @@ class Decision:
     operating_point: str  # the manifest's key (target sensitivity, e.g. "0.9") or "user"
     sensitivity: float | None = None  # measured on the run's held-out images (None for a user threshold)
     specificity: float | None = None
+    applies: bool = True  # False: the task's condition does not hold for this image; disregard ``positive``
 
 
 @dataclass(frozen=True)
@@ -46,6 +54,12 @@ class Prediction:
     tasks: dict[str, float]  # task id -> P(positive | positive or negative)
     top_classes: list[tuple[str, float]]  # most likely training classes
     decisions: dict[str, Decision] = field(default_factory=dict)
+    # task id -> P(the task's condition), e.g. P(melanocytic lesion) for melanoma_vs_nevus: the sum of the training
+    # probabilities over its positive and negative classes (absent for files whose manifest lacks those classes)
+    conditions: dict[str, float] = field(default_factory=dict)
+    # task id -> whether the task applies to this image (its condition's probability >= the manifest's
+    # condition_threshold); always True for files whose manifest does not say the task's condition
+    applies: dict[str, bool] = field(default_factory=dict)
 
     def top(self, level: str = "three") -> tuple[str, float]:
         probs = self.levels[level]
@@ -152,6 +166,10 @@ class Classifier:
         self.outputs = {o["name"]: o for o in self.manifest["outputs"]}
         self.levels = [o["name"].removeprefix("probs_") for o in self.manifest["outputs"] if o["kind"] == "level"]
         self.tasks = [o["task"]["id"] for o in self.manifest["outputs"] if o["kind"] == "task"]
+        self.task_info: dict[str, dict[str, Any]] = {
+            o["task"]["id"]: o["task"] for o in self.manifest["outputs"] if o["kind"] == "task"
+        }
+        self._condition_columns = self._read_conditions()
         if threshold is not None and not 0.0 <= float(threshold) <= 1.0:
             raise ValueError(f"threshold must be a probability in [0, 1], received {threshold!r}.")
         self.threshold = None if threshold is None else float(threshold)
@@ -164,6 +182,41 @@ class Classifier:
                         f"Operating point {operating_point!r} is not in the manifest for {task!r}; it has "
                         f"{', '.join(sorted(points))} (target sensitivities), or pass threshold=."
                     )
+
+    def _read_conditions(self) -> dict[str, np.ndarray]:
+        """Per task, the columns of ``training_probs`` forming its condition (its positive and negative classes);
+        tasks of files exported before the manifest named them are left out (they always apply)."""
+        training = self.outputs.get("training_probs")
+        if training is None:
+            return {}
+        labels = list(training["labels"])
+        columns = {}
+        for task, info in self.task_info.items():
+            if "positive_classes" not in info or "negative_classes" not in info:
+                continue
+            classes = [*info["positive_classes"], *info["negative_classes"]]
+            missing = [c for c in classes if c not in labels]
+            if missing:
+                raise ModelFileError(
+                    f"{str(self.path)!r}: the manifest's task {task!r} names training classes {missing} that its "
+                    "training_probs output lacks; the file is inconsistent. Re-export it with derm-export."
+                )
+            columns[task] = np.array([labels.index(c) for c in classes], dtype=np.int64)
+        return columns
+
+    @property
+    def disclaimer(self) -> str:
+        """The file's own disclaimer, or a plain default."""
+        return str(self.manifest.get("disclaimer") or DEFAULT_DISCLAIMER)
+
+    def condition_threshold(self, task: str) -> float:
+        """The least probability of a task's condition at which the task applies (the manifest's, else 0.5)."""
+        return float(self.task_info[task].get("condition_threshold", CONDITION_THRESHOLD))
+
+    def condition_name(self, task: str) -> str | None:
+        """A task's condition in words, e.g. "malignant melanoma or benign melanocytic lesions"; None for files
+        whose manifest does not say it."""
+        return self.task_info[task].get("condition")
 
     @classmethod
     def load(cls, path: str | os.PathLike[str], **kwargs: Any) -> Classifier:
@@ -261,22 +314,31 @@ class Classifier:
                 if o["kind"] == "task":
                     tasks[o["task"]["id"]] = float(np.asarray(out[o["name"]][i]).reshape(-1)[0])
             top: list[tuple[str, float]] = []
+            conditions: dict[str, float] = {}
             if training is not None:
                 p = np.asarray(out["training_probs"][i], dtype=np.float64)
                 order = np.argsort(-p)[: max(0, top_k)]
                 top = [(training["labels"][j], float(p[j])) for j in order]
-            results.append(Prediction(name, levels, tasks, top, {t: self.decide(t, q) for t, q in tasks.items()}))
+                conditions = {t: float(p[cols].sum()) for t, cols in self._condition_columns.items() if t in tasks}
+            applies = {t: t not in conditions or conditions[t] >= self.condition_threshold(t) for t in tasks}
+            decisions = {t: self.decide(t, q, applies=applies[t]) for t, q in tasks.items()}
+            results.append(Prediction(name, levels, tasks, top, decisions, conditions, applies))
         return results
 
-    def decide(self, task: str, probability: float) -> Decision:
-        """The call for one task's probability at this classifier's operating point (or user threshold)."""
+    def decide(self, task: str, probability: float, *, applies: bool = True) -> Decision:
+        """The call for one task's probability at this classifier's operating point (or user threshold).
+
+        ``applies=False`` (the image's condition probability is below the task's condition threshold) is carried
+        into the :class:`Decision`; the call is still computed, but means nothing for that image."""
         if self.threshold is not None:
-            return Decision(task, probability, self.threshold, probability >= self.threshold, "user")
+            return Decision(task, probability, self.threshold, probability >= self.threshold, "user", applies=applies)
         point = (
             self.manifest.get("operating_points", {}).get(task, {}).get("by_sensitivity", {}).get(self.operating_point)
         )
         if point is None:  # the run had no held-out labels for this task: the plain 0.5 rule, said so
-            return Decision(task, probability, 0.5, probability >= 0.5, "default 0.5 (no operating point in file)")
+            return Decision(
+                task, probability, 0.5, probability >= 0.5, "default 0.5 (no operating point in file)", applies=applies
+            )
         t = float(point["threshold"])
         return Decision(
             task,
@@ -286,7 +348,51 @@ class Classifier:
             self.operating_point,
             point.get("sensitivity"),
             point.get("specificity"),
+            applies,
         )
+
+    def explain(
+        self,
+        task: str,
+        probability: float,
+        condition: float | None = None,
+        *,
+        applies: bool | None = None,
+        positive: bool | None = None,
+    ) -> str:
+        """One line saying what a task's number means for an image, e.g. ``melanoma_vs_nevus: probability of
+        malignant melanoma if this is malignant melanoma or benign melanocytic lesions: 0.83, POSITIVE at the
+        90%-sensitivity operating point (...)``, or ``melanoma_vs_nevus: not applicable (P(...) 0.12)`` where the
+        task's condition does not hold.
+
+        ``condition``: the probability of the task's condition (None where the file does not say it: the task
+        applies); ``applies`` and ``positive``, when given, are taken as they are (e.g. read back from a CSV)
+        instead of being worked out again from ``condition`` and ``probability``."""
+        info = self.task_info[task]
+        name = info.get("condition")
+        if applies is None:
+            applies = condition is None or condition >= self.condition_threshold(task)
+        if not applies:
+            p_condition = f" {condition:.2f}" if condition is not None else ""
+            return f"{task}: not applicable (P({name or 'its condition'}){p_condition})"
+        d = self.decide(task, probability)
+        if positive is not None:
+            d = replace(d, positive=positive)
+        call = "POSITIVE" if d.positive else "negative"
+        if d.operating_point == "user":
+            at = f"at your threshold {d.threshold:.3f}"
+        elif d.sensitivity is None or d.specificity is None:
+            at = f"at the default threshold {d.threshold:.2f} (the file has no operating point for this task)"
+        else:
+            at = (
+                f"at the {float(d.operating_point):.0%}-sensitivity operating point (threshold {d.threshold:.3f}, "
+                f"sensitivity {d.sensitivity:.2f}, specificity {d.specificity:.2f} on held-out images)"
+            )
+        if name:
+            what = f"probability of {info.get('positive_name') or 'the positive side'} if this is {name}"
+        else:  # a file exported before the manifest said the condition: the task is always shown, as before
+            what = f"{info.get('name', task)}, conditional probability"
+        return f"{task}: {what}: {probability:.2f}, {call} {at}"
 
 
 def _op_key(value: str | float) -> str:

@@ -308,19 +308,14 @@ def classify(
     if as_json:
         typer.echo(json.dumps(pred.to_dict(), indent=1))
         return
-    typer.echo(f"{image}  (research aid, not a diagnosis)")
+    typer.echo(clf.disclaimer)
+    typer.echo(f"{image}")
     for level, probs in pred.levels.items():
         ranked = sorted(probs.items(), key=lambda kv: -kv[1])[:3]
         typer.echo(f"  {level:<6} " + ", ".join(f"{k} {v:.3f}" for k, v in ranked))
     for task, d in pred.decisions.items():
-        at = (
-            f"operating point {d.operating_point}: sensitivity {d.sensitivity:.2f}, specificity {d.specificity:.2f} "
-            "on the run's held-out images"
-            if d.sensitivity is not None
-            else d.operating_point
-        )
-        call = "POSITIVE" if d.positive else "negative"
-        typer.echo(f"  {task}: {d.probability:.3f} -> {call} at threshold {d.threshold:.3f} ({at})")
+        # a conditional task whose condition does not hold says "not applicable", with the condition's probability
+        typer.echo("  " + clf.explain(task, d.probability, pred.conditions.get(task), applies=d.applies))
     typer.echo("  top classes: " + ", ".join(f"{k} {v:.3f}" for k, v in pred.top_classes))
 
 
