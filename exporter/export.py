@@ -169,6 +169,7 @@ def calibration_rows(cfg: ExportConfig) -> tuple[list[dict[str, str]], str]:
         split = Path(cfg.run) / "split.csv"
         rows = [r for r in _rows_of(split, "image") if r.get("role") == "train"]
         source = f"{split} (role train)"
+        _images_here(rows, split, "--calibration")
     rows = _sample(rows, cfg.calibration_size, cfg.seed)
     if len(rows) < MIN_CALIBRATION:
         raise ExportError(
@@ -196,6 +197,7 @@ def validation_rows(cfg: ExportConfig, taxonomy: Taxonomy) -> tuple[list[str], l
         all_rows = _rows_of(split, "image")
         role = "test" if any(r.get("role") == "test" for r in all_rows) else "val"
         rows = [r for r in all_rows if r.get("role") == role]
+        _images_here(rows, split, "--validation")
         paths, nodes, source = [r["image"] for r in rows], [r.get("node") or None for r in rows], f"{split} ({role})"
     idx = list(range(len(paths)))
     if len(idx) > cfg.validation_size:
@@ -203,6 +205,16 @@ def validation_rows(cfg: ExportConfig, taxonomy: Taxonomy) -> tuple[list[str], l
     if not idx:
         raise ExportError(f"No validation images in {source}; pass --validation with a labelled CSV.")
     return [paths[i] for i in idx], [nodes[i] for i in idx], source
+
+
+def _images_here(rows: Sequence[Mapping[str, str]], split: Path, option: str) -> None:
+    """The run's own images are on another machine (a rebuilt reference model without ../shared): say what to pass."""
+    if rows and not any(Path(r["image"]).is_file() for r in rows[:50]):
+        raise ExportError(
+            f"The images {str(split)!r} lists are not on this machine (e.g. {rows[0]['image']!r}): the run was trained "
+            f"elsewhere or its data folder is missing. Pass {option} with a CSV of real images (an image column, and "
+            "a label column for --validation), e.g. samples/calibration/labels.csv and samples/images/labels.csv."
+        )
 
 
 def parity(
@@ -478,7 +490,8 @@ def export(cfg: ExportConfig) -> ExportResult:
         if not result.ok and not cfg.force:
             raise ExportError(
                 f"The {target.name} {quantize} file is not close enough to the Keras model on {len(val_images)} "
-                f"images of {val_source}; nothing was written. Differences:\n{format_parity(result.parity)}\n"
+                f"images of {val_source}; nothing was written. Differences (NO: the images show the file is worse "
+                f"than allowed):\n{format_parity(result.parity)}\n"
                 "Try another quantization (or --quantize qat for int8), more --calibration images, or --force to "
                 "keep it anyway."
             )
