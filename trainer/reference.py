@@ -214,15 +214,15 @@ def _attribution(listing: dict[str, list[dict[str, str]]]) -> str:
     text = [
         "# Sample images: sources, licences, attribution",
         "",
-        "Real images from two openly licensed datasets, copied byte for byte from the project's copies of them (changes "
-        "made to those copies are named below). No HAM10000 image is here "
+        "Real images from two openly licensed datasets, copied byte for byte from the project's copies of them "
+        "(changes made to those copies are named below). No HAM10000 image is here "
         "(its licence, CC BY-NC 4.0, is not for redistribution in an Apache-2.0 repository).",
         "",
         "- **ISIC 2017** (`ISIC_*.jpg`): ISIC Archive, International Skin Imaging Collaboration, CC-0 (public domain). "
-        "Challenge: Codella et al., \"Skin lesion analysis toward melanoma detection\", ISBI 2018. These copies are "
+        'Challenge: Codella et al., "Skin lesion analysis toward melanoma detection", ISBI 2018. These copies are '
         "the 256x256 (squashed) versions of the official images.",
-        "- **PAD-UFES-20** (`PAT_*.jpg`): Pacheco, A. G. C. et al., \"PAD-UFES-20: a skin lesion dataset composed of "
-        "patient data and clinical images collected from smartphones\", Data in Brief 32:106221 (2020), Mendeley Data "
+        '- **PAD-UFES-20** (`PAT_*.jpg`): Pacheco, A. G. C. et al., "PAD-UFES-20: a skin lesion dataset composed of '
+        'patient data and clinical images collected from smartphones", Data in Brief 32:106221 (2020), Mendeley Data '
         "doi:10.17632/zr7vgbcyr2.1, licensed CC BY 4.0 (https://creativecommons.org/licenses/by/4.0/). Smartphone "
         "photos. Changed: re-encoded from the released PNG to JPEG (quality 95); not cropped or resized.",
         "",
@@ -500,17 +500,18 @@ def check_run_files(run: Path) -> None:
 # ------------------------------------------------------------------------------------------------- training
 
 
-def reference_config(data: Path, out: Path, ref: Path = REFERENCE_DIR, **overrides: Any) -> Any:
-    """The reference model's training configuration: the committed ``config.json`` (when there is one) with this
-    machine's data and output paths."""
+def reference_config(data: Path, out: Path, ref: Path | None = REFERENCE_DIR, **overrides: Any) -> Any:
+    """The reference model's training configuration: the committed ``config.json`` of ``ref`` (None: the first
+    reference's defaults, :data:`DEFAULT_CONFIG`) with this machine's data and output paths."""
     from derm.trainer.train import TrainConfig
 
-    committed = ref / "config.json"
-    base: dict[str, Any] = (
-        json.loads(committed.read_text(encoding="utf-8")) if committed.is_file() else dict(DEFAULT_CONFIG)
-    )
+    committed = ref / "config.json" if ref is not None else None
+    if committed is not None and committed.is_file():
+        base: dict[str, Any] = json.loads(committed.read_text(encoding="utf-8"))
+    else:
+        base, committed = dict(DEFAULT_CONFIG), None
     base.update(data=str(data), out=str(out), feature_cache=None, overwrite=False, **overrides)
-    return TrainConfig.from_dict(base, source=str(committed) if committed.is_file() else "the reference defaults")
+    return TrainConfig.from_dict(base, source=str(committed) if committed else "the reference defaults")
 
 
 #: The first reference model's settings (the committed config.json supersedes them once written).

@@ -1,0 +1,88 @@
+"""Train the reference model on all of ``../shared`` and choose the weight of the phone photos on validation.
+
+    python -m derm.benchmarks.reference --runs runs/reference_build [--weights 1,4,12] [--save]
+
+Trains one run per weight of a PAD-UFES-20 photo (the feature cache is shared, so every run after the first costs
+only the head), measures each on the validation and test splits of every source, chooses the weight on validation
+alone (rule below, fixed before any run was read), writes ``benchmarks/results/reference.{json,md}`` and, with
+``--save``, the committed ``reference/`` folder and its model card from the chosen run.
+
+Choice: the highest PAD-UFES-20 validation score (9-way mean per-class accuracy + carcinoma-vs-SK AUC) among the
+weights whose validation 9-way mean per-class accuracy over all sources is within 0.02 of the unweighted run's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+RESULTS = Path(__file__).resolve().parent / "results"
+log = logging.getLogger("derm.benchmarks.reference")
+
+
+def _score(val: dict[str, Any]) -> float:
+    pad = val["pad_ufes20"]
+    return pad["levels"]["nine"]["mpca"] + pad["tasks"]["carcinoma_vs_seborrheic_keratosis"]["auc"]
+
+
+def choose(rows: list[dict[str, Any]], tolerance: float = 0.02) -> dict[str, Any]:
+    base = next(r for r in rows if r["weight"] == 1.0)["val"]["all"]["levels"]["nine"]["mpca"]
+    ok = [r for r in rows if r["val"]["all"]["levels"]["nine"]["mpca"] >= base - tolerance]
+    return max(ok, key=lambda r: _score(r["val"]))
+
+
+def main(argv: list[str] | None = None) -> None:
+    from derm.trainer.reference import REFERENCE_DIR, reference_config, reference_csv, save_reference, shared_dir
+    from derm.trainer.reference_card import evaluate_sources, weighting_table, write_model_card
+    from derm.trainer.train import train
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--runs", type=Path, default=Path("runs/reference_build"))
+    ap.add_argument("--shared", type=Path, default=None)
+    ap.add_argument("--weights", default="1,4,12", help="weights of a PAD-UFES-20 photo to compare")
+    ap.add_argument("--save", action="store_true", help="write reference/ and its model card from the chosen run")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    data = reference_csv(args.shared or shared_dir(), args.runs / "data.csv")
+    rows = []
+    for w in (float(x) for x in args.weights.split(",")):
+        out = args.runs / f"w{w:g}"
+        t = time.perf_counter()
+        if not (out / "run.json").is_file():
+            extra = {"source_weights": {"pad_ufes20": w}} if w != 1.0 else {}
+            train(reference_config(data, out, ref=None, **extra))
+        metrics = json.loads((out / "metrics.json").read_text(encoding="utf-8"))
+        rows.append(
+            {
+                "weight": w,
+                "run": str(out),
+                "seconds": round(time.perf_counter() - t, 1),
+                "timings": metrics.get("timings"),
+                "val": evaluate_sources(out, "val"),
+                "test": evaluate_sources(out, "test"),
+            }
+        )
+    best = choose(rows)
+    best["chosen"] = True
+    res = {"rule": __doc__.split("Choice: ", 1)[1].strip(), "runs": rows, "chosen_weight": best["weight"]}
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "reference.json").write_text(json.dumps(res, indent=1) + "\n", encoding="utf-8")
+    md = (
+        f"# Reference model: weighting the phone photos\n\nRun `python -m derm.benchmarks.reference --runs {args.runs} "
+        f"--weights {args.weights}` on 2 CPU cores. Rule: {res['rule']}\n\n{weighting_table(rows)}\n"
+    )
+    (RESULTS / "reference.md").write_text(md, encoding="utf-8")
+    print(md)
+    if args.save:
+        save_reference(Path(best["run"]), REFERENCE_DIR)
+        write_model_card(Path(best["run"]), REFERENCE_DIR, rows)
+        print(f"reference/ written from {best['run']}")
+
+
+if __name__ == "__main__":
+    main()
