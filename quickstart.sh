@@ -67,9 +67,9 @@ else
 fi
 took $t
 
-say 5/6 "Classify one image (a dermoscopy image of a melanoma from ISIC 2017, held out from training)"
+say 5/6 "Classify one image (a phone photo of a basal cell carcinoma from PAD-UFES-20, held out from training)"
 t=$SECONDS
-IMAGE=samples/images/$(awk -F, '$2 == "melanoma" {print $1; exit}' samples/images/labels.csv)
+IMAGE=samples/images/$(awk -F, '$2 == "BCC" {print $1; exit}' samples/images/labels.csv)
 show "$VENV/bin/derm" classify "$IMAGE" --model "$MODEL"
 took $t
 
@@ -86,6 +86,7 @@ Done in $((SECONDS - START)) s ($((SECONDS - START - INSTALL_S)) s after the ins
   $TRIAGE/report.html   the triage report: open it in a browser
   $TRIAGE/results.csv   the same as a table
   $RUN   the rebuilt run directory (derm-export, derm-eval and derm-bench take it)
-  reference/MODEL_CARD.md   what the model was trained on, how well it does, and its limits
+  reference/MODEL_CARD.md   what the model was trained on, how well it does per source, and its limits
+      (it gets many of the sample images wrong: the report shows them all)
 Next: derm classify YOUR_IMAGE.jpg --model $MODEL   (with $VENV/bin on your PATH)
 EOF

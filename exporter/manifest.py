@@ -63,6 +63,15 @@ def _names(tax: Any, node_ids: Sequence[str]) -> str:
     return words[0] if len(words) == 1 else f"{', '.join(words[:-1])} or {words[-1]}"
 
 
+def _sides(tax: Any, task: Any) -> tuple[str, str]:
+    """Short words for a task's two sides: the halves of its name when it reads "X vs Y" ("Melanoma vs nevus" ->
+    "melanoma", "nevus"), else the names of its positive and negative nodes."""
+    halves = task.name.split(" vs ")
+    if len(halves) == 2 and all(h.strip() for h in halves):
+        return tuple(h.strip()[:1].lower() + h.strip()[1:] if h.strip()[1:2].islower() else h.strip() for h in halves)
+    return _names(tax, task.positive), _names(tax, task.negative)
+
+
 def build_manifest(
     run_dir: str | Path,
     partition: Partition,
@@ -100,7 +109,7 @@ def build_manifest(
             # aggregation matrix); the SDK and the apps sum their probabilities and show the task only where that sum
             # reaches condition_threshold (a carcinoma photo gets no melanoma-vs-nevus number)
             sides = s.matrix if s.matrix is not None else task_matrix(partition, task.id)
-            positive_name = _names(tax, task.positive)
+            positive_name, negative_name = _sides(tax, task)
             entry["task"] = {
                 "id": task.id,
                 "name": task.name,
@@ -109,7 +118,7 @@ def build_manifest(
                 "positive_classes": [c.label for c in partition.classes if sides[c.index, 1]],
                 "negative_classes": [c.label for c in partition.classes if sides[c.index, 0]],
                 "positive_name": positive_name,
-                "condition": f"{positive_name} or {_names(tax, task.negative)}",
+                "condition": f"{positive_name} or {negative_name}",
                 "condition_threshold": CONDITION_THRESHOLD,
             }
         outputs.append(entry)

@@ -360,10 +360,9 @@ class Classifier:
         applies: bool | None = None,
         positive: bool | None = None,
     ) -> str:
-        """One line saying what a task's number means for an image, e.g. ``melanoma_vs_nevus: probability of
-        malignant melanoma if this is malignant melanoma or benign melanocytic lesions: 0.83, POSITIVE at the
-        90%-sensitivity operating point (...)``, or ``melanoma_vs_nevus: not applicable (P(...) 0.12)`` where the
-        task's condition does not hold.
+        """One line saying what a task's number means for an image, e.g. ``melanoma_vs_nevus: P(melanoma | melanoma
+        or nevus) 0.83: POSITIVE at the 90%-sensitivity operating point (...)``, or ``melanoma_vs_nevus: not
+        applicable: P(melanoma or nevus) 0.12`` where the task's condition does not hold.
 
         ``condition``: the probability of the task's condition (None where the file does not say it: the task
         applies); ``applies`` and ``positive``, when given, are taken as they are (e.g. read back from a CSV)
@@ -374,7 +373,7 @@ class Classifier:
             applies = condition is None or condition >= self.condition_threshold(task)
         if not applies:
             p_condition = f" {condition:.2f}" if condition is not None else ""
-            return f"{task}: not applicable (P({name or 'its condition'}){p_condition})"
+            return f"{task}: not applicable: P({name or 'its condition'}){p_condition}"
         d = self.decide(task, probability)
         if positive is not None:
             d = replace(d, positive=positive)
@@ -389,10 +388,10 @@ class Classifier:
                 f"sensitivity {d.sensitivity:.2f}, specificity {d.specificity:.2f} on held-out images)"
             )
         if name:
-            what = f"probability of {info.get('positive_name') or 'the positive side'} if this is {name}"
+            what = f"P({info.get('positive_name') or 'positive'} | {name}) {probability:.2f}"
         else:  # a file exported before the manifest said the condition: the task is always shown, as before
-            what = f"{info.get('name', task)}, conditional probability"
-        return f"{task}: {what}: {probability:.2f}, {call} {at}"
+            what = f"{info.get('name', task)}, conditional probability {probability:.2f}"
+        return f"{task}: {what}: {call} {at}"
 
 
 def _op_key(value: str | float) -> str:

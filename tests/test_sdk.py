@@ -247,11 +247,12 @@ def test_manifest_says_each_tasks_condition(files, small_run):
             assert t["positive_classes"] and t["negative_classes"]
             assert not set(t["positive_classes"]) & set(t["negative_classes"])
             assert set(t["positive_classes"]) | set(t["negative_classes"]) <= set(manifest["partition"]["classes"])
-            assert all(tax.nodes[n].name.lower() in t["condition"].lower() for n in t["positive"] + t["negative"])
+            # short words from the task's name ("Melanoma vs nevus"): its two sides
+            assert t["condition"] == " or ".join(h[:1].lower() + h[1:] for h in t["name"].split(" vs "))
             assert t["condition_threshold"] == CONDITION_THRESHOLD == 0.5
     mvn = next(t for t in tasks if t["id"] == "melanoma_vs_nevus")
-    assert mvn["condition"] == "malignant melanoma or benign melanocytic lesions"
-    assert mvn["positive_name"] == "malignant melanoma"
+    assert mvn["condition"] == "melanoma or nevus"
+    assert mvn["positive_name"] == "melanoma"
 
 
 def test_conditions_are_the_training_probabilities_of_the_tasks_classes(files, labelled):
@@ -299,13 +300,13 @@ def test_classify_and_triage_show_a_task_only_where_it_applies(files, labelled, 
     res = cli.invoke(app, ["classify", str(root / off), "--model", str(tfl)])
     assert res.exit_code == 0, res.output
     p_off = preds[off].conditions["melanoma_vs_nevus"]
-    assert f"melanoma_vs_nevus: not applicable (P({cond}) {p_off:.2f})" in res.output
+    assert f"melanoma_vs_nevus: not applicable: P({cond}) {p_off:.2f}" in res.output
     assert res.output.count(clf.disclaimer) == 1 and res.output.splitlines()[0] == clf.disclaimer
     assert "melanoma_vs_nevus: 0." not in res.output
     res = cli.invoke(app, ["classify", str(root / on), "--model", str(tfl)])
     d = preds[on].decisions["melanoma_vs_nevus"]
     assert (
-        f"melanoma_vs_nevus: probability of malignant melanoma if this is {cond}: {d.probability:.2f}, "
+        f"melanoma_vs_nevus: P(melanoma | {cond}) {d.probability:.2f}: "
         f"{'POSITIVE' if d.positive else 'negative'} at the 90%-sensitivity operating point (threshold "
         f"{d.threshold:.3f}, sensitivity {d.sensitivity:.2f}, specificity {d.specificity:.2f} on held-out images)"
     ) in res.output
@@ -358,7 +359,7 @@ def test_classify_and_triage_show_a_task_only_where_it_applies(files, labelled, 
     # the task that does not apply is said so, in neutral styling, on that image's card
     card = report[report.index(f"<b>{off}</b>") :].split("</div></div>", 1)[0]
     off_row = next(r for r in ok if r["image"] == off)
-    line = f"melanoma_vs_nevus: not applicable (P({cond}) {float(off_row['p_condition_melanoma_vs_nevus']):.2f})"
+    line = f"melanoma_vs_nevus: not applicable: P({cond}) {float(off_row['p_condition_melanoma_vs_nevus']):.2f}"
     assert f"<div class='na'>{html.escape(line)}</div>" in card
     order = [report.index(f"<b>{r['image']}</b>") for r in sorted(ok, key=lambda r: -float(r["p_malignant"]))]
     assert order == sorted(order) and "broken.jpg" in report
