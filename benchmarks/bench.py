@@ -379,7 +379,9 @@ def main() -> None:
         threads = int(opts["--threads"]) if "--threads" in opts else None
         print(json.dumps(measure(args[0], threads, int(opts["--runs"]), int(opts["--warmup"]))))
         return
-    app()
+    from derm._cli import run_app
+
+    run_app(app)
 
 
 if __name__ == "__main__":

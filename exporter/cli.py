@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Annotated, Optional
@@ -118,6 +119,8 @@ def export_command(
         float_head=float_head,
     )
     try:
+        if report is not None:  # checked before minutes of conversion, not after
+            _check_writable(report, "--report")
         result = export(cfg)
     except DermError as exc:
         typer.secho(f"Error: {exc}", err=True, fg=typer.colors.RED)
@@ -143,6 +146,18 @@ def export_command(
             typer.secho("  KEPT WITH --force although it fails the thresholds above.", fg=typer.colors.YELLOW)
 
 
+def _check_writable(path: Path, option: str) -> None:
+    from derm.exporter.graph import ExportError
+
+    if path.is_dir():
+        raise ExportError(f"{option} {str(path)!r} is a folder; give a file name.")
+    parent = next((p for p in [path.parent, *path.parent.parents] if p.exists()), Path("."))
+    if not parent.is_dir():
+        raise ExportError(f"{option} {str(path)!r}: {str(parent)!r} is a file, not a folder.")
+    if not os.access(parent, os.W_OK):
+        raise ExportError(f"{option} {str(path)!r}: the folder {str(parent)!r} is not writable.")
+
+
 GATE_NOTE = (
     "(top-1 agreement fails only when its 95% interval lies wholly below the bar; a loss of AUC or accuracy, float "
     "model minus file, only when its interval lies wholly above the allowed loss: derm.exporter.targets.Parity)"
@@ -150,4 +165,6 @@ GATE_NOTE = (
 
 
 def main() -> None:
-    app()
+    from derm._cli import run_app
+
+    run_app(app)

@@ -128,13 +128,19 @@ def default_out(cfg: ExportConfig, target: Target, quantize: str) -> Path:
 def _rows_of(csv_path: Path, image_column: str) -> list[dict[str, str]]:
     if not csv_path.is_file():
         raise ExportError(f"Image list {str(csv_path)!r} does not exist.")
-    with open(csv_path, newline="", encoding="utf-8") as f:
-        reader = csv.DictReader(f)
-        if image_column not in (reader.fieldnames or []):
-            raise ExportError(
-                f"{str(csv_path)!r} has no column {image_column!r} (columns: {reader.fieldnames}); pass --image-column."
-            )
-        rows = list(reader)
+    try:
+        with open(csv_path, newline="", encoding="utf-8-sig") as f:
+            reader = csv.DictReader(f)
+            if image_column not in (reader.fieldnames or []):
+                raise ExportError(
+                    f"{str(csv_path)!r} has no column {image_column!r} (columns: {reader.fieldnames}); pass "
+                    "--image-column."
+                )
+            rows = list(reader)
+    except UnicodeDecodeError as exc:
+        raise ExportError(
+            f"{str(csv_path)!r} is not UTF-8 text ({exc.reason} at byte {exc.start}); save it as UTF-8."
+        ) from None
     for r in rows:
         p = Path(r[image_column])
         r[image_column] = str(p if p.is_absolute() else (csv_path.parent / p))
@@ -349,6 +355,26 @@ def _remove(path: Path) -> None:
         path.unlink()
 
 
+def _check_run_hashes(run: Path) -> None:
+    """The run's files are the ones derm-train wrote: each sha256 that ``run.json`` records must match, so a damaged
+    or swapped model.keras is never exported (and stamped into a manifest) as if it were the trained one."""
+    import json
+
+    try:
+        files = json.loads((run / "run.json").read_text(encoding="utf-8")).get("files") or {}
+    except (OSError, ValueError):
+        raise ExportError(
+            f"{str(run / 'run.json')!r} is missing or unreadable: {str(run)!r} is not a finished derm-train run."
+        ) from None
+    for name in ("model.keras", "partition.json", "taxonomy.json", "metrics.json", "preprocess.json"):
+        want = files.get(name)
+        if want and (run / name).is_file() and sha256_file(run / name) != want:
+            raise ExportError(
+                f"{str(run / name)!r} does not match the sha256 run.json recorded for it: the run was changed or "
+                "damaged after training. Restore it, or train (or rebuild the reference model) again."
+            )
+
+
 def export(cfg: ExportConfig) -> ExportResult:
     """Run the whole pipeline; see the module docstring. Raises :class:`ExportError` with the parity table when the
     file is not close enough to the Keras model (unless ``cfg.force``)."""
@@ -362,7 +388,16 @@ def export(cfg: ExportConfig) -> ExportResult:
             f"{str(run)!r} is not a finished derm-train run directory (no model.keras); pass the folder derm-train "
             "train wrote (its --out)."
         )
+    _check_run_hashes(run)
     out = Path(cfg.out) if cfg.out else default_out(cfg, target, quantize)
+    if out.exists() and target.is_directory != out.is_dir() and not out.is_symlink():
+        kind = "folder" if out.is_dir() else "file"
+        raise ExportError(f"Output {str(out)!r} exists and is a {kind}; choose another --out.")
+    existing = next((p for p in [out.parent, *out.parent.parents] if p.exists()), Path("."))
+    if not existing.is_dir():
+        raise ExportError(f"--out {str(out)!r}: {str(existing)!r} is a file, not a folder; choose another --out.")
+    if not os.access(existing, os.W_OK):
+        raise ExportError(f"--out {str(out)!r}: the folder {str(existing)!r} is not writable; choose another --out.")
     if out.suffix != target.suffix:
         raise ExportError(f"Output {str(out)!r} should end in {target.suffix!r} for target {target.name!r}.")
     if (out.exists() or out.is_symlink()) and not cfg.overwrite:

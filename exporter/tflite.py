@@ -214,8 +214,18 @@ def write(
     float_head: bool = True,
 ) -> None:
     """Convert (or take ``converted``, e.g. from quantization-aware training), add the metadata, write atomically."""
+    from derm.manifest import tflite_weights_digest
+
     buf = converted if converted is not None else convert(export_model, quantize, calibration, float_head)
+    digest = tflite_weights_digest(buf)
+    if isinstance(manifest, dict) and digest is not None:  # the SDK checks it on load: damage never gives an answer
+        manifest["integrity"] = {
+            "weights_sha256": digest,
+            "scope": "every buffer a tensor reads (weights, biases, constants), in buffer order, with index and length",
+        }
     buf = add_metadata(buf, manifest, specs)
+    if digest is not None and tflite_weights_digest(buf) != digest:
+        raise ExportError("Adding the TFLite metadata changed the model's tensor buffers; the file was not written.")
     with atomic_write(path, "wb") as f:
         f.write(buf)
 

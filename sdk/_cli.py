@@ -1,10 +1,43 @@
-"""The one way every ``derm*`` command builds its Typer app: help when called bare, plain tracebacks, no shell
-completion installer."""
+"""The one way every ``derm*`` command builds and runs its Typer app: help when called bare, plain tracebacks, no
+shell completion installer; Ctrl-C and SIGTERM end it through the normal clean-up paths (temporary files removed,
+finished results kept) with one line and exit status 130, never a traceback."""
 
 from __future__ import annotations
 
+import signal
+import sys
+from typing import Any
+
 import typer
+
+EXIT_INTERRUPTED = 130
+
+
+class Interrupted(BaseException):
+    """Ctrl-C or SIGTERM, raised in the main thread so that ``finally`` blocks and context managers clean up. Not a
+    KeyboardInterrupt, so that the command line's own handler (click's "Aborted!") does not swallow it first."""
+
+
+def _raise(signum: int, frame: Any) -> None:
+    raise Interrupted(signal.Signals(signum).name)
 
 
 def cli_app(name: str, help: str) -> typer.Typer:
     return typer.Typer(name=name, help=help, no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
+
+
+def run_app(app: Any) -> None:
+    """Run a command line app with SIGINT / SIGTERM turned into :class:`Interrupted`."""
+    previous = {s: signal.signal(s, _raise) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        app()
+    except Interrupted as exc:
+        print(
+            f"Interrupted ({exc}): nothing half-written is left; finished results were kept where the command keeps "
+            "them (a triage resumes, a training run resumes from its cache).",
+            file=sys.stderr,
+        )
+        sys.exit(EXIT_INTERRUPTED)
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)

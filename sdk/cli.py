@@ -45,6 +45,9 @@ def _user_errors() -> Iterator[None]:
         yield
     except (DermError, KeyError, ValueError, OSError) as exc:
         msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)
+        if isinstance(exc, OSError) and exc.strerror:  # "[Errno 13] Permission denied: 'x'" -> what and where
+            where = f" {exc.filename!r}" if exc.filename else ""
+            msg = f"cannot use{where}: {exc.strerror.lower()}. Check the path and its permissions."
         typer.secho(f"Error: {msg}", err=True, fg=typer.colors.RED)
         raise typer.Exit(code=2) from None
 
@@ -309,6 +312,10 @@ def classify(
         typer.echo(json.dumps(pred.to_dict(), indent=1))
         return
     typer.echo(clf.disclaimer)
+    if not clf.verified.startswith("weights verified"):
+        typer.secho(f"Note: {clf.verified}; the result below cannot be checked against the exported model.", err=True)
+    for note in clf.notes:
+        typer.secho(f"Warning: {note}.", err=True, fg=typer.colors.YELLOW)
     typer.echo(f"{image}")
     for level, probs in pred.levels.items():
         ranked = sorted(probs.items(), key=lambda kv: -kv[1])[:3]
@@ -332,19 +339,35 @@ def triage_command(
     """Classify every image under FOLDER; write a CSV and an HTML report ordered by risk. Resumes when re-run."""
     with _user_errors():
         from derm.classifier import Classifier
-        from derm.triage import triage
+        from derm.triage import TriageInterrupted, triage
 
         clf = Classifier.load(model, threads=threads, operating_point=operating_point, threshold=threshold)
-        summary = triage(folder, clf, out, workers=workers)
+        try:
+            summary = triage(folder, clf, out, workers=workers)
+        except TriageInterrupted as exc:
+            typer.secho(str(exc), err=True, fg=typer.colors.YELLOW)
+            raise typer.Exit(code=130) from None
+    ignored = sum((summary.ignored or {}).values())
     typer.echo(
         f"{summary.images} images: {summary.classified} classified, {summary.unreadable} unreadable"
-        f"{f', {summary.resumed} from the previous run' if summary.resumed else ''}; wrote {summary.csv} and "
+        f"{f', {summary.resumed} from the previous run' if summary.resumed else ''}"
+        f"{f'; {ignored} other files ignored (not image suffixes)' if ignored else ''}; wrote {summary.csv} and "
         f"{summary.report}"
     )
+    if summary.unreadable:
+        typer.secho(
+            f"{summary.unreadable} file(s) could not be read: listed in the report and the CSV (status unreadable). "
+            "Exit status 3.",
+            err=True,
+            fg=typer.colors.YELLOW,
+        )
+        raise typer.Exit(code=3)
 
 
 def main() -> None:
-    app()
+    from derm._cli import run_app
+
+    run_app(app)
 
 
 if __name__ == "__main__":

@@ -122,15 +122,22 @@ def read_dataset(
         )
     tax = taxonomy or default_taxonomy()
     base = Path(root) if root is not None else csv_path.parent
-    with open(csv_path, newline="", encoding="utf-8-sig") as f:
-        reader = csv.DictReader(f)
-        header = list(reader.fieldnames or [])
-        rows = list(reader)
+    try:
+        with open(csv_path, newline="", encoding="utf-8-sig") as f:
+            reader = csv.DictReader(f)
+            header = list(reader.fieldnames or [])
+            rows = list(reader)
+    except UnicodeDecodeError as exc:
+        raise DatasetError(
+            f"{str(csv_path)!r} is not UTF-8 text ({exc.reason} at byte {exc.start}); save it as UTF-8 (in a "
+            "spreadsheet: 'CSV UTF-8')."
+        ) from None
     for col, what in ((image_column, "image_column"), (label_column, "label_column")):
         if col not in header:
             raise DatasetError(
                 f"{str(csv_path)!r} has no column {col!r} ({what}); its columns are {header}. "
-                f"Name the right one with {what}= (CLI: --{what.replace('_', '-')})."
+                f"Name the right one with {what}= (Python, and a derm-train config file's key; derm: "
+                f"--{what.replace('_', '-')})."
             )
     if group_column == "auto":
         group_column = next((c for c in GROUP_COLUMNS if c in header), None)
@@ -202,7 +209,8 @@ def read_dataset(
         if on_error == "raise":
             raise DatasetError(
                 f"{str(csv_path)!r}: {len(bad_rows)} of {len(rows)} rows have problems ({summary}):\n"
-                f"{listing}{more}{hint}\nFix them, or skip those rows (on_error='skip', CLI: --skip-bad).",
+                f"{listing}{more}{hint}\nFix them (`derm data check CSV --decode` lists them all), or skip those rows "
+                "(Python: on_error='skip'; derm data / derm taxonomy: --skip-bad).",
                 problems,
             )
         msg = f"{str(csv_path)!r}: skipping {len(bad_rows)} of {len(rows)} rows ({summary})."

@@ -8,8 +8,10 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import struct
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -37,6 +39,61 @@ def model_kind(path: str | os.PathLike[str]) -> str:
     return suffix[1:]
 
 
+TFLITE_MAGIC = b"TFL3"  # bytes 4..8 of every TFLite flatbuffer
+
+
+def tflite_weights_digest(data: bytes) -> str | None:
+    """sha256 over every buffer a tensor of a TFLite model reads (weights, biases, quantization tables, the
+    aggregation matrices), in buffer order, each with its index and length. A byte flipped in any of them changes
+    it; the metadata (labels, the manifest, which holds this digest) lies outside it. None where the flatbuffer
+    schema is not importable (ai-edge-litert ships it)."""
+    try:
+        from ai_edge_litert import schema_py_generated as schema
+    except ImportError:
+        return None
+    model = schema.Model.GetRootAs(data, 0)
+    used = set()
+    for g in range(model.SubgraphsLength()):
+        sub = model.Subgraphs(g)
+        for t in range(sub.TensorsLength()):
+            used.add(sub.Tensors(t).Buffer())
+    h = hashlib.sha256()
+    for i in sorted(used):
+        buf = model.Buffers(i)
+        if buf is None:
+            continue
+        if buf.DataLength():
+            block = buf.DataAsNumpy().tobytes()
+        elif buf.Offset() > 1:  # buffers stored after the flatbuffer (models over 2 GB)
+            block = data[buf.Offset() : buf.Offset() + buf.Size()]
+        else:
+            continue
+        h.update(struct.pack("<QQ", i, len(block)))
+        h.update(block)
+    return h.hexdigest()
+
+
+def verify_weights(path: str | os.PathLike[str], manifest: dict[str, Any]) -> str:
+    """Check a file's weights against the digest its manifest recorded at export. Returns how it was verified (a
+    sentence); raises :class:`ModelFileError` when the weights changed, so a damaged file never gives an answer."""
+    path = Path(path)
+    want = (manifest.get("integrity") or {}).get("weights_sha256")
+    if model_kind(path) != "tflite":
+        return "weights not verified: only .tflite files carry a weights digest yet"
+    if not want:
+        return "weights not verified: the file was exported before derm recorded a weights digest"
+    data = path.read_bytes()
+    got = tflite_weights_digest(data)
+    if got is None:
+        return "weights not verified: the TFLite schema (ai-edge-litert) is not installed"
+    if got != want:
+        raise ModelFileError(
+            f"{str(path)!r} is damaged or was altered after export: its weights' sha256 is {got[:16]}..., its manifest "
+            f"recorded {want[:16]}... No result is given from it; export the model again or copy the original file."
+        )
+    return f"weights verified (sha256 {want[:16]}...)"
+
+
 def _no_manifest(path: Any, why: str = "") -> ModelFileError:
     return ModelFileError(
         f"{str(path)!r} carries no derm manifest{why}: it was not written by derm-export, so its labels and "
@@ -51,11 +108,20 @@ def read_manifest(path: str | os.PathLike[str]) -> dict[str, Any]:
     if not path.exists():
         raise ModelFileError(f"Model file not found: {str(path)!r}.")
     if kind == "tflite":
+        with open(path, "rb") as f:
+            head = f.read(8)
+        if head[4:8] != TFLITE_MAGIC:
+            raise ModelFileError(
+                f"{str(path)!r} is not a TFLite model: its first bytes are {head!r}, not a TFLite flatbuffer's "
+                f"(bytes 4-8 {TFLITE_MAGIC!r}){_looks_like(head)}. Give the .tflite file derm-export wrote."
+            )
         try:
             with zipfile.ZipFile(path) as z:
                 text = z.read(MANIFEST_FILE).decode("utf-8")
-        except (zipfile.BadZipFile, KeyError):
-            raise _no_manifest(path) from None
+        except (zipfile.BadZipFile, KeyError, OSError, EOFError, zipfile.LargeZipFile):
+            raise _no_manifest(
+                path, f" that can be read ({path.stat().st_size:,} bytes: the file may be truncated or damaged)"
+            ) from None
     elif kind == "onnx":
         import onnxruntime as ort
 
@@ -86,6 +152,14 @@ def read_manifest(path: str | os.PathLike[str]) -> dict[str, Any]:
     except json.JSONDecodeError as exc:
         raise _no_manifest(path, f" that is valid JSON ({exc})") from exc
     return check_manifest(manifest, str(path))
+
+
+def _looks_like(head: bytes) -> str:
+    if head.startswith(b"PK"):
+        return "; it looks like a zip archive"
+    if head[:1] == b"\x08":
+        return "; it looks like an ONNX (protobuf) file: rename it .onnx"
+    return ""
 
 
 def check_manifest(manifest: Any, source: str = "the manifest") -> dict[str, Any]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import os
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,9 @@ ImageSource = str | os.PathLike | bytes | bytearray | memoryview | Image.Image |
 #: Refuse images larger than this many pixels (decompression bombs); a 200-megapixel photo still loads.
 MAX_PIXELS = 200_000_000
 RESAMPLE = Image.Resampling.BILINEAR
+# Pillow warns from 89 Mpx and refuses from 179 Mpx on its own; the SDK documents one limit and checks it itself
+# (from the header, before any pixel is decoded), so Pillow's is raised to it and its warning becomes our error.
+Image.MAX_IMAGE_PIXELS = max(Image.MAX_IMAGE_PIXELS or 0, MAX_PIXELS)
 
 
 class ImageError(DermError, ValueError):
@@ -54,6 +58,13 @@ def _open(source: ImageSource) -> Image.Image:
         return source
     if isinstance(source, np.ndarray):
         arr = source
+        if arr.size == 0:
+            raise ImageError(f"Array image has no pixels (shape {arr.shape}).")
+        if np.issubdtype(arr.dtype, np.floating) and not np.isfinite(arr).all():
+            raise ImageError(
+                f"Array image holds {int((~np.isfinite(arr)).sum())} NaN or infinite values (shape {arr.shape}); "
+                "give pixel values in 0..255 (or 0..1 for floats)."
+            )
         if arr.ndim == 3 and arr.shape[2] == 1:
             arr = arr[..., 0]
         if arr.ndim not in (2, 3) or (arr.ndim == 3 and arr.shape[2] not in (3, 4)):
@@ -76,7 +87,9 @@ def _open(source: ImageSource) -> Image.Image:
 def load_image(source: ImageSource) -> Image.Image:
     """Decode any supported image to an upright 8-bit RGB PIL image. Raises :class:`ImageError` naming the file."""
     try:
-        im = _open(source)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            im = _open(source)
         if im.width * im.height > MAX_PIXELS:
             raise ImageError(
                 f"Image {_name(source)} is {im.width}x{im.height} pixels, over the {MAX_PIXELS:,}-pixel limit; "
@@ -86,7 +99,9 @@ def load_image(source: ImageSource) -> Image.Image:
         return _to_rgb(im)
     except ImageError:
         raise
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise ImageError(f"Image {_name(source)} is over the {MAX_PIXELS:,}-pixel limit; downscale it first.") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
         raise ImageError(f"Cannot read image {_name(source)}: {type(exc).__name__}: {exc}") from exc
 
 

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from derm._cli import Interrupted
 from derm._progress import track
 from derm._util import atomic_write, sha256_file
 from derm.classifier import Classifier, Prediction
@@ -33,6 +34,10 @@ class TriageError(DermError, ValueError):
     """A triage run cannot start: bad folder, or an output folder made with another model."""
 
 
+class TriageInterrupted(DermError):
+    """Ctrl-C (or SIGTERM) during a triage: the results so far are saved; re-running resumes."""
+
+
 @dataclass
 class TriageSummary:
     images: int
@@ -41,13 +46,54 @@ class TriageSummary:
     resumed: int
     csv: Path
     report: Path
+    ignored: dict[str, int] | None = None  # files left out for their suffix: suffix -> count
 
 
-def find_images(folder: str | os.PathLike[str]) -> list[Path]:
+@dataclass
+class Found:
+    """What a folder holds: image files to classify, entries named like images that are not readable files (a
+    folder, a broken link: listed as unreadable, never dropped silently) and other files, counted by suffix."""
+
+    images: list[Path]
+    not_files: dict[Path, str]
+    ignored: dict[str, int]
+
+
+def find_images(folder: str | os.PathLike[str]) -> Found:
     root = Path(folder)
     if not root.is_dir():
         raise TriageError(f"{str(root)!r} is not a folder of images.")
-    return sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    images, not_files, ignored = [], {}, {}
+    for p in sorted(root.rglob("*")):
+        if p.suffix.lower() not in IMAGE_SUFFIXES:
+            if p.is_file() or p.is_symlink():
+                key = p.suffix.lower() or "(no suffix)"
+                ignored[key] = ignored.get(key, 0) + 1
+        elif p.is_symlink() and not p.exists():
+            not_files[p] = f"a broken symbolic link (to {os.readlink(p)!r})"
+        elif p.is_dir():
+            not_files[p] = "a folder named like an image, not an image file"
+        elif not p.is_file():
+            not_files[p] = "not a regular file (a device, socket or pipe)"
+        else:
+            images.append(p)
+    return Found(images, not_files, ignored)
+
+
+_FORMULA = ("=", "+", "-", "@", "\t", "\r")
+
+
+def _cell(value: Any) -> Any:
+    """A text cell a spreadsheet would run as a formula (``=cmd|...``) gets a leading apostrophe (OWASP's CSV
+    injection rule); :func:`_uncell` takes it off when the CSV is read back."""
+    return "'" + value if isinstance(value, str) and value.startswith(_FORMULA) else value
+
+
+def _uncell(value: str) -> str:
+    return value[1:] if value.startswith("'") and value[1:].startswith(_FORMULA) else value
+
+
+_TEXT_COLUMNS = ("image", "error", "top_class")
 
 
 def _columns(clf: Classifier) -> list[str]:
@@ -81,7 +127,13 @@ def _write_csv(path: Path, columns: list[str], rows: list[dict[str, Any]]) -> No
     with atomic_write(path, newline="", encoding="utf-8") as f:
         w = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
         w.writeheader()
-        w.writerows(rows)
+        w.writerows({k: (_cell(v) if k in _TEXT_COLUMNS else v) for k, v in r.items()} for r in rows)
+
+
+def _read_csv(path: Path) -> dict[str, dict[str, Any]]:
+    with open(path, newline="", encoding="utf-8") as f:
+        rows = [{k: (_uncell(v) if k in _TEXT_COLUMNS and v else v) for k, v in r.items()} for r in csv.DictReader(f)]
+    return {r["image"]: r for r in rows}
 
 
 def triage(
@@ -93,12 +145,15 @@ def triage(
     progress: bool = True,
 ) -> TriageSummary:
     root, out = Path(folder), Path(out)
-    images = find_images(root)
+    found = find_images(root)
+    images = found.images
+    if out.exists() and not out.is_dir():
+        raise TriageError(f"--out {str(out)!r} is a file; give a folder for results.csv and report.html.")
     out.mkdir(parents=True, exist_ok=True)
     csv_path, state_path, report_path = out / "results.csv", out / "triage.json", out / "report.html"
+    # the model is identified by its content: the same file given by another path resumes
     model_sha = sha256_file(classifier.path) if classifier.path.is_file() else None
     state = {
-        "model": str(classifier.path),
         "model_sha256": model_sha,
         "folder": str(root.resolve()),
         "operating_point": classifier.threshold if classifier.threshold is not None else classifier.operating_point,
@@ -108,31 +163,43 @@ def triage(
     if csv_path.exists():
         old = json.loads(state_path.read_text(encoding="utf-8")) if state_path.exists() else {}
         if {k: old.get(k) for k in state} != state:
+            what = [k.replace("_sha256", "") for k in state if old.get(k) != state[k]]
             raise TriageError(
-                f"{str(out)!r} holds results of another model, folder or operating point ({state_path.name}); "
-                "choose a new --out or delete it."
+                f"{str(out)!r} holds results of another {' and '.join(what)} ({state_path.name}); choose a new --out "
+                "or delete it."
             )
-        with open(csv_path, newline="", encoding="utf-8") as f:
-            done = {r["image"]: r for r in csv.DictReader(f)}
+        done = _read_csv(csv_path)
     with atomic_write(state_path) as f:
-        json.dump(state, f, indent=1)
+        json.dump({**state, "model": str(classifier.path)}, f, indent=1)
     rel = {str(p): p.relative_to(root).as_posix() for p in images}
     todo = [p for p in images if rel[str(p)] not in done]
     resumed = len(images) - len(todo)
     rows = [done[rel[str(p)]] for p in images if rel[str(p)] in done]
+    rows += [
+        {"image": p.relative_to(root).as_posix(), "status": "unreadable", "error": why}
+        for p, why in found.not_files.items()
+    ]
     stream: Iterator[Any] = classifier.predict_many([str(p) for p in todo], workers=workers, on_error="skip")
     if progress:
         stream = track(stream, "Classifying", total=len(todo))
-    for i, (name, pred) in enumerate(stream, 1):
-        rows.append(_row(rel[name], pred, classifier))
-        if i % CHECKPOINT_EVERY == 0:
-            _write_csv(csv_path, columns, rows)
-    order = {rel[str(p)]: i for i, p in enumerate(images)}
+    try:
+        for i, (name, pred) in enumerate(stream, 1):
+            rows.append(_row(rel[name], pred, classifier))
+            if i % CHECKPOINT_EVERY == 0:
+                _write_csv(csv_path, columns, rows)
+    except (KeyboardInterrupt, Interrupted):
+        _write_csv(csv_path, columns, rows)
+        raise TriageInterrupted(
+            f"Interrupted: {len(rows)} of {len(images) + len(found.not_files)} results saved in {csv_path}; run the "
+            "same command again to finish (it resumes)."
+        ) from None
+    everything = sorted([*images, *found.not_files])
+    order = {p.relative_to(root).as_posix(): i for i, p in enumerate(everything)}
     rows.sort(key=lambda r: order.get(r["image"], len(order)))
     _write_csv(csv_path, columns, rows)
-    write_report(report_path, rows, classifier, root)
+    write_report(report_path, rows, classifier, root, found.ignored)
     bad = sum(r["status"] != "ok" for r in rows)
-    return TriageSummary(len(images), len(rows) - bad, bad, resumed, csv_path, report_path)
+    return TriageSummary(len(everything), len(rows) - bad, bad, resumed, csv_path, report_path, found.ignored)
 
 
 def _thumbnail(path: Path) -> str:
@@ -241,7 +308,20 @@ def _summary(ok: list[dict[str, Any]], bad: list[dict[str, Any]], clf: Classifie
     return "".join(parts)
 
 
-def write_report(path: Path, rows: list[dict[str, Any]], clf: Classifier, root: Path) -> None:
+def _ignored_html(ignored: dict[str, int] | None) -> str:
+    if not ignored:
+        return ""
+    items = ", ".join(f"{html.escape(k)} {v}" for k, v in sorted(ignored.items()))
+    n = sum(ignored.values())
+    return (
+        f"<h2>Other files ({n})</h2><p>Not classified, their suffix is not an image's ({items}); image suffixes: "
+        f"{', '.join(sorted(IMAGE_SUFFIXES))}. Convert other images (e.g. HEIC) to JPEG first.</p>"
+    )
+
+
+def write_report(
+    path: Path, rows: list[dict[str, Any]], clf: Classifier, root: Path, ignored: dict[str, int] | None = None
+) -> None:
     """Self-contained HTML: the disclaimer, a summary (counts per operating point, a histogram of P(malignant)),
     thumbnails ordered by P(malignant) with their probabilities and calls, unreadable files."""
     m = check_manifest(clf.manifest)
@@ -280,12 +360,13 @@ body{{font-family:sans-serif;margin:2em}} .card{{display:flex;gap:1em;margin:.5e
 td,th{{border:1px solid #ccc;padding:.2em .5em;text-align:left}} tr.used{{font-weight:bold}}</style></head><body>
 <p class="disclaimer">{esc(clf.disclaimer)}</p>
 <h1>Triage of {len(rows)} images</h1>
-<p>Model {esc(str(clf.path.name))} ({esc(m["export"]["target"])} {esc(m["export"]["quantize"])}), calls at the {esc(op)}
+<p>Model {esc(str(clf.path.name))} ({esc(m["export"]["target"])} {esc(m["export"]["quantize"])};
+{esc(clf.verified)}), calls at the {esc(op)}
 (the rows in bold below). Each binary task is a conditional probability: it is called only for images where its
 condition holds, and says "not applicable" elsewhere.</p>
 <h2>Summary</h2>{_summary(ok, bad, clf)}
 <h2>Images, ordered by P(malignant), highest first</h2>
 {"".join(cards)}
-<h2>Unreadable files ({len(bad)})</h2><ul>{errors}</ul></body></html>"""
+<h2>Unreadable files ({len(bad)})</h2><ul>{errors}</ul>{_ignored_html(ignored)}</body></html>"""
     with atomic_write(path, encoding="utf-8") as f:
         f.write(doc)

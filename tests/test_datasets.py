@@ -126,3 +126,14 @@ def test_custom_taxonomy(tmp_path, messy):
         ds = read_dataset(messy, tax, on_error="skip")
     assert set(ds.nodes) == {"lesion"}
     assert len(ds) == 4  # NOT_A_DISEASE now resolves; the missing, non-image and unlabelled rows still drop
+
+
+def test_a_csv_that_is_not_utf8_is_named_with_what_to_do(tmp_path):
+    import pytest
+
+    from derm.datasets import DatasetError, read_dataset
+
+    path = tmp_path / "latin1.csv"
+    path.write_bytes("image,label\nl\xe9sion.jpg,nevus\n".encode("latin-1"))
+    with pytest.raises(DatasetError, match=r"latin1\.csv' is not UTF-8 text .* at byte 13.*save it as UTF-8"):
+        read_dataset(path)

@@ -87,3 +87,25 @@ def test_bad_files_name_themselves(tmp_path):
 
 def test_spec_is_serialisable():
     assert PreprocessSpec(size=128).to_dict()["size"] == 128
+
+
+def test_edge_arrays_are_refused_and_big_photos_load_quietly(tmp_path):
+    """An empty or NaN array never reaches a model; a 120-megapixel photo (under the documented 200 Mpx limit) loads
+    without Pillow's decompression-bomb warning, and one over the limit is refused with the limit named."""
+    import numpy as np
+    import pytest
+    from PIL import Image
+
+    from derm.preprocess import MAX_PIXELS, ImageError, preprocess
+
+    with pytest.raises(ImageError, match="no pixels"):
+        preprocess(np.zeros((0, 0, 3), np.uint8), 16)
+    with pytest.raises(ImageError, match="300 NaN or infinite"):
+        preprocess(np.full((10, 10, 3), np.nan), 16)
+    big = tmp_path / "big.png"
+    Image.new("L", (12_000, 10_000)).save(big)  # 120 Mpx: Pillow alone warns from 89 Mpx
+    assert preprocess(big, 16).shape == (16, 16, 3)  # warnings are errors in this suite
+    huge = tmp_path / "huge.png"
+    Image.new("1", (20_000, 10_001)).save(huge)  # 200,020,000 pixels, 1 bit each
+    with pytest.raises(ImageError, match=f"{MAX_PIXELS:,}-pixel limit"):
+        preprocess(huge, 16)

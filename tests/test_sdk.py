@@ -160,6 +160,9 @@ def test_files_without_a_usable_manifest_are_refused(files, tmp_path):
         Classifier.load(tmp_path / "future.onnx")
     fake = tmp_path / "fake.tflite"
     fake.write_bytes(b"TFL3 but not really")
+    with pytest.raises(ModelFileError, match="is not a TFLite model: its first bytes"):
+        Classifier.load(fake)
+    fake.write_bytes(b"\x1c\x00\x00\x00TFL3" + bytes(64))  # a flatbuffer's header, no metadata
     with pytest.raises(ModelFileError, match="carries no derm manifest"):
         Classifier.load(fake)
 
@@ -177,7 +180,7 @@ def test_cli_classify_and_triage_with_resume(files, folder, tmp_path):
 
     dest = tmp_path / "triage"
     res = cli.invoke(app, ["triage", str(folder), "--model", str(tfl), "--out", str(dest)])
-    assert res.exit_code == 0, res.output
+    assert res.exit_code == 3, res.output  # finished, but a file could not be read: said, and a distinct status
     assert f"{len(images) + 1} images: {len(images)} classified, 1 unreadable" in res.output
     rows = read_rows(dest / "results.csv")
     assert len(rows) == len(images) + 1 and sum(r["status"] == "unreadable" for r in rows) == 1
@@ -188,11 +191,43 @@ def test_cli_classify_and_triage_with_resume(files, folder, tmp_path):
     order = [report.index(r["image"]) for r in sorted(rows, key=lambda r: -float(r["p_malignant"] or -1))[:-1]]
     assert order == sorted(order) and len(risks) == len(images)  # thumbnails ordered by risk
     before = (dest / "results.csv").read_bytes()
-    res = cli.invoke(app, ["triage", str(folder), "--model", str(tfl), "--out", str(dest)])
-    assert res.exit_code == 0 and f"{len(images) + 1} from the previous run" in res.output
+    # the same model by another path is the same model (identified by content): it resumes
+    copy = tmp_path / "elsewhere" / "same.tflite"
+    copy.parent.mkdir()
+    shutil.copyfile(tfl, copy)
+    res = cli.invoke(app, ["triage", str(folder), "--model", str(copy), "--out", str(dest)])
+    assert res.exit_code == 3 and f"{len(images) + 1} from the previous run" in res.output
     assert (dest / "results.csv").read_bytes() == before
     res = cli.invoke(app, ["triage", str(folder), "--model", str(onx), "--out", str(dest)])
     assert res.exit_code == 2 and "another model" in res.output
+
+
+def test_triage_lists_what_it_cannot_read_and_never_writes_a_formula(files, folder, tmp_path):
+    """Nothing vanishes: a folder or a broken link named like an image is listed as unreadable, other files are
+    counted; a file name a spreadsheet would run as a formula is written inert and read back on resume."""
+    from derm.cli import app
+
+    tfl, _, images = files
+    root = tmp_path / "photos"
+    shutil.copytree(folder, root)
+    (root / "album.jpg").mkdir()
+    (root / "gone.png").symlink_to(root / "no-such-file.png")
+    (root / "notes.txt").write_text("not an image")
+    (root / "IMG_0001.heic").write_bytes(b"\0" * 16)
+    shutil.copyfile(images[0], root / "=HYPERLINK(1).jpg")
+    dest = tmp_path / "triage"
+    res = cli.invoke(app, ["triage", str(root), "--model", str(tfl), "--out", str(dest)])
+    assert res.exit_code == 3, res.output
+    assert "3 unreadable" in res.output and "2 other files ignored" in res.output
+    rows = {r["image"]: r for r in read_rows(dest / "results.csv")}
+    assert rows["album.jpg"]["status"] == "unreadable" and "folder" in rows["album.jpg"]["error"]
+    assert rows["gone.png"]["status"] == "unreadable" and "broken symbolic link" in rows["gone.png"]["error"]
+    assert "'=HYPERLINK(1).jpg" in rows and rows["'=HYPERLINK(1).jpg"]["status"] == "ok"  # inert in a spreadsheet
+    report = (dest / "report.html").read_text()
+    assert "Other files (2)" in report and ".heic 1" in report and "Unreadable files (3)" in report
+    res = cli.invoke(app, ["triage", str(root), "--model", str(tfl), "--out", str(dest)])
+    assert res.exit_code == 3 and "from the previous run" in res.output  # the escaped name was matched on resume
+    assert len(read_rows(dest / "results.csv")) == len(rows)
 
 
 @pytest.mark.skipif(__import__("platform").system() == "Darwin", reason="off macOS only: on a Mac the file runs")
@@ -313,7 +348,7 @@ def test_classify_and_triage_show_a_task_only_where_it_applies(files, labelled, 
 
     dest = tmp_path / "triage"
     res = cli.invoke(app, ["triage", str(root), "--model", str(tfl), "--out", str(dest)])
-    assert res.exit_code == 0, res.output
+    assert res.exit_code == 3, res.output  # one unreadable file
     rows = read_rows(dest / "results.csv")
     ok = [r for r in rows if r["status"] == "ok"]
     assert len(ok) == len(labels) and len(rows) == len(labels) + 1
@@ -393,4 +428,69 @@ def test_files_without_conditions_keep_every_task(files, labelled, tmp_path):
     assert all(p.conditions == {} and all(p.applies.values()) for p in preds)
     res = cli.invoke(app, ["classify", preds[0].source, "--model", str(tmp_path / "old.onnx")])
     assert res.exit_code == 0 and "not applicable" not in res.output
-    assert all(f"  {t}: {clf.task_info[t]['name']}, conditional probability: " in res.output for t in clf.tasks)
+    assert all(f"  {t}: {clf.task_info[t]['name']}, conditional probability " in res.output for t in clf.tasks)
+
+
+def test_triage_interrupted_keeps_finished_results_and_resumes(files, folder, tmp_path, monkeypatch):
+    """Ctrl-C in the middle of a triage: the results so far are written (not lost up to the next checkpoint), the
+    command says so and exits 130, and the same command finishes the rest."""
+    from derm.classifier import Classifier
+    from derm.cli import app
+
+    tfl, _, images = files
+    real = Classifier.predict_many
+
+    def interrupted_after_two(self, sources, **kw):
+        for i, item in enumerate(real(self, sources, **kw)):
+            if i == 2:
+                raise KeyboardInterrupt
+            yield item
+
+    dest = tmp_path / "triage"
+    monkeypatch.setattr(Classifier, "predict_many", interrupted_after_two)
+    res = cli.invoke(app, ["triage", str(folder), "--model", str(tfl), "--out", str(dest)])
+    assert res.exit_code == 130 and "Interrupted: 2 of" in res.output and "resumes" in res.output
+    assert len(read_rows(dest / "results.csv")) == 2 and "Traceback" not in res.output
+    monkeypatch.setattr(Classifier, "predict_many", real)
+    res = cli.invoke(app, ["triage", str(folder), "--model", str(tfl), "--out", str(dest)])
+    assert res.exit_code == 3 and "2 from the previous run" in res.output
+    assert len(read_rows(dest / "results.csv")) == len(images) + 1
+
+
+def test_damaged_or_misnamed_files_never_give_an_answer(files, tmp_path):
+    """A byte flipped inside the weights is caught by the digest the manifest recorded at export; a truncated file and
+    an ONNX file renamed .tflite are named for what they are, not as "not written by derm-export"."""
+    from derm.classifier import Classifier
+    from derm.cli import app
+    from derm.manifest import ModelFileError, tflite_weights_digest
+
+    tfl, onx, images = files
+    clf = Classifier.load(tfl)
+    assert clf.verified.startswith("weights verified")
+    data = bytearray(Path(tfl).read_bytes())
+    assert clf.manifest["integrity"]["weights_sha256"] == tflite_weights_digest(bytes(data))
+    # flip one byte in the middle of the largest weight buffer
+    from ai_edge_litert import schema_py_generated as schema
+
+    raw = bytes(data)
+    model = schema.Model.GetRootAs(raw, 0)
+    big = max(range(model.BuffersLength()), key=lambda i: model.Buffers(i).DataLength())
+    payload = model.Buffers(big).DataAsNumpy().tobytes()
+    at = raw.find(payload[:64]) + len(payload) // 2
+    assert len(payload) > 1000 and at > 64
+    data[at] ^= 0x01
+    damaged = tmp_path / "damaged.tflite"
+    damaged.write_bytes(bytes(data))
+    with pytest.raises(ModelFileError, match="damaged or was altered after export"):
+        Classifier.load(damaged)
+    res = cli.invoke(app, ["classify", images[0], "--model", str(damaged)])
+    assert res.exit_code == 2 and "damaged or was altered" in res.output and "top classes" not in res.output
+    truncated = tmp_path / "truncated.tflite"
+    truncated.write_bytes(Path(tfl).read_bytes()[:-5000])
+    with pytest.raises(ModelFileError, match="truncated or damaged"):
+        Classifier.load(truncated)
+    renamed = tmp_path / "renamed.tflite"
+    renamed.write_bytes(Path(onx).read_bytes())
+    with pytest.raises(ModelFileError, match=r"not a TFLite model.*ONNX"):
+        Classifier.load(renamed)
+    assert Classifier.load(onx).verified.startswith("weights not verified")  # said, not hidden

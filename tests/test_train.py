@@ -118,6 +118,28 @@ def test_existing_run_directory_is_refused(bottleneck_run):
         train(dataclasses.replace(cfg))
 
 
+def test_overwrite_replaces_only_run_directories(bottleneck_run, tmp_path):
+    """--overwrite on a folder that is not a run directory (a user's photos and notes) deletes nothing."""
+    import dataclasses
+
+    from derm.trainer.train import TrainError, train
+
+    cfg, _ = bottleneck_run
+    photos = tmp_path / "my photos"
+    photos.mkdir()
+    (photos / "lesion.jpg").write_bytes(b"precious")
+    (photos / "notes.txt").write_text("appointments")
+    with pytest.raises(TrainError, match=r"not a run directory .* holds lesion\.jpg, notes\.txt.*nothing was deleted"):
+        train(dataclasses.replace(cfg, out=str(photos), overwrite=True))
+    assert sorted(p.name for p in photos.iterdir()) == ["lesion.jpg", "notes.txt"]
+    assert not (tmp_path / "my photos.partial").exists()
+    a_file = tmp_path / "run.txt"
+    a_file.write_text("x")
+    with pytest.raises(TrainError, match="is a file, not a folder"):
+        train(dataclasses.replace(cfg, out=str(a_file), overwrite=True))
+    assert a_file.read_text() == "x"
+
+
 def test_finetune_mode_uses_the_paper_optimizer(small_csv, tmp_path):
     from derm.trainer.model import load_model
     from derm.trainer.train import TrainConfig, train
@@ -341,7 +363,7 @@ def test_source_weights_weigh_a_source_within_the_class_weights(bottleneck_run, 
     np.testing.assert_allclose(ratio, 5.0, rtol=1e-5)  # same class, five times the weight
     run = train(cfg)
     assert json.loads((run / "config.json").read_text())["source_weights"] == {"phone": 5}
-    with pytest.raises(TrainError, match=r"no row's 'source' holds.*\['tablet'\]"):
+    with pytest.raises(TrainError, match=r"\['tablet'\], which no row's 'source' holds"):
         sample_weights(dataclasses.replace(cfg, source_weights={"tablet": 2.0}), prep, tr)
     with pytest.raises(TrainError, match=r"source_weights must be .* received \{'phone': -1\}"):
         TrainConfig.from_dict({"data": "x", "out": "y", "source_weights": {"phone": -1}})

@@ -214,7 +214,9 @@ def cv_command(
 
 
 def main() -> None:
-    app()
+    from derm._cli import run_app
+
+    run_app(app)
 
 
 if __name__ == "__main__":

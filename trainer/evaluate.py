@@ -253,4 +253,6 @@ def eval_command(
 
 
 def main() -> None:
-    app()
+    from derm._cli import run_app
+
+    run_app(app)

@@ -573,16 +573,43 @@ def _finetune(
         best_path.unlink()
 
 
+def is_run_directory(path: Path) -> bool:
+    """A folder derm-train wrote: its run.json names the files it holds, and it holds nothing else but those and the
+    files written beside them later (exports, evaluations)."""
+    try:
+        run = json.loads((path / "run.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(run, dict) and run.get("format") == RUN_FORMAT and isinstance(run.get("files"), dict)
+
+
+def check_out(out: Path, overwrite: bool) -> None:
+    """``--out`` can be written: a new or empty folder, or (with ``overwrite``) a run directory; never a file or a
+    folder of something else, which ``--overwrite`` would delete."""
+    if out.exists() and not out.is_dir():
+        raise TrainError(f"--out {str(out)!r} is a file, not a folder; choose a folder for the run directory.")
+    if not out.exists() or not any(out.iterdir()):
+        return
+    if not overwrite:
+        raise TrainError(
+            f"Run directory {str(out)!r} exists and is not empty. Choose another --out or pass --overwrite."
+        )
+    if not is_run_directory(out):
+        held = sorted(p.name for p in out.iterdir())
+        shown = ", ".join(held[:6]) + (f" and {len(held) - 6} more" if len(held) > 6 else "")
+        raise TrainError(
+            f"{str(out)!r} is not a run directory written by derm-train (no valid run.json; it holds {shown}). "
+            "--overwrite replaces only run directories, so nothing was deleted: choose another --out."
+        )
+
+
 def train(cfg: TrainConfig | Mapping[str, Any]) -> Path:
     """Run one training as configured; returns the finished run directory."""
     if not isinstance(cfg, TrainConfig):
         cfg = TrainConfig.from_dict(cfg)
     cfg.check()
     out = Path(cfg.out)
-    if out.exists() and any(out.iterdir()) and not cfg.overwrite:
-        raise TrainError(
-            f"Run directory {str(out)!r} exists and is not empty. Choose another --out or pass --overwrite."
-        )
+    check_out(out, cfg.overwrite)
     work = out.with_name(out.name + ".partial")
     if (work / "config.json").is_file():
         prev = json.loads((work / "config.json").read_text(encoding="utf-8"))
