@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import sys
 from pathlib import Path
 from typing import Annotated, Optional
@@ -147,15 +146,12 @@ def export_command(
 
 
 def _check_writable(path: Path, option: str) -> None:
+    from derm.exporter.export import check_writable_parent
     from derm.exporter.graph import ExportError
 
     if path.is_dir():
         raise ExportError(f"{option} {str(path)!r} is a folder; give a file name.")
-    parent = next((p for p in [path.parent, *path.parent.parents] if p.exists()), Path("."))
-    if not parent.is_dir():
-        raise ExportError(f"{option} {str(path)!r}: {str(parent)!r} is a file, not a folder.")
-    if not os.access(parent, os.W_OK):
-        raise ExportError(f"{option} {str(path)!r}: the folder {str(parent)!r} is not writable.")
+    check_writable_parent(path, option)
 
 
 GATE_NOTE = (

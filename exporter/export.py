@@ -355,6 +355,18 @@ def _remove(path: Path) -> None:
         path.unlink()
 
 
+def check_writable_parent(path: Path, option: str) -> None:
+    """``path`` can be created: its nearest existing ancestor is a writable folder (checked before minutes of
+    conversion, not after)."""
+    parent = next((p for p in [path.parent, *path.parent.parents] if p.exists()), Path("."))
+    if not parent.is_dir():
+        raise ExportError(f"{option} {str(path)!r}: {str(parent)!r} is a file, not a folder; choose another {option}.")
+    if not os.access(parent, os.W_OK):
+        raise ExportError(
+            f"{option} {str(path)!r}: the folder {str(parent)!r} is not writable; choose another {option}."
+        )
+
+
 def _check_run_hashes(run: Path) -> None:
     """The run's files are the ones derm-train wrote: each sha256 that ``run.json`` records must match, so a damaged
     or swapped model.keras is never exported (and stamped into a manifest) as if it were the trained one."""
@@ -393,11 +405,7 @@ def export(cfg: ExportConfig) -> ExportResult:
     if out.exists() and target.is_directory != out.is_dir() and not out.is_symlink():
         kind = "folder" if out.is_dir() else "file"
         raise ExportError(f"Output {str(out)!r} exists and is a {kind}; choose another --out.")
-    existing = next((p for p in [out.parent, *out.parent.parents] if p.exists()), Path("."))
-    if not existing.is_dir():
-        raise ExportError(f"--out {str(out)!r}: {str(existing)!r} is a file, not a folder; choose another --out.")
-    if not os.access(existing, os.W_OK):
-        raise ExportError(f"--out {str(out)!r}: the folder {str(existing)!r} is not writable; choose another --out.")
+    check_writable_parent(out, "--out")
     if out.suffix != target.suffix:
         raise ExportError(f"Output {str(out)!r} should end in {target.suffix!r} for target {target.name!r}.")
     if (out.exists() or out.is_symlink()) and not cfg.overwrite:
