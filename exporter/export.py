@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 
 from derm._progress import track
-from derm._util import sha256_file
+from derm._util import first_hash_mismatch, sha256_file
 from derm.aggregation import task_targets
 from derm.exporter.equalize import DEFAULT_ALPHA
 from derm.exporter.graph import DEFAULT_LEVELS, ExportError, OutputSpec, build_export_model, output_specs
@@ -378,13 +378,13 @@ def _check_run_hashes(run: Path) -> None:
         raise ExportError(
             f"{str(run / 'run.json')!r} is missing or unreadable: {str(run)!r} is not a finished derm-train run."
         ) from None
-    for name in ("model.keras", "partition.json", "taxonomy.json", "metrics.json", "preprocess.json"):
-        want = files.get(name)
-        if want and (run / name).is_file() and sha256_file(run / name) != want:
-            raise ExportError(
-                f"{str(run / name)!r} does not match the sha256 run.json recorded for it: the run was changed or "
-                "damaged after training. Restore it, or train (or rebuild the reference model) again."
-            )
+    names = ("model.keras", "partition.json", "taxonomy.json", "metrics.json", "preprocess.json")
+    bad = first_hash_mismatch(run, {n: files[n] for n in names if n in files and (run / n).is_file()})
+    if bad is not None:
+        raise ExportError(
+            f"{str(run / bad[0])!r} does not match the sha256 run.json recorded for it: the run was changed or "
+            "damaged after training. Restore it, or train (or rebuild the reference model) again."
+        )
 
 
 def export(cfg: ExportConfig) -> ExportResult:

@@ -41,6 +41,19 @@ def sha256_file(path: str | os.PathLike[str], chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
+def first_hash_mismatch(folder: str | os.PathLike[str], files: dict[str, str]) -> tuple[str, str | None] | None:
+    """The first of ``files`` (name -> recorded sha256) that is missing from ``folder`` (``(name, None)``) or whose
+    sha256 differs (``(name, its sha256)``); None when every file matches."""
+    for name, want in files.items():
+        path = Path(folder) / name
+        if not path.is_file():
+            return name, None
+        got = sha256_file(path)
+        if got != want:
+            return name, got
+    return None
+
+
 @contextlib.contextmanager
 def atomic_write(path: str | os.PathLike[str], mode: str = "w", **kwargs: Any) -> Iterator[Any]:
     """Open a temporary file beside ``path``; rename it over ``path`` only if the block succeeds.

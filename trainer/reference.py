@@ -27,7 +27,7 @@ from typing import Annotated, Any
 import numpy as np
 import typer
 
-from derm._util import atomic_write, sha256_file
+from derm._util import atomic_write, first_hash_mismatch, sha256_file
 from derm.errors import DermError
 from derm.splits import group_components, kfold
 
@@ -384,16 +384,15 @@ def _verify_files(ref: Path) -> dict[str, Any]:
     info = json.loads(path.read_text(encoding="utf-8"))
     if info.get("format") != REFERENCE_FORMAT:
         raise ReferenceError(f"{str(path)!r} has format {info.get('format')!r}; this version reads {REFERENCE_FORMAT}.")
-    for name, want in info["files"].items():
-        f = ref / name
-        if not f.is_file():
-            raise ReferenceError(f"{str(f)!r} is missing from the reference folder; restore it from git.")
-        got = sha256_file(f)
-        if got != want:
-            raise ReferenceError(
-                f"{str(f)!r} has sha256 {got}, reference.json records {want}: the file was changed or damaged. "
-                "Restore it from git (git checkout -- reference/)."
-            )
+    bad = first_hash_mismatch(ref, info["files"])
+    if bad is not None:
+        name, got = bad
+        if got is None:
+            raise ReferenceError(f"{str(ref / name)!r} is missing from the reference folder; restore it from git.")
+        raise ReferenceError(
+            f"{str(ref / name)!r} has sha256 {got}, reference.json records {info['files'][name]}: the file was changed "
+            "or damaged. Restore it from git (git checkout -- reference/)."
+        )
     return info
 
 
@@ -489,12 +488,11 @@ def _read_gz(path: Path) -> list[dict[str, str]]:
 
 def check_run_files(run: Path) -> None:
     """Every file ``run.json`` lists has the recorded sha256."""
-    files = json.loads((run / "run.json").read_text(encoding="utf-8")).get("files", {})
-    for name, want in files.items():
-        if not (run / name).is_file() or sha256_file(run / name) != want:
-            raise ReferenceError(
-                f"{str(run / name)!r} is missing or changed since it was built; rebuild with --overwrite."
-            )
+    bad = first_hash_mismatch(run, json.loads((run / "run.json").read_text(encoding="utf-8")).get("files", {}))
+    if bad is not None:
+        raise ReferenceError(
+            f"{str(run / bad[0])!r} is missing or changed since it was built; rebuild with --overwrite."
+        )
 
 
 # ------------------------------------------------------------------------------------------------- training
