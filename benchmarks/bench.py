@@ -159,7 +159,9 @@ def bench(
     n_boot: int,
     device: dict[str, Any] | None,
 ) -> dict[str, Any]:
+    from derm._util import unwritable
     from derm.classifier import Classifier
+    from derm.datasets import readable_images
     from derm.exporter.export import ExportConfig, export, parity
     from derm.exporter.graph import build_export_model, output_specs
     from derm.exporter.targets import check_quantize, get_target
@@ -167,11 +169,22 @@ def bench(
     from derm.preprocess import preprocess
     from derm.trainer.evaluate import load_run
 
-    made = []
+    # everything that can be wrong with the inputs is found before minutes of exporting
+    if problem := unwritable(out / "bench.json"):
+        raise DermError(f"--out {str(out)!r}: {problem}; choose another --out.")
+    manifests = {str(path): read_manifest(path) for path in files}
+    jobs = []
     for spec in targets:
         name, _, quantize = spec.partition(":")
         target = get_target(name)
-        quantize = check_quantize(target, quantize or target.default_quantize)
+        jobs.append((name, target, check_quantize(target, quantize or target.default_quantize)))
+    model, tax, part, _ = load_run(run)
+    size = int(model.input_shape[1])
+    paths, nodes, source = _labelled_images(run, data, limit, seed, tax)
+    with readable_images(data or run / "split.csv"):
+        images = np.stack([preprocess(p, size) for p in paths])
+    made = []
+    for name, target, quantize in jobs:
         res = export(
             ExportConfig(
                 run=str(run),
@@ -184,10 +197,7 @@ def bench(
             )
         )
         made.append(res.path)
-    model, tax, part, _ = load_run(run)
-    size = int(model.input_shape[1])
-    paths, nodes, source = _labelled_images(run, data, limit, seed, tax)
-    images = np.stack([preprocess(p, size) for p in paths])
+        manifests[str(res.path)] = read_manifest(res.path)
     specs = output_specs(part)
     reference = build_export_model(model, part, specs).predict(images, batch_size=16, verbose=0)
     rows: list[dict[str, Any]] = [
@@ -197,7 +207,7 @@ def bench(
         }
     ]
     for path in [*made, *files]:
-        manifest = read_manifest(path)
+        manifest = manifests[str(path)]
         target = get_target(manifest["export"]["target"])
         quantize = manifest["export"]["quantize"]
         row: dict[str, Any] = {"file": str(path), "target": target.name, "quantize": quantize}

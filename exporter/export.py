@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 
 from derm._progress import track
-from derm._util import first_hash_mismatch, sha256_file
+from derm._util import first_hash_mismatch, sha256_file, unwritable
 from derm.aggregation import task_targets
 from derm.exporter.equalize import DEFAULT_ALPHA
 from derm.exporter.graph import DEFAULT_LEVELS, ExportError, OutputSpec, build_export_model, output_specs
@@ -356,15 +356,10 @@ def _remove(path: Path) -> None:
 
 
 def check_writable_parent(path: Path, option: str) -> None:
-    """``path`` can be created: its nearest existing ancestor is a writable folder (checked before minutes of
-    conversion, not after)."""
-    parent = next((p for p in [path.parent, *path.parent.parents] if p.exists()), Path("."))
-    if not parent.is_dir():
-        raise ExportError(f"{option} {str(path)!r}: {str(parent)!r} is a file, not a folder; choose another {option}.")
-    if not os.access(parent, os.W_OK):
-        raise ExportError(
-            f"{option} {str(path)!r}: the folder {str(parent)!r} is not writable; choose another {option}."
-        )
+    """``path`` can be created (checked before minutes of conversion, not after)."""
+    problem = unwritable(path)
+    if problem:
+        raise ExportError(f"{option} {str(path)!r}: {problem}; choose another {option}.")
 
 
 def _check_run_hashes(run: Path) -> None:

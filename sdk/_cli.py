@@ -4,6 +4,7 @@ finished results kept) with one line and exit status 130, never a traceback."""
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
 from typing import Any
@@ -27,7 +28,13 @@ def cli_app(name: str, help: str) -> typer.Typer:
 
 
 def run_app(app: Any) -> None:
-    """Run a command line app with SIGINT / SIGTERM turned into :class:`Interrupted`."""
+    """Run a command line app with SIGINT / SIGTERM turned into :class:`Interrupted`.
+
+    TensorFlow's C++ log (CUDA probing on a machine without a GPU, and Python tracebacks it logs from input pipeline
+    threads when an image cannot be read, which the command reports itself in one line) is off unless the user sets
+    ``TF_CPP_MIN_LOG_LEVEL``.
+    """
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     previous = {s: signal.signal(s, _raise) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         app()

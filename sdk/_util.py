@@ -76,3 +76,23 @@ def atomic_write(path: str | os.PathLike[str], mode: str = "w", **kwargs: Any) -
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+def unwritable(path: str | os.PathLike[str]) -> str | None:
+    """Why ``path`` (a file or folder to be created or replaced) cannot be written, in words; None when it can.
+
+    Checked before long work, so that a bad output path fails in a second, not after minutes of computation: the
+    nearest existing folder above ``path`` must be a folder and writable.
+    """
+    path = Path(path)
+    parent = next((p for p in [path.parent, *path.parent.parents] if p.exists()), Path("."))
+    if not parent.is_dir():
+        return f"{str(parent)!r} is a file, not a folder"
+    if not os.access(parent, os.W_OK):
+        return f"the folder {str(parent)!r} is not writable"
+    return None
+
+
+def not_utf8(path: str | os.PathLike[str], exc: UnicodeDecodeError) -> str:
+    """The one wording for a text file that is not UTF-8 (echoes the file and where the bad byte is)."""
+    return f"{str(path)!r} is not UTF-8 text ({exc.reason} at byte {exc.start}); save it as UTF-8"

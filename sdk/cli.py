@@ -253,15 +253,21 @@ def data_split(
     skip_bad: SkipBadOpt = False,
 ) -> None:
     """Group-aware, class-stratified k-fold split: no group (lesion, patient) or near-duplicate straddles folds."""
-    from derm._util import atomic_write
+    from derm._util import atomic_write, unwritable
+    from derm.datasets import readable_images
     from derm.splits import describe_folds, group_components, image_fingerprints, kfold
 
     with _user_errors():
+        if out.is_dir():
+            raise ValueError(f"--out {str(out)!r} is a folder; give the path of the CSV to write.")
         if out.exists() and not overwrite:
             raise ValueError(f"Output {str(out)!r} exists; pass --overwrite to replace it.")
+        if problem := unwritable(out):
+            raise ValueError(f"--out {str(out)!r}: {problem}; choose another --out.")
         tax = _load(taxonomy)
         ds = _read(data, tax, skip_bad)
-        fps = image_fingerprints(ds.paths) if near_duplicates else None
+        with readable_images(data):
+            fps = image_fingerprints(ds.paths) if near_duplicates else None
         comps = group_components(len(ds), ds.groups, fps)
         fold = kfold(ds.nodes, comps, k=folds, seed=seed)
         with atomic_write(out, newline="") as f:

@@ -8,12 +8,14 @@ training starts; ``on_error="skip"`` drops those rows with a warning instead.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import logging
 import os
+import re
 import warnings
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +27,7 @@ from PIL import Image
 from derm._progress import track
 from derm._util import sha256_file
 from derm.errors import DatasetError
+from derm.preprocess import ImageError
 from derm.taxonomy import Taxonomy, default_taxonomy
 
 log = logging.getLogger(__name__)
@@ -82,7 +85,41 @@ class Dataset:
             "group_column": self.group_column,
             "labels": dict(sorted(self.label_counts().items())),
             "taxonomy": {"name": self.taxonomy.name, "sha256": self.taxonomy.sha256},
+            **({"skipped_rows": len(self.skipped)} if self.skipped else {}),
         }
+
+
+_WRAPPED = re.compile(r"ImageError: (.+)")
+
+
+@contextlib.contextmanager
+def readable_images(data: str | os.PathLike[str]) -> Iterator[None]:
+    """Work that needs every image of the CSV ``data``: an image that cannot be decoded ends it with one
+    :class:`ImageError` naming the file and how to list every such file (not a TensorFlow traceback: tf.data wraps
+    errors raised inside its pipeline)."""
+
+    def hinted(message: str) -> ImageError:
+        message = message.strip().rstrip(".")
+        return ImageError(
+            f"{message}. Every listed image is needed here: `derm data check {data} --decode` lists all that cannot "
+            "be decoded; fix them or remove their rows."
+        )
+
+    try:
+        yield
+    except ImageError as exc:
+        raise hinted(str(exc)) from None
+    except Exception as exc:
+        found = _WRAPPED.search(str(getattr(exc, "message", "")) or str(exc))
+        if found is None or type(exc).__module__.split(".")[0] != "tensorflow":
+            raise
+        raise hinted(found.group(1)) from None
+
+
+def csv_header(csv_path: str | os.PathLike[str]) -> list[str]:
+    """The column names of a UTF-8 CSV (for messages that say which columns there are)."""
+    with open(csv_path, newline="", encoding="utf-8-sig", errors="replace") as f:
+        return next(csv.reader(f), [])
 
 
 def read_dataset(
@@ -209,8 +246,8 @@ def read_dataset(
         if on_error == "raise":
             raise DatasetError(
                 f"{str(csv_path)!r}: {len(bad_rows)} of {len(rows)} rows have problems ({summary}):\n"
-                f"{listing}{more}{hint}\nFix them (`derm data check CSV --decode` lists them all), or skip those rows "
-                "(Python: on_error='skip'; derm data / derm taxonomy: --skip-bad).",
+                f"{listing}{more}{hint}\nFix them (`derm data check {csv_path} --decode` lists them all), or skip "
+                "those rows with --skip-bad (Python: on_error='skip').",
                 problems,
             )
         msg = f"{str(csv_path)!r}: skipping {len(bad_rows)} of {len(rows)} rows ({summary})."

@@ -18,6 +18,7 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from derm._progress import track
+from derm.preprocess import ImageError
 
 log = logging.getLogger(__name__)
 
@@ -88,7 +89,7 @@ def image_fingerprints(paths: Sequence[str | os.PathLike[str]], workers: int | N
                 im = ImageOps.exif_transpose(_rgb(im))
                 return perceptual_hash(im), thumbnail_vector(im)
         except Exception as exc:
-            raise OSError(f"Cannot fingerprint image {str(p)!r}: {exc}") from exc
+            raise ImageError(f"Cannot read image {str(p)!r} ({type(exc).__name__}: {exc}).") from None
 
     with ThreadPoolExecutor(workers) as pool:
         out = list(track(pool.map(one, paths), "Fingerprinting images", total=len(paths)))

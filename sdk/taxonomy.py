@@ -16,7 +16,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from derm._util import normalize_label, sha256_json
+from derm._util import normalize_label, not_utf8, sha256_json
 from derm.errors import TaxonomyError
 
 SCHEMA_VERSION = 1
@@ -254,7 +254,15 @@ def load_taxonomy(path: str | Path | None = None) -> Taxonomy:
     path = Path(path)
     if not path.is_file():
         raise TaxonomyError(f"Taxonomy file not found: {str(path)!r}. Pass an existing .yaml or .json file.")
-    text = path.read_text(encoding="utf-8")
+    if path.suffix.lower() not in (".yaml", ".yml", ".json"):
+        raise TaxonomyError(
+            f"Taxonomy file {str(path)!r} has suffix {path.suffix!r}; expected .yaml, .yml or .json (a labelled image "
+            "CSV goes to --data, not --taxonomy)."
+        )
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise TaxonomyError(f"Taxonomy file {not_utf8(path, exc)}.") from None
     return Taxonomy.from_dict(_parse(text, path.suffix.lower(), str(path)), source=str(path))
 
 

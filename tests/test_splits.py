@@ -115,5 +115,7 @@ def test_errors(call, message):
 def test_unreadable_image_is_named(tmp_path):
     bad = tmp_path / "x.jpg"
     bad.write_text("nope")
-    with pytest.raises(OSError, match=r"x\.jpg"):
+    from derm.preprocess import ImageError
+
+    with pytest.raises(ImageError, match=r"Cannot read image .*x\.jpg"):
         image_fingerprints([bad])

@@ -94,6 +94,12 @@ SOURCE_WEIGHT = Annotated[
 ]
 SOURCE_COLUMN = Annotated[str | None, _opt("Column --source-weight reads [source].", "--source-column")]
 OVERWRITE = Annotated[bool, typer.Option("--overwrite", help="Replace an existing run directory.")]
+SKIP_BAD = Annotated[
+    bool,
+    typer.Option(
+        "--skip-bad", help="Leave out rows with unknown labels or missing / unreadable images (counted in the run)."
+    ),
+]
 
 
 def _source_weights(items: list[str] | None) -> dict[str, float] | None:
@@ -150,10 +156,12 @@ def train_command(
     source_weight: SOURCE_WEIGHT = None,
     source_column: SOURCE_COLUMN = None,
     overwrite: OVERWRITE = False,
+    skip_bad: SKIP_BAD = False,
 ) -> None:
     """Train one model into a run directory (model.keras, taxonomy, partition, preprocessing, config, metrics)."""
     given = {k: v for k, v in locals().items() if k not in ("config", "source_weight")}
     given["overwrite"] = overwrite or None
+    given["skip_bad"] = skip_bad or None
     given["source_weights"] = _run(_source_weights, source_weight)
     from derm.evaluation import format_summary
     from derm.trainer.train import train
@@ -197,11 +205,13 @@ def cv_command(
     source_weight: SOURCE_WEIGHT = None,
     source_column: SOURCE_COLUMN = None,
     overwrite: OVERWRITE = False,
+    skip_bad: SKIP_BAD = False,
     folds: Annotated[int, typer.Option("--folds", help="Number of group-aware folds (the paper: 9).")] = 9,
 ) -> None:
     """k-fold cross-validation: OUT/fold_K runs (each tested on its held-out fold) and OUT/cv.md."""
     given = {k: v for k, v in locals().items() if k not in ("config", "folds", "source_weight")}
     given["overwrite"] = overwrite or None
+    given["skip_bad"] = skip_bad or None
     given["source_weights"] = _run(_source_weights, source_weight)
     from derm.trainer.train import cross_validate
 

@@ -18,7 +18,7 @@ from typing import Annotated, Any
 import numpy as np
 import typer
 
-from derm._util import atomic_write
+from derm._util import atomic_write, unwritable
 from derm.datasets import Dataset, read_dataset
 from derm.errors import DermError
 from derm.evaluation import evaluate, format_summary
@@ -116,14 +116,20 @@ def run_eval(
     batch_size: int = 32,
     n_boot: int = 1000,
     seed: int = 0,
+    skip_bad: bool = False,
 ) -> dict[str, Any]:
-    """Evaluate a run on a labelled CSV and write metrics, predictions, plots and report.html into ``out``."""
+    """Evaluate a run on a labelled CSV and write metrics, predictions, plots and report.html into ``out``.
+    ``skip_bad`` leaves out rows with unknown labels or missing / unreadable images (else the CSV is refused)."""
     from derm.aggregation import inference_targets
+    from derm.datasets import readable_images
     from derm.evaluation import resolve_level
     from derm.preprocess import preprocess
     from derm.trainer import report
 
     run_dir, out = Path(run_dir), Path(out)
+    problem = unwritable(out / "metrics.json")
+    if problem:
+        raise EvalError(f"--out {str(out)!r}: {problem}; choose another --out.")
     model, tax, part, cfg = load_run(run_dir)
     size = int(model.input_shape[1])
     ds = read_dataset(
@@ -132,9 +138,12 @@ def run_eval(
         image_column=cfg.get("image_column", "image"),
         label_column=cfg.get("label_column", "label"),
         group_column=cfg.get("group_column", "auto"),
+        on_error="skip" if skip_bad else "raise",
+        check_images="decode" if skip_bad else "header",
     )
     ds = ds.subset(_select_rows(ds, run_dir, role))
-    probs, emb = predict(model, ds.paths, size, batch_size)
+    with readable_images(data):
+        probs, emb = predict(model, ds.paths, size, batch_size)
     result = evaluate(probs, ds.nodes, part, levels=("three", "nine", "labels"), n_boot=n_boot, seed=seed)
     result["run"] = str(run_dir)
     result["data"] = ds.describe()
@@ -230,6 +239,9 @@ def eval_command(
     saliency_images: Annotated[int, typer.Option("--saliency", help="Saliency maps to draw (0: none).")] = 8,
     batch_size: Annotated[int, typer.Option("--batch-size")] = 32,
     seed: Annotated[int, typer.Option("--seed")] = 0,
+    skip_bad: Annotated[
+        bool, typer.Option("--skip-bad", help="Leave out rows with unknown labels or missing / unreadable images.")
+    ] = False,
 ) -> None:
     """Evaluate a trained run the paper's way: 3-way and 9-way mean per-class accuracy, binary-task ROC/AUC."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
@@ -244,6 +256,7 @@ def eval_command(
             saliency_images=saliency_images,
             batch_size=batch_size,
             seed=seed,
+            skip_bad=skip_bad,
         )
     except (DermError, ValueError) as exc:
         typer.secho(f"Error: {exc}", err=True, fg=typer.colors.RED)

@@ -25,6 +25,9 @@ import math
 import os
 import shutil
 import time
+import types
+import typing
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,7 +36,7 @@ from typing import Any
 import numpy as np
 
 from derm import metrics
-from derm._util import atomic_write, sha256_file
+from derm._util import atomic_write, not_utf8, sha256_file, unwritable
 from derm.datasets import Dataset, read_dataset
 from derm.errors import DermError, TaxonomyError
 from derm.evaluation import dataset_level, evaluate, format_summary, summary_row
@@ -103,6 +106,7 @@ class TrainConfig:
     blurry_quantile: float = 0.0  # drop images below this sharpness quantile from validation and test (not train)
     strategy: str = "auto"  # tf.distribute: auto (mirrored when several GPUs), default, mirrored
     overwrite: bool = False
+    skip_bad: bool = False  # leave out rows with unknown labels or missing / unreadable images (else refuse the CSV)
 
     # ------------------------------------------------------------------ construction and checks
     @classmethod
@@ -125,6 +129,14 @@ class TrainConfig:
         def bad(name: str, want: str) -> TrainError:
             return TrainError(f"{name} must be {want}; received {getattr(self, name)!r}.")
 
+        hints = typing.get_type_hints(type(self))
+        for f in dataclasses.fields(self):
+            if not _has_type(getattr(self, f.name), hints[f.name]):
+                v = getattr(self, f.name)
+                raise TrainError(
+                    f"{f.name} must be {_type_words(hints[f.name])}; received {v!r} ({type(v).__name__}). Fix it in "
+                    "the config file or the command line."
+                )
         if self.mode not in MODES:
             raise bad("mode", f"one of {', '.join(MODES)}")
         if self.class_weighting not in CLASS_WEIGHTING:
@@ -184,6 +196,40 @@ class TrainConfig:
                 )
 
 
+def _has_type(value: Any, hint: Any) -> bool:
+    """``value`` is of the annotated type (JSON/YAML shapes: int is not bool, a float accepts an int)."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(_has_type(value, a) for a in args)
+    if hint is type(None):
+        return value is None
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if origin in (list, tuple):
+        return isinstance(value, (list, tuple)) and all(_has_type(v, args[0]) for v in value)
+    if origin is dict:
+        return isinstance(value, dict) and all(
+            _has_type(k, args[0]) and _has_type(v, args[1]) for k, v in value.items()
+        )
+    return isinstance(value, hint)
+
+
+def _type_words(hint: Any) -> str:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_words(a) for a in args)
+    if origin in (list, tuple):
+        return f"a list of {_type_words(args[0]).removeprefix('a ').removeprefix('an ')}s"
+    if origin is dict:
+        return f"a mapping of {_type_words(args[0])} to {_type_words(args[1])}"
+    words = {str: "a string", int: "an integer", float: "a number", bool: "true or false", type(None): "null"}
+    return words.get(hint, getattr(hint, "__name__", str(hint)))
+
+
 def read_config_file(path: str | os.PathLike[str]) -> dict[str, Any]:
     """A YAML or JSON mapping of :class:`TrainConfig` fields."""
     import yaml
@@ -193,6 +239,9 @@ def read_config_file(path: str | os.PathLike[str]) -> dict[str, Any]:
         raise TrainError(f"Config file not found: {str(path)!r}.")
     try:
         text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise TrainError(f"Config file {not_utf8(path, exc)}.") from None
+    try:
         data = json.loads(text) if path.suffix.lower() == ".json" else yaml.safe_load(text)
     except (ValueError, yaml.YAMLError) as exc:
         raise TrainError(f"Cannot parse config file {str(path)!r}: {exc}") from exc
@@ -233,16 +282,45 @@ def _within(tax: Taxonomy, ds: Dataset, within: str | Sequence[str]) -> str | tu
     return within if isinstance(within, str) else tuple(within)
 
 
+def _check_columns(cfg: TrainConfig, ds: Dataset) -> None:
+    """The columns that holdout and source_weights name exist, before minutes of fingerprinting and features."""
+    from derm.datasets import csv_header
+
+    needs = []
+    if cfg.holdout is not None:
+        needs.append(("holdout", cfg.holdout.split("=", 1)[0], "--holdout COLUMN=VALUE"))
+    if cfg.source_weights:
+        needs.append(("source_weights", cfg.source_column, "--source-column"))
+    for what, col, fix in needs:
+        if col not in ds.extras:
+            raise TrainError(
+                f"{what} needs a {col!r} column in {cfg.data!r}; its columns are {csv_header(cfg.data)}. Name "
+                f"another column with {fix}."
+            )
+    if cfg.source_weights:
+        values = set(ds.extras[cfg.source_column])
+        unknown = sorted(set(cfg.source_weights) - values)
+        if unknown:
+            raise TrainError(
+                f"source_weights name {unknown}, which no row's {cfg.source_column!r} holds; values: {sorted(values)}."
+            )
+
+
 def prepare(cfg: TrainConfig) -> Prepared:
     """Read the data, partition the taxonomy and assign every image a role (group-aware)."""
     tax = load_taxonomy(cfg.taxonomy) if cfg.taxonomy else default_taxonomy()
-    ds = read_dataset(
-        cfg.data,
-        tax,
-        image_column=cfg.image_column,
-        label_column=cfg.label_column,
-        group_column=cfg.group_column,
-    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # skipped rows are logged with their list by read_dataset
+        ds = read_dataset(
+            cfg.data,
+            tax,
+            image_column=cfg.image_column,
+            label_column=cfg.label_column,
+            group_column=cfg.group_column,
+            on_error="skip" if cfg.skip_bad else "raise",
+            check_images="decode" if cfg.skip_bad else "header",  # skipping promises that what is left decodes
+        )
+    _check_columns(cfg, ds)
     within = _within(tax, ds, cfg.within)
     part = partition(tax, ds.counts(), cfg.max_class_size, within=within)
     targets = np.asarray([-1 if (c := part.class_of(n)) is None else c for n in ds.nodes], dtype=np.int64)
@@ -258,8 +336,6 @@ def prepare(cfg: TrainConfig) -> Prepared:
     labels = np.asarray(ds.nodes)
     if cfg.holdout is not None:
         col, value = cfg.holdout.split("=", 1)
-        if col not in ds.extras:
-            raise TrainError(f"holdout column {col!r} is not in {cfg.data!r}; columns there: {sorted(ds.extras)}.")
         test = np.asarray([v == value for v in ds.extras[col]])
         if not test.any():
             raise TrainError(f"No row of {cfg.data!r} has {col} = {value!r} (values: {sorted(set(ds.extras[col]))}).")
@@ -324,18 +400,7 @@ def sample_weights(cfg: TrainConfig, prep: Prepared, idx: np.ndarray) -> np.ndar
     cw = _class_weights(y, len(prep.partition.classes), cfg.class_weighting)
     w = np.ones(len(idx)) if cw is None else np.asarray([cw[int(c)] for c in y])
     if cfg.source_weights:
-        col = prep.dataset.extras.get(cfg.source_column)
-        if col is None:
-            raise TrainError(
-                f"source_weights need a {cfg.source_column!r} column in {cfg.data!r}; columns there: "
-                f"{sorted(prep.dataset.extras)}. Set source_column."
-            )
-        values = set(col)
-        unknown = sorted(set(cfg.source_weights) - values)
-        if unknown:
-            raise TrainError(
-                f"source_weights name {unknown}, which no row's {cfg.source_column!r} holds; values: {sorted(values)}."
-            )
+        col = prep.dataset.extras[cfg.source_column]  # checked by prepare
         w = w * np.asarray([cfg.source_weights.get(col[i], 1.0) for i in idx])
     elif cw is None:
         return None
@@ -356,12 +421,15 @@ def _np_default(o: Any) -> Any:
     raise TypeError(f"not JSON serialisable: {type(o).__name__}")
 
 
-def feature_cache_path(cfg: TrainConfig, key_digest: str) -> Path:
+def feature_cache_path(cfg: TrainConfig, key: Any) -> Path:
+    """``feature_cache``, else one file per cache key (backbone, input size, seed, preprocessing, augmentation) in
+    the user's cache, so that a run at another input size or seed never meets a cache made for another setting."""
     if cfg.feature_cache:
         return Path(cfg.feature_cache)
+    from derm._util import sha256_json
     from derm.trainer.weights import cache_dir
 
-    return cache_dir() / "features" / f"{key_digest[:16]}.sqlite"
+    return cache_dir() / "features" / f"{sha256_json(key.to_dict())[:16]}.sqlite"
 
 
 def _top_block_start(model: Any, blocks: int) -> int:
@@ -588,6 +656,9 @@ def check_out(out: Path, overwrite: bool) -> None:
     folder of something else, which ``--overwrite`` would delete."""
     if out.exists() and not out.is_dir():
         raise TrainError(f"--out {str(out)!r} is a file, not a folder; choose a folder for the run directory.")
+    problem = unwritable(out)
+    if problem:
+        raise TrainError(f"--out {str(out)!r}: {problem}; choose another --out.")
     if not out.exists() or not any(out.iterdir()):
         return
     if not overwrite:
@@ -605,9 +676,16 @@ def check_out(out: Path, overwrite: bool) -> None:
 
 def train(cfg: TrainConfig | Mapping[str, Any]) -> Path:
     """Run one training as configured; returns the finished run directory."""
+    from derm.datasets import readable_images
+
     if not isinstance(cfg, TrainConfig):
         cfg = TrainConfig.from_dict(cfg)
     cfg.check()
+    with readable_images(cfg.data):
+        return _train(cfg)
+
+
+def _train(cfg: TrainConfig) -> Path:
     out = Path(cfg.out)
     check_out(out, cfg.overwrite)
     work = out.with_name(out.name + ".partial")
@@ -639,7 +717,7 @@ def train(cfg: TrainConfig | Mapping[str, Any]) -> Path:
 
         fe = feature_extractor(model)
         key = cache_key(fe, cfg.input_size, cfg.seed)  # the backbone's weights only, not the random head
-        cache_path = feature_cache_path(cfg, key.weights_sha256)
+        cache_path = feature_cache_path(cfg, key)
         digests = image_digests(prep.dataset.paths)
         t = time.perf_counter()
         with FeatureCache(cache_path, key) as cache:
@@ -749,6 +827,11 @@ def cross_validate(cfg: TrainConfig | Mapping[str, Any], folds: int = 9) -> Path
     if not isinstance(cfg, TrainConfig):
         cfg = TrainConfig.from_dict(cfg)
     out = Path(cfg.out)
+    if out.exists() and not out.is_dir():
+        raise TrainError(f"--out {str(out)!r} is a file, not a folder; choose a folder for the fold runs.")
+    problem = unwritable(out / "fold_0")
+    if problem:
+        raise TrainError(f"--out {str(out)!r}: {problem}; choose another --out.")
     rows = []
     for k in range(folds):
         sub = dataclasses.replace(cfg, out=str(out / f"fold_{k}"), folds=folds, fold=k)
