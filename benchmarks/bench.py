@@ -14,6 +14,7 @@ and exits 1 when a file misses its parity thresholds (a CI gate), 2 on bad input
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import resource
@@ -160,7 +161,7 @@ def bench(
     device: dict[str, Any] | None,
 ) -> dict[str, Any]:
     from derm._util import unwritable
-    from derm.classifier import Classifier
+    from derm.classifier import Classifier, RuntimeUnavailable
     from derm.datasets import readable_images
     from derm.exporter.export import ExportConfig, export, parity
     from derm.exporter.graph import build_export_model, output_specs
@@ -173,6 +174,9 @@ def bench(
     if problem := unwritable(out / "bench.json"):
         raise DermError(f"--out {str(out)!r}: {problem}; choose another --out.")
     manifests = {str(path): read_manifest(path) for path in files}
+    for path in files:  # a damaged or inconsistent file is refused now (one that cannot run here is measured later)
+        with contextlib.suppress(RuntimeUnavailable):
+            Classifier.load(path, threads=threads)
     jobs = []
     for spec in targets:
         name, _, quantize = spec.partition(":")
@@ -218,7 +222,7 @@ def bench(
         )
         try:
             clf = Classifier.load(path, threads=threads)
-        except DermError as exc:
+        except RuntimeUnavailable as exc:  # e.g. Core ML off macOS; a damaged file is an error, not a skip
             row["skipped"] = str(exc)
             rows.append(row)
             continue

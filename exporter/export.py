@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 
 from derm._progress import track
-from derm._util import first_hash_mismatch, sha256_file, unwritable
+from derm._util import first_hash_mismatch, not_utf8, sha256_file, unwritable
 from derm.aggregation import task_targets
 from derm.exporter.equalize import DEFAULT_ALPHA
 from derm.exporter.graph import DEFAULT_LEVELS, ExportError, OutputSpec, build_export_model, output_specs
@@ -131,16 +131,19 @@ def _rows_of(csv_path: Path, image_column: str) -> list[dict[str, str]]:
     try:
         with open(csv_path, newline="", encoding="utf-8-sig") as f:
             reader = csv.DictReader(f)
-            if image_column not in (reader.fieldnames or []):
+            if not reader.fieldnames:
+                raise ExportError(
+                    f"Image list {str(csv_path)!r} is empty; pass a CSV with a header row and an {image_column!r} "
+                    "column."
+                )
+            if image_column not in reader.fieldnames:
                 raise ExportError(
                     f"{str(csv_path)!r} has no column {image_column!r} (columns: {reader.fieldnames}); pass "
                     "--image-column."
                 )
             rows = list(reader)
     except UnicodeDecodeError as exc:
-        raise ExportError(
-            f"{str(csv_path)!r} is not UTF-8 text ({exc.reason} at byte {exc.start}); save it as UTF-8."
-        ) from None
+        raise ExportError(f"{not_utf8(csv_path, exc)}.") from None
     for r in rows:
         p = Path(r[image_column])
         r[image_column] = str(p if p.is_absolute() else (csv_path.parent / p))

@@ -93,6 +93,10 @@ class Prediction:
         return d
 
 
+class RuntimeUnavailable(ModelFileError):
+    """The file may be fine, but it cannot run here: its runtime is not installed or not available on this platform."""
+
+
 # ------------------------------------------------------------------------------------------------------- backends
 class _TFLite:
     def __init__(self, path: Path, threads: int | None, options: Mapping[str, Any]):
@@ -102,7 +106,7 @@ class _TFLite:
             try:
                 from tflite_runtime.interpreter import Interpreter  # type: ignore[no-redef]
             except ImportError:
-                raise ModelFileError(
+                raise RuntimeUnavailable(
                     "Running .tflite files needs ai-edge-litert (pip install ai-edge-litert) or tflite-runtime."
                 ) from None
         kwargs = dict(options)
@@ -145,7 +149,7 @@ class _CoreML:
 
     def __init__(self, path: Path, threads: int | None, options: Mapping[str, Any]):
         if platform.system() != "Darwin":
-            raise ModelFileError(
+            raise RuntimeUnavailable(
                 f"Core ML files run on macOS only (this is {platform.system()}); export --target tflite or onnx."
             )
         import coremltools as ct

@@ -18,6 +18,7 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from derm._progress import track
+from derm.errors import DatasetError
 from derm.preprocess import ImageError
 
 log = logging.getLogger(__name__)
@@ -201,7 +202,10 @@ def kfold(labels: Sequence[int | str], components: Sequence[int], k: int = 9, se
         raise ValueError(f"k must be an integer of at least 2, received {k!r}.")
     n_comp = int(comps.max()) + 1 if len(comps) else 0
     if n_comp < k:
-        raise ValueError(f"Only {n_comp} independent groups of images: cannot make {k} folds. Use fewer folds.")
+        raise DatasetError(
+            f"Only {n_comp} independent groups of images (lesions, patients, near-duplicates joined): cannot make {k} "
+            "folds. Use fewer folds or add images."
+        )
     classes, y = np.unique(labels, return_inverse=True)
     counts = np.zeros((n_comp, len(classes)), dtype=np.int64)
     np.add.at(counts, (comps, y), 1)
@@ -230,6 +234,13 @@ def train_val_split(
     if not 0 < val_fraction < 1:
         raise ValueError(f"val_fraction must be between 0 and 1, received {val_fraction!r}.")
     k = max(2, round(1 / val_fraction))
+    n_comp = len(np.unique(np.asarray(components)))
+    if n_comp < k:
+        raise DatasetError(
+            f"Only {n_comp} independent groups of images (lesions, patients, near-duplicates joined): a validation "
+            f"fraction of {val_fraction} needs at least {k}. Add images or raise --val-fraction (to {1 / n_comp:.2g} "
+            "or more)."
+        )
     return kfold(labels, components, k=k, seed=seed) == 0
 
 

@@ -411,11 +411,14 @@ def rebuild(
     import keras
 
     from derm.trainer.model import build_model
+    from derm.trainer.train import check_out
     from derm.trainer.weights import fetch_inception_2015
 
     out, ref = Path(out), Path(ref)
     info = _verify_files(ref)
     marker = out / "reference.json"
+    if out.exists() and not out.is_dir():
+        raise ReferenceError(f"--out {str(out)!r} is a file, not a folder; choose a folder for the reference run.")
     if marker.is_file() and (out / "run.json").is_file():
         if json.loads(marker.read_text(encoding="utf-8")) == info:
             check_run_files(out)
@@ -425,8 +428,8 @@ def rebuild(
             raise ReferenceError(
                 f"{str(out)!r} holds another reference model; pass --overwrite to replace it or choose another --out."
             )
-    elif out.exists() and any(out.iterdir()) and not overwrite:
-        raise ReferenceError(f"{str(out)!r} exists and is not a rebuilt reference model; choose another --out.")
+    else:
+        check_out(out, overwrite)  # a file, an unwritable place or a folder of something else is never replaced
     weights = Path(backbone) if backbone is not None else fetch_inception_2015()
     got = sha256_file(weights)
     if got != info["backbone"]["sha256"]:

