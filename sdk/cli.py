@@ -318,7 +318,7 @@ def classify(
         typer.echo(json.dumps(pred.to_dict(), indent=1))
         return
     typer.echo(clf.disclaimer)
-    if not clf.verified.startswith("weights verified"):
+    if "not verified" in clf.verified:
         typer.secho(f"Note: {clf.verified}; the result below cannot be checked against the exported model.", err=True)
     for note in clf.notes:
         typer.secho(f"Warning: {note}.", err=True, fg=typer.colors.YELLOW)

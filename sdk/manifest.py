@@ -73,13 +73,39 @@ def tflite_weights_digest(data: bytes) -> str | None:
     return h.hexdigest()
 
 
+#: What an exported .onnx file's manifest records as its own sha256 while that digest is computed.
+ONNX_DIGEST_PLACEHOLDER = "0" * 64
+
+
+def onnx_file_digest(data: bytes, recorded: str) -> str:
+    """sha256 of a whole .onnx file with the digest its manifest records read back as the placeholder: the graph,
+    every weight and all the metadata. (The file cannot hold its own digest, so the digest's 64 characters are
+    hashed as zeros; the manifest is plain text inside the protobuf, so they are found by value.)"""
+    return hashlib.sha256(
+        data.replace(recorded.encode("ascii"), ONNX_DIGEST_PLACEHOLDER.encode("ascii"), 1)
+    ).hexdigest()
+
+
 def verify_weights(path: str | os.PathLike[str], manifest: dict[str, Any]) -> str:
     """Check a file's weights against the digest its manifest recorded at export. Returns how it was verified (a
     sentence); raises :class:`ModelFileError` when the weights changed, so a damaged file never gives an answer."""
     path = Path(path)
-    want = (manifest.get("integrity") or {}).get("weights_sha256")
-    if model_kind(path) != "tflite":
-        return "weights not verified: only .tflite files carry a weights digest yet"
+    integrity = manifest.get("integrity") or {}
+    kind = model_kind(path)
+    if kind == "onnx":
+        want = integrity.get("file_sha256")
+        if not isinstance(want, str) or len(want) != 64:
+            return "weights not verified: the file was exported before derm recorded a digest"
+        got = onnx_file_digest(path.read_bytes(), want)
+        if got != want:
+            raise ModelFileError(
+                f"{str(path)!r} is damaged or was altered after export: its sha256 is {got[:16]}..., its manifest "
+                f"recorded {want[:16]}... No result is given from it; export the model again or copy the original file."
+            )
+        return f"file verified (sha256 {want[:16]}...)"
+    want = integrity.get("weights_sha256")
+    if kind != "tflite":
+        return "weights not verified: .mlpackage files carry no digest yet"
     if not want:
         return "weights not verified: the file was exported before derm recorded a weights digest"
     data = path.read_bytes()

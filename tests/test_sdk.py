@@ -493,4 +493,11 @@ def test_damaged_or_misnamed_files_never_give_an_answer(files, tmp_path):
     renamed.write_bytes(Path(onx).read_bytes())
     with pytest.raises(ModelFileError, match=r"not a TFLite model.*ONNX"):
         Classifier.load(renamed)
-    assert Classifier.load(onx).verified.startswith("weights not verified")  # said, not hidden
+    # an .onnx file records the sha256 of the whole file: one flipped bit anywhere is refused
+    assert Classifier.load(onx).verified.startswith("file verified")
+    raw = bytearray(Path(onx).read_bytes())
+    raw[len(raw) // 2] ^= 0x01
+    flipped = tmp_path / "flipped.onnx"
+    flipped.write_bytes(bytes(raw))
+    with pytest.raises(ModelFileError, match="damaged or was altered after export"):
+        Classifier.load(flipped)
