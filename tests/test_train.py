@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -177,6 +178,18 @@ def test_config_errors_echo_the_bad_value(small_csv, tmp_path):
         TrainConfig.from_dict({"data": str(small_csv), "out": str(tmp_path), "epochz": 3})
     with pytest.raises(TrainError, match="unfreeze_top applies to bottleneck"):
         TrainConfig.from_dict({"data": "x", "out": "y", "mode": "finetune", "unfreeze_top": 2})
+    # every field has the type it is annotated with; a path may be a Path from Python and is stored as a string
+    for key, value, says in [
+        ("pool_layers", 5, "a list of strings"),
+        ("within", 3, "a string or a list of strings"),
+        ("near_duplicates", "no", "true or false"),
+        ("source_weights", {"pad": "8"}, "a mapping of a string to a number, or null"),
+        ("feature_cache", 1.5, "a string, or null"),
+    ]:
+        with pytest.raises(TrainError, match=rf"{key} must be {re.escape(says)}; received {re.escape(repr(value))}"):
+            TrainConfig.from_dict({"data": "x", "out": "y", key: value})
+    cfg = TrainConfig.from_dict({"data": small_csv, "out": tmp_path / "o", "within": ("three",)})
+    assert cfg.data == str(small_csv) and cfg.out == str(tmp_path / "o")
 
 
 def test_cli_train_with_config_file(small_csv, tmp_path, bottleneck_run):

@@ -130,6 +130,9 @@ class TrainConfig:
             return TrainError(f"{name} must be {want}; received {getattr(self, name)!r}.")
 
         hints = typing.get_type_hints(type(self))
+        for f in dataclasses.fields(self):  # paths may be given as Path objects from Python; runs store strings
+            if isinstance(getattr(self, f.name), os.PathLike) and _has_type("", hints[f.name]):
+                setattr(self, f.name, os.fspath(getattr(self, f.name)))
         for f in dataclasses.fields(self):
             if not _has_type(getattr(self, f.name), hints[f.name]):
                 v = getattr(self, f.name)
@@ -221,7 +224,8 @@ def _has_type(value: Any, hint: Any) -> bool:
 def _type_words(hint: Any) -> str:
     origin, args = typing.get_origin(hint), typing.get_args(hint)
     if origin in (typing.Union, types.UnionType):
-        return " or ".join(_type_words(a) for a in args)
+        words = " or ".join(_type_words(a) for a in args if a is not type(None))
+        return f"{words}, or null" if type(None) in args else words
     if origin in (list, tuple):
         return f"a list of {_type_words(args[0]).removeprefix('a ').removeprefix('an ')}s"
     if origin is dict:
