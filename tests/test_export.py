@@ -257,7 +257,16 @@ def test_quantization_aware_training_end_to_end(small_run, tmp_path, monkeypatch
 
     monkeypatch.setenv("DERM_QAT_PYTHON", _qat_python())
     _, run = small_run
-    cfg = ExportConfig(run=str(run), quantize="qat", out=str(tmp_path / "q.tflite"), qat_steps=2, force=True)
+    cfg = ExportConfig(
+        run=str(run),
+        quantize="qat",
+        out=str(tmp_path / "q.tflite"),
+        qat_steps=2,
+        force=True,
+        calibration_size=24,
+        rounding_images=12,
+        validation_size=8,
+    )
     result = export(cfg)
     assert result.quantize == "qat" and result.manifest["export"]["quantize"] == "qat"
     qat = result.manifest["export"]["qat"]
