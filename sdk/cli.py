@@ -332,6 +332,24 @@ def classify(
     typer.echo("  top classes: " + ", ".join(f"{k} {v:.3f}" for k, v in pred.top_classes))
 
 
+@app.command("golden")
+def golden(
+    images: Annotated[list[Path], typer.Argument(help="Real image files (their names name the golden files).")],
+    model: ModelOpt,
+    out: Annotated[
+        Path | None, typer.Option("--out", help="Folder to write; default 'golden' beside the model.")
+    ] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace --out if it exists.")] = False,
+) -> None:
+    """Write golden vectors beside an exported file: the images, their decoded pixels, the exact input tensors the
+    SDK makes, the file's raw outputs and the SDK's predictions. Android, iOS and web tests reproduce them."""
+    with _user_errors():
+        from derm.golden import write_golden
+
+        folder = write_golden(model, images, out, overwrite=overwrite)
+    typer.echo(f"Golden vectors of {len(images)} images: {folder}")
+
+
 @app.command("triage")
 def triage_command(
     folder: Annotated[Path, typer.Argument(help="Folder of images (searched recursively).")],
