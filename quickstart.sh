@@ -76,6 +76,9 @@ took $t
 say 6/6 "Triage the sample folder: a CSV and an HTML report ordered by P(malignant)"
 t=$SECONDS
 show "$VENV/bin/derm" triage samples/images --model "$MODEL" --out "$TRIAGE"
+# the golden vectors beside the model that the Android app's tests reproduce (android-demo/README.md); 2 s
+"$VENV/bin/derm" golden samples/images/ISIC_0001852.jpg samples/images/PAT_104_1756_151.jpg \
+    samples/images/PAT_838_1585_282.jpg --model "$MODEL" --overwrite >/dev/null
 took $t
 
 cat <<EOF
@@ -85,6 +88,7 @@ Done in $((SECONDS - START)) s ($((SECONDS - START - INSTALL_S)) s after the ins
       operating points inside (derm-export --help for fp16, ONNX, Core ML)
   $TRIAGE/report.html   the triage report: open it in a browser
   $TRIAGE/results.csv   the same as a table
+  $(dirname "$MODEL")/golden   golden vectors: what the Android / iOS / web apps' tests reproduce
   $RUN   the rebuilt run directory (derm-export, derm-eval and derm-bench take it)
   reference/MODEL_CARD.md   what the model was trained on, how well it does per source, and its limits
       (it gets many of the sample images wrong: the report shows them all)

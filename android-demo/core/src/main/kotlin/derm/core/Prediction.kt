@@ -26,10 +26,7 @@ data class Prediction(
     /** task id -> P(the task's condition), for tasks whose condition the manifest names. */
     val conditions: Map<String, Double>,
     val applies: Map<String, Boolean>,
-) {
-    /** P(malignant) at the root level, the number a triage list is ordered by. */
-    val malignant: Double? get() = levels["three"]?.get("malignant")
-}
+)
 
 /**
  * Turns the file's raw outputs (name -> values for one image) into the SDK's prediction: the same levels, tasks,

@@ -20,7 +20,10 @@ class GoldenTest {
     private val dir: File? = (System.getProperty("derm.golden") ?: System.getenv("DERM_GOLDEN"))?.let(::File)
 
     private fun golden(): Pair<File, JSONObject> {
-        assumeTrue("no golden vectors: set DERM_GOLDEN to a folder `derm golden` wrote", dir != null)
+        assumeTrue(
+            "no golden vectors at $dir: set DERM_GOLDEN to a folder `derm golden` wrote",
+            dir != null && File(dir, "golden.json").isFile,
+        )
         val doc = JSONObject(File(dir, "golden.json").readText())
         assertEquals("derm-golden/1", doc.getString("format"))
         return dir!! to doc

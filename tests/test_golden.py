@@ -1,0 +1,85 @@
+"""Golden vectors and the apps' side of the contract: `derm golden` writes what the SDK makes and the file outputs;
+the Android app's pure-Kotlin core (android-demo/core) must reproduce every input tensor to the byte and every
+prediction, compiled and run here on the JVM."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from tests.conftest import REPO
+
+SAMPLES = REPO / "samples" / "images"
+
+
+@pytest.fixture(scope="module")
+def golden(small_tflite, tmp_path_factory) -> Path:
+    """Golden vectors of the small exported model (96 px) on committed sample images, plus real photos made larger
+    than 4x the input side (the SDK's box reduction) and stored with EXIF orientations 1, 3, 6 and 8."""
+    from derm.golden import write_golden
+
+    src = tmp_path_factory.mktemp("golden_in")
+    photo = Image.open(SAMPLES / "PAT_838_1585_282.jpg").convert("RGB")
+    for orientation, size in ((1, (703, 521)), (3, (400, 300)), (6, (709, 500)), (8, (385, 390))):
+        exif = Image.Exif()
+        exif[0x0112] = orientation
+        photo.resize(size, Image.Resampling.BICUBIC).save(src / f"o{orientation}.jpg", quality=92, exif=exif.tobytes())
+    images = [SAMPLES / "ISIC_0001852.jpg", SAMPLES / "PAT_104_1756_151.jpg", *sorted(src.glob("*.jpg"))]
+    model = tmp_path_factory.mktemp("golden_model") / "model.tflite"
+    shutil.copyfile(small_tflite, model)
+    return write_golden(model, images)
+
+
+def test_golden_vectors_are_the_sdks_and_the_files(golden):
+    """Each input tensor is the SDK's preprocessing of the image; each output is what the file computes on it in
+    ai-edge-litert; each prediction is the SDK's on those outputs; the names and sizes are the manifest's."""
+    from derm.classifier import Classifier
+    from derm.preprocess import preprocess
+
+    doc = json.loads((golden / "golden.json").read_text())
+    clf = Classifier.load(golden / doc["model"]["file"])
+    size = doc["input_size"]
+    assert doc["format"] == "derm-golden/1" and size == clf.input_size and len(doc["cases"]) == 6
+    assert {c["decoded"]["orientation"] for c in doc["cases"]} == {1, 3, 6, 8}
+    assert any(max(c["decoded"]["width"], c["decoded"]["height"]) > 4 * size for c in doc["cases"])  # reduce path
+    for case in doc["cases"]:
+        tensor = np.frombuffer((golden / case["input"]).read_bytes(), np.uint8).reshape(size, size, 3)
+        assert np.array_equal(tensor, preprocess(golden / case["image"], size))
+        raw = clf.run(tensor[None])
+        assert set(raw) == set(case["outputs"]) == {o["name"] for o in clf.manifest["outputs"]}
+        for name, values in case["outputs"].items():
+            assert len(values) == len(clf.outputs[name]["labels"])
+            np.testing.assert_allclose(values, raw[name][0].reshape(-1), rtol=0, atol=1e-7)
+        again = json.loads(json.dumps(clf.predict(golden / case["image"]).to_dict()))
+        assert case["prediction"] == {**again, "source": case["name"]}
+
+
+def test_the_written_folder_refuses_to_be_overwritten_unasked(golden, small_tflite):
+    from derm.golden import GoldenError, write_golden
+
+    with pytest.raises(GoldenError, match="exists; pass --overwrite"):
+        write_golden(golden.parent / "model.tflite", [SAMPLES / "ISIC_0001852.jpg"])
+    assert not golden.with_name("golden.partial").exists()
+
+
+def test_android_core_reproduces_the_golden_vectors_on_the_jvm(golden):
+    """android-demo/core compiled with kotlinc (npm) and run with JUnit 4 and Android's org.json (Debian)."""
+    if shutil.which("java") is None or not Path("/usr/share/java/com.android.json.jar").is_file():
+        pytest.skip(
+            "needs Java 17 and Debian's junit4 + libandroid-json-java (the README's test command installs them)"
+        )
+    res = subprocess.run(
+        ["bash", str(REPO / "android-demo" / "core" / "test.sh"), str(golden)],
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    out = res.stdout + res.stderr
+    assert res.returncode == 0, out
+    assert "8 passed, 0 failed, 0 skipped" in out, out
