@@ -27,8 +27,10 @@ class DermClassifier(bytes: ByteArray, name: String, useGpu: Boolean, threads: I
     val file = ModelFile(bytes, name)
     val manifest = file.manifest // throws ModelFileException: no manifest, unknown format, inconsistent
     val predictor = Predictor(manifest)
+    /** How the file was verified; throws ModelFileException when its weights changed since export. */
+    val verified: String = file.verify()
     /** What the user must know about how it runs (e.g. "GPU not supported here: running on the CPU"). */
-    var note: String? = null
+    var note: String? = if (verified.startsWith("weights not verified")) verified else null
         private set
     private val gpu: GpuDelegate?
     private val interpreter: Interpreter
@@ -45,10 +47,10 @@ class DermClassifier(bytes: ByteArray, name: String, useGpu: Boolean, threads: I
                     options.addDelegate(delegate)
                 } catch (t: Throwable) {
                     delegate = null
-                    note = "GPU delegate failed (${t.message}); running on the CPU (XNNPACK)"
+                    note = listOfNotNull(note, "GPU delegate failed (${t.message}); running on the CPU (XNNPACK)").joinToString(". ")
                 }
             } else {
-                note = "This phone's GPU is not supported by LiteRT; running on the CPU (XNNPACK)"
+                note = listOfNotNull(note, "This phone's GPU is not supported by LiteRT; running on the CPU (XNNPACK)").joinToString(". ")
             }
         }
         val model = ByteBuffer.allocateDirect(bytes.size).order(ByteOrder.nativeOrder()).put(bytes)

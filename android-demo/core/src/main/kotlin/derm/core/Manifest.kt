@@ -37,6 +37,8 @@ class Manifest private constructor(val json: JSONObject, source: String) {
     /** Inference levels baked into the file, e.g. ["three", "nine"]. */
     val levels: List<String>
     val tasks: List<Task>
+    /** The sha256 of the file's tensor buffers recorded at export (null in files exported before it was). */
+    val weightsSha256: String? = json.optJSONObject("integrity")?.optString("weights_sha256")?.ifEmpty { null }
 
     init {
         try {

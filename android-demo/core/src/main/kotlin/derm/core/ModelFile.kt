@@ -46,6 +46,23 @@ class ModelFile(private val bytes: ByteArray, private val name: String = "model"
         Manifest.parse(String(data, Charsets.UTF_8), name)
     }
 
+    /**
+     * Checks the weights against the digest the manifest recorded at export. Returns how the file was verified (a
+     * sentence for the screen); throws when the weights changed, so a damaged file never gives an answer.
+     */
+    fun verify(): String {
+        val want = manifest.weightsSha256
+            ?: return "weights not verified: the file was exported before derm recorded a weights digest"
+        val got = WeightsDigest.sha256(bytes)
+        if (got != want) {
+            throw ModelFileException(
+                "$name is damaged or was altered after export: its weights' sha256 is ${got.take(16)}..., its " +
+                    "manifest recorded ${want.take(16)}... No result is given from it; copy the original file again."
+            )
+        }
+        return "weights verified (sha256 ${want.take(16)}...)"
+    }
+
     private fun readAppendedZip(): Map<String, ByteArray> {
         val eocd = findEndOfCentralDirectory() ?: return emptyMap()
         val count = u16(eocd + 10)

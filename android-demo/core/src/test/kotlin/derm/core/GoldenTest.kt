@@ -142,5 +142,18 @@ class GoldenTest {
         assertTrue("$e2", e2 is ModelFileException && e2.message!!.contains("ONNX"))
     }
 
+    @Test
+    fun theWeightsAreVerifiedAndAFlippedBitIsRefused() {
+        val (dir, doc) = golden()
+        val bytes = File(dir, doc.getJSONObject("model").getString("file")).readBytes()
+        val file = ModelFile(bytes, "model.tflite")
+        assumeTrue("this file was exported before derm recorded a weights digest", file.manifest.weightsSha256 != null)
+        assertTrue(file.verify().startsWith("weights verified"))
+        val flipped = bytes.copyOf()
+        flipped[flipped.size / 2] = (flipped[flipped.size / 2].toInt() xor 1).toByte() // inside the weights
+        val e = runCatching { ModelFile(flipped, "flipped.tflite").verify() }.exceptionOrNull()
+        assertTrue("$e", e is ModelFileException && e.message!!.contains("damaged or was altered"))
+    }
+
     private fun floats(a: JSONArray): FloatArray = FloatArray(a.length()) { a.getDouble(it).toFloat() }
 }
