@@ -100,7 +100,8 @@ class MainActivity : ComponentActivity() {
                     Text(s.detail)
                 }
                 is Screen.Ready -> {
-                    clf!!.note?.let { Text(it, color = MaterialTheme.colorScheme.tertiary) }
+                    clf!!.manifest.trainingSummary?.let { Text(it, style = MaterialTheme.typography.bodySmall) }
+                    clf.note?.let { Text(it, color = MaterialTheme.colorScheme.tertiary) }
                     Row(horizontalArrangement = Arrangement.spacedBy(8.dp)) {
                         Button(onClick = {
                             val granted = ContextCompat.checkSelfPermission(context, Manifest.permission.CAMERA) ==

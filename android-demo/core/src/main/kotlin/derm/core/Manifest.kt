@@ -37,6 +37,13 @@ class Manifest private constructor(val json: JSONObject, source: String) {
     /** Inference levels baked into the file, e.g. ["three", "nine"]. */
     val levels: List<String>
     val tasks: List<Task>
+    /** What the model was trained on, in one line for the screen (from the manifest's `training.data`). */
+    val trainingSummary: String? = json.optJSONObject("training")?.optJSONObject("data")?.let { d ->
+        val labels = d.optJSONObject("labels") ?: JSONObject()
+        val counts = labels.keys().asSequence().map { it to labels.getInt(it) }.sortedByDescending { it.second }.toList()
+        val shown = counts.take(5).joinToString { "${it.first} ${it.second}" } + if (counts.size > 5) ", ..." else ""
+        "Trained on ${d.optInt("images")} labelled images, ${counts.size} diagnoses ($shown)"
+    }
     /** The sha256 of the file's tensor buffers recorded at export (null in files exported before it was). */
     val weightsSha256: String? = json.optJSONObject("integrity")?.optString("weights_sha256")?.ifEmpty { null }
 

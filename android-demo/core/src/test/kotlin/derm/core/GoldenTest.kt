@@ -74,6 +74,7 @@ class GoldenTest {
         val manifest = modelFile(dir, doc).manifest
         assertEquals(doc.getInt("input_size"), manifest.inputSize)
         assertTrue(manifest.disclaimer.contains("not a diagnostic device"))
+        assertTrue("${manifest.trainingSummary}", manifest.trainingSummary!!.startsWith("Trained on "))
         for (case in cases(doc)) {
             val outputs = case.getJSONObject("outputs")
             val sizes = outputs.keys().asSequence().associateWith { outputs.getJSONArray(it).length() }
