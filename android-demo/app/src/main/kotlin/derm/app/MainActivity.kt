@@ -141,7 +141,7 @@ class MainActivity : ComponentActivity() {
             val future = ProcessCameraProvider.getInstance(ctx)
             future.addListener({
                 val provider = future.get()
-                val preview = Preview.Builder().build().also { it.surfaceProvider = view.surfaceProvider }
+                val preview = Preview.Builder().build().also { it.setSurfaceProvider(view.surfaceProvider) }
                 val frames = ImageAnalysis.Builder()
                     .setBackpressureStrategy(ImageAnalysis.STRATEGY_KEEP_ONLY_LATEST)
                     .setOutputImageFormat(ImageAnalysis.OUTPUT_IMAGE_FORMAT_RGBA_8888)
