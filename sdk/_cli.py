@@ -19,8 +19,12 @@ class Interrupted(BaseException):
     KeyboardInterrupt, so that the command line's own handler (click's "Aborted!") does not swallow it first."""
 
 
+_received: list[str] = []  # the signals received while the command ran
+
+
 def _raise(signum: int, frame: Any) -> None:
-    raise Interrupted(signal.Signals(signum).name)
+    _received.append(signal.Signals(signum).name)
+    raise Interrupted(_received[-1])
 
 
 def cli_app(name: str, help: str) -> typer.Typer:
@@ -38,13 +42,31 @@ def run_app(app: Any) -> None:
     previous = {s: signal.signal(s, _raise) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         app()
-    except Interrupted as exc:
-        print(
-            f"Interrupted ({exc}): nothing half-written is left; finished results were kept where the command keeps "
-            "them (a triage resumes, a training run resumes from its cache).",
-            file=sys.stderr,
-        )
-        sys.exit(EXIT_INTERRUPTED)
+    except SystemExit as exc:
+        if _received and exc.code in (0, None):  # a library swallowed the signal's exception; the work is done
+            print(f"Interrupted ({_received[0]}) as the command finished: what it wrote is complete.", file=sys.stderr)
+            sys.exit(EXIT_INTERRUPTED)
+        if _received and exc.code != EXIT_INTERRUPTED:
+            _interrupted()  # an error that came of the signal (the command has not said it was interrupted)
+        raise
+    except BaseException as exc:
+        # The signal's exception can surface as another one when it lands inside a library (TensorFlow turns it
+        # into a SystemError while tracing a function): any exception after a signal is the interruption.
+        if isinstance(exc, Interrupted) or _received:
+            _interrupted()
+        raise
     finally:
         for s, h in previous.items():
             signal.signal(s, h)
+    if _received:  # as above, for an app that returns instead of exiting
+        print(f"Interrupted ({_received[0]}) as the command finished: what it wrote is complete.", file=sys.stderr)
+        sys.exit(EXIT_INTERRUPTED)
+
+
+def _interrupted() -> None:
+    print(
+        f"Interrupted ({_received[0] if _received else 'signal'}): nothing half-written is left; finished results "
+        "were kept where the command keeps them (a triage resumes, a training run resumes from its cache).",
+        file=sys.stderr,
+    )
+    sys.exit(EXIT_INTERRUPTED)
