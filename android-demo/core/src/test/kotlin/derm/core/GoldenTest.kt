@@ -95,15 +95,15 @@ class GoldenTest {
             val got = predictor.predict(raw)
             val want = case.getJSONObject("prediction")
             val levels = want.getJSONObject("levels")
-            assertEquals(name, levels.keySet(), got.levels.keys)
-            for (level in levels.keySet()) {
+            assertEquals(name, names(levels), got.levels.keys)
+            for (level in names(levels)) {
                 val probs = levels.getJSONObject(level)
                 assertEquals(name, probs.keys().asSequence().toList(), got.levels[level]!!.keys.toList())
-                for (label in probs.keySet()) assertEquals("$name $level $label", probs.getDouble(label), got.levels[level]!![label]!!, eps)
+                for (label in names(probs)) assertEquals("$name $level $label", probs.getDouble(label), got.levels[level]!![label]!!, eps)
             }
             val tasks = want.getJSONObject("tasks")
-            assertEquals(name, tasks.keySet(), got.tasks.keys)
-            for (t in tasks.keySet()) assertEquals("$name $t", tasks.getDouble(t), got.tasks[t]!!, eps)
+            assertEquals(name, names(tasks), got.tasks.keys)
+            for (t in names(tasks)) assertEquals("$name $t", tasks.getDouble(t), got.tasks[t]!!, eps)
             val top = want.getJSONArray("top_classes")
             assertEquals(name, top.length(), got.topClasses.size)
             for (i in 0 until top.length()) {
@@ -111,13 +111,13 @@ class GoldenTest {
                 assertEquals(name, top.getJSONArray(i).getDouble(1), got.topClasses[i].second, eps)
             }
             val conditions = want.getJSONObject("conditions")
-            assertEquals(name, conditions.keySet(), got.conditions.keys)
-            for (t in conditions.keySet()) assertEquals("$name $t", conditions.getDouble(t), got.conditions[t]!!, eps)
+            assertEquals(name, names(conditions), got.conditions.keys)
+            for (t in names(conditions)) assertEquals("$name $t", conditions.getDouble(t), got.conditions[t]!!, eps)
             val applies = want.getJSONObject("applies")
-            for (t in applies.keySet()) assertEquals("$name $t", applies.getBoolean(t), got.applies[t])
+            for (t in names(applies)) assertEquals("$name $t", applies.getBoolean(t), got.applies[t])
             val decisions = want.getJSONObject("decisions")
-            assertEquals(name, decisions.keySet(), got.decisions.keys)
-            for (t in decisions.keySet()) {
+            assertEquals(name, names(decisions), got.decisions.keys)
+            for (t in names(decisions)) {
                 val d = decisions.getJSONObject(t)
                 val g = got.decisions[t]!!
                 assertEquals("$name $t", d.getDouble("threshold"), g.threshold, 0.0)
@@ -155,6 +155,9 @@ class GoldenTest {
         val e = runCatching { ModelFile(flipped, "flipped.tflite").verify() }.exceptionOrNull()
         assertTrue("$e", e is ModelFileException && e.message!!.contains("damaged or was altered"))
     }
+
+    /** The keys of a JSON object (Android's org.json has keys(), not keySet(), on older API levels). */
+    private fun names(o: JSONObject): Set<String> = o.keys().asSequence().toSet()
 
     private fun floats(a: JSONArray): FloatArray = FloatArray(a.length()) { a.getDouble(it).toFloat() }
 }
