@@ -421,6 +421,7 @@ def test_files_without_conditions_keep_every_task(files, labelled, tmp_path):
                     "condition_threshold",
                 ):
                     o.get("task", {}).pop(key, None)
+            manifest.pop("integrity", None)  # files of that time recorded no digest either
             prop.value = json.dumps(manifest)
     onnx.save(model, str(tmp_path / "old.onnx"))
     clf = Classifier.load(tmp_path / "old.onnx")

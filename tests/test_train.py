@@ -377,7 +377,7 @@ def test_source_weights_weigh_a_source_within_the_class_weights(bottleneck_run, 
     run = train(cfg)
     assert json.loads((run / "config.json").read_text())["source_weights"] == {"phone": 5}
     with pytest.raises(TrainError, match=r"\['tablet'\], which no row's 'source' holds"):
-        sample_weights(dataclasses.replace(cfg, source_weights={"tablet": 2.0}), prep, tr)
+        prepare(dataclasses.replace(cfg, source_weights={"tablet": 2.0}))  # before any feature is extracted
     with pytest.raises(TrainError, match=r"source_weights must be .* received \{'phone': -1\}"):
         TrainConfig.from_dict({"data": "x", "out": "y", "source_weights": {"phone": -1}})
     with pytest.raises(TrainError, match="not implemented for mode='finetune'"):
