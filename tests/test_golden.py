@@ -74,6 +74,8 @@ def test_android_core_reproduces_the_golden_vectors_on_the_jvm(golden):
         pytest.skip(
             "needs Java 17 and Debian's junit4 + libandroid-json-java (the README's test command installs them)"
         )
+    if shutil.which("npm") is None and not (REPO / "android-demo/core/.tools/node_modules/kotlin-compiler").is_dir():
+        pytest.skip("needs npm to install kotlinc (the npm package kotlin-compiler)")
     res = subprocess.run(
         ["bash", str(REPO / "android-demo" / "core" / "test.sh"), str(golden)],
         capture_output=True,
