@@ -25,7 +25,7 @@ import numpy as np
 from PIL import Image
 
 from derm._progress import track
-from derm._util import sha256_file
+from derm._util import not_utf8, sha256_file
 from derm.errors import DatasetError
 from derm.preprocess import ImageError
 from derm.taxonomy import Taxonomy, default_taxonomy
@@ -165,10 +165,7 @@ def read_dataset(
             header = list(reader.fieldnames or [])
             rows = list(reader)
     except UnicodeDecodeError as exc:
-        raise DatasetError(
-            f"{str(csv_path)!r} is not UTF-8 text ({exc.reason} at byte {exc.start}); save it as UTF-8 (in a "
-            "spreadsheet: 'CSV UTF-8')."
-        ) from None
+        raise DatasetError(f"{not_utf8(csv_path, exc)} (in a spreadsheet: 'CSV UTF-8').") from None
     for col, what in ((image_column, "image_column"), (label_column, "label_column")):
         if col not in header:
             raise DatasetError(
