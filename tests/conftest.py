@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -174,3 +175,28 @@ def small_int8(small_run, tmp_path_factory) -> dict:
         run, images.astype(np.float32), 12, {"export": {}}, alpha=DEFAULT_ALPHA, rounds=True
     )
     return {"result": result, "config": cfg, "images": images, "prepared": prepared}
+
+
+@pytest.fixture(scope="session")
+def golden(small_tflite, tmp_path_factory) -> Path:
+    """Golden vectors (derm golden) of the small exported model (96 px) on committed sample images, plus real photos
+    made larger than 4x the input side (the SDK's box reduction), stored with EXIF orientations 1, 3, 6 and 8, and
+    a tall one.
+    The Android core (tests/test_golden.py) and the web app (tests/test_web.py) reproduce them."""
+    from PIL import Image
+
+    from derm.golden import write_golden
+
+    samples = REPO / "samples" / "images"
+    src = tmp_path_factory.mktemp("golden_in")
+    photo = Image.open(samples / "PAT_838_1585_282.jpg").convert("RGB")
+    # a tall portrait (270x700): Pillow 13 resizes it vertically first, and the rounding differs from the other order
+    for orientation, size in ((1, (703, 521)), (3, (400, 300)), (6, (709, 500)), (8, (385, 390)), (1, (270, 700))):
+        exif = Image.Exif()
+        exif[0x0112] = orientation
+        name = f"o{orientation}.jpg" if size[1] < 2 * size[0] else "tall.jpg"
+        photo.resize(size, Image.Resampling.BICUBIC).save(src / name, quality=92, exif=exif.tobytes())
+    images = [samples / "ISIC_0001852.jpg", samples / "PAT_104_1756_151.jpg", *sorted(src.glob("*.jpg"))]
+    model = tmp_path_factory.mktemp("golden_model") / "model.tflite"
+    shutil.copyfile(small_tflite, model)
+    return write_golden(model, images)

@@ -92,42 +92,52 @@ object Preprocess {
     private fun division(divider: Int): Long = (4294967296.0f / (256 * divider).toFloat()).toLong()
 
     /** Pillow's `Image.resize(size, BILINEAR)` for 8-bit RGB: a separable triangle filter (support scaled with the
-     *  reduction), coefficients rounded to 22-bit fixed point, horizontal pass then vertical pass. */
+     *  reduction), coefficients rounded to 22-bit fixed point, one pass per axis. Pillow 13 (the SDK's pin) runs the
+     *  vertical pass first when the height loses more than twice as many pixels as the width; the order changes the
+     *  rounding, so it is followed here. */
     fun bilinear(image: RgbImage, width: Int, height: Int): RgbImage {
-        var im = image
-        if (im.width != width) {
-            val (bounds, kk, ksize) = coefficients(im.width, width)
-            val out = ByteArray(width * im.height * 3)
-            for (y in 0 until im.height) {
-                for (x in 0 until width) {
-                    val xmin = bounds[2 * x]
-                    val xmax = bounds[2 * x + 1]
-                    for (c in 0 until 3) {
-                        var ss = 1 shl (PRECISION_BITS - 1)
-                        for (i in 0 until xmax) ss += im.at(xmin + i, y, c) * kk[x * ksize + i]
-                        out[(y * width + x) * 3 + c] = clip8(ss).toByte()
-                    }
+        val dh = image.height - height
+        return if (dh > 0 && dh > 2 * (image.width - width)) {
+            horizontal(vertical(image, height), width)
+        } else {
+            vertical(horizontal(image, width), height)
+        }
+    }
+
+    private fun horizontal(im: RgbImage, width: Int): RgbImage {
+        if (im.width == width) return im
+        val (bounds, kk, ksize) = coefficients(im.width, width)
+        val out = ByteArray(width * im.height * 3)
+        for (y in 0 until im.height) {
+            for (x in 0 until width) {
+                val xmin = bounds[2 * x]
+                val xmax = bounds[2 * x + 1]
+                for (c in 0 until 3) {
+                    var ss = 1 shl (PRECISION_BITS - 1)
+                    for (i in 0 until xmax) ss += im.at(xmin + i, y, c) * kk[x * ksize + i]
+                    out[(y * width + x) * 3 + c] = clip8(ss).toByte()
                 }
             }
-            im = RgbImage(width, im.height, out)
         }
-        if (im.height != height) {
-            val (bounds, kk, ksize) = coefficients(im.height, height)
-            val out = ByteArray(width * height * 3)
-            for (y in 0 until height) {
-                val ymin = bounds[2 * y]
-                val ymax = bounds[2 * y + 1]
-                for (x in 0 until width) {
-                    for (c in 0 until 3) {
-                        var ss = 1 shl (PRECISION_BITS - 1)
-                        for (i in 0 until ymax) ss += im.at(x, ymin + i, c) * kk[y * ksize + i]
-                        out[(y * width + x) * 3 + c] = clip8(ss).toByte()
-                    }
+        return RgbImage(width, im.height, out)
+    }
+
+    private fun vertical(im: RgbImage, height: Int): RgbImage {
+        if (im.height == height) return im
+        val (bounds, kk, ksize) = coefficients(im.height, height)
+        val out = ByteArray(im.width * height * 3)
+        for (y in 0 until height) {
+            val ymin = bounds[2 * y]
+            val ymax = bounds[2 * y + 1]
+            for (x in 0 until im.width) {
+                for (c in 0 until 3) {
+                    var ss = 1 shl (PRECISION_BITS - 1)
+                    for (i in 0 until ymax) ss += im.at(x, ymin + i, c) * kk[y * ksize + i]
+                    out[(y * im.width + x) * 3 + c] = clip8(ss).toByte()
                 }
             }
-            im = RgbImage(width, height, out)
         }
-        return im
+        return RgbImage(im.width, height, out)
     }
 
     private fun clip8(v: Int): Int = (v shr PRECISION_BITS).coerceIn(0, 255)
