@@ -350,6 +350,31 @@ def golden(
     typer.echo(f"Golden vectors of {len(images)} images: {folder}")
 
 
+@app.command("web")
+def web(
+    model: ModelOpt,
+    port: Annotated[int, typer.Option(help="Port on --host (0: any free port).")] = 8000,
+    host: Annotated[str, typer.Option(help="Address to listen on; 127.0.0.1 keeps it on this machine.")] = "127.0.0.1",
+    out: Annotated[Path | None, typer.Option("--out", help="Write a static site folder instead of serving.")] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace --out if it exists.")] = False,
+    app_dir: Annotated[Path | None, typer.Option("--app", help="The web app folder; default: the repo's web/.")] = None,
+) -> None:
+    """The browser app (MediaPipe Tasks, offline, nothing leaves the page) with MODEL: serve it on localhost, or
+    write it as a static site with --out."""
+    with _user_errors():
+        from derm.web import make_server, write_site
+
+        if out is not None:
+            typer.echo(f"Wrote the web app with {model.name}: {write_site(model, out, app_dir, overwrite)}")
+            return
+        server = make_server(model, host, port, app_dir)
+    typer.echo(f"derm web: http://{host}:{server.server_address[1]}/ (Ctrl-C stops it)", err=True)
+    try:
+        server.serve_forever()
+    finally:
+        server.server_close()
+
+
 @app.command("triage")
 def triage_command(
     folder: Annotated[Path, typer.Argument(help="Folder of images (searched recursively).")],
