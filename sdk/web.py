@@ -20,6 +20,7 @@ from functools import partial
 from pathlib import Path
 
 from derm._util import sha256_file, unwritable
+from derm._version import __version__
 from derm.errors import DermError
 from derm.manifest import read_manifest
 
@@ -105,6 +106,7 @@ def build_info(files: dict[str, Path]) -> dict[str, object]:
             "created": manifest.get("created"),
         },
         "tasks_vision": json.loads((vendor / "package.json").read_text(encoding="utf-8"))["version"],
+        "derm": __version__,
     }
 
 

@@ -44,19 +44,28 @@ async function loadModel(bytes, name, delegate) {
   const file = await readModelFile(bytes, name);
   const manifest = file.manifest;
   const verified = await file.verify();
-  let runtime;
-  let notice = "";
-  try {
-    runtime = await Runtime.load(bytes, manifest, delegate);
-  } catch (e) {
-    if (delegate !== "GPU") throw new ModelFileError(`${name}: MediaPipe cannot run this file (${e.message ?? e}).`);
-    runtime = await Runtime.load(bytes, manifest, "CPU"); // the GPU delegate cannot run it here: say so, carry on
-    notice = `The GPU delegate cannot run ${name} in this browser (${firstLine(e)}); running on the CPU.`;
-  }
-  // One run on a mid-grey image: warms the runtime up and checks the tensors against the manifest's outputs.
+  // One run on a mid-grey image: warms the runtime up and gives the tensors to check against the manifest's outputs.
+  // The GPU delegate can fail here rather than at load (an operator it lacks), so both are tried together.
   const size = manifest.inputSize;
   const grey = new ImageData(new Uint8ClampedArray(size * size * 4).fill(128), size, size);
-  const outputs = runtime.classify(grey);
+  const start = async (on) => {
+    const rt = await Runtime.load(bytes, manifest, on);
+    try {
+      return [rt, rt.classify(grey)];
+    } catch (e) {
+      rt.close();
+      throw e;
+    }
+  };
+  let runtime, outputs;
+  let notice = "";
+  try {
+    [runtime, outputs] = await start(delegate);
+  } catch (e) {
+    if (delegate !== "GPU") throw new ModelFileError(`${name}: MediaPipe cannot run this file (${firstLine(e)}).`);
+    [runtime, outputs] = await start("CPU"); // the GPU delegate cannot run it here: say so, carry on
+    notice = `The GPU delegate cannot run ${name} in this browser (${firstLine(e)}); running on the CPU.`;
+  }
   const problems = manifest.outputProblems(Object.fromEntries(Object.entries(outputs).map(([k, v]) => [k, v.length])));
   if (problems.length) {
     runtime.close();

@@ -95,7 +95,8 @@ try {
       }
       const model = await page.evaluate(() => window.derm.model);
       if (model.delegate !== delegate) { // the page fell back to the CPU: record why, time nothing
-        report.steps.bench[delegate] = { delegate: model.delegate, notice: model.notice };
+        const why = report.console.filter((l) => /GPU delegate|Not supported/.test(l)).map((l) => l.replace(/^\w+: /, ""));
+        report.steps.bench[delegate] = { delegate: model.delegate, notice: model.notice, log: why };
         continue;
       }
       await classify(page, join(args.golden, golden.cases[0].image)); // the image the timings use
