@@ -7,7 +7,8 @@ For a few real images, beside an exported file, ``write_golden`` stores:
   can check the SDK's orientation and resize rules apart from its platform's JPEG decoder (decoders may differ by a
   level or two: libjpeg's IDCT is not specified to the bit);
 - ``inputs/NAME.rgb``: the exact uint8 input tensor the SDK makes from the file (size x size x 3);
-- in ``golden.json``: the EXIF orientation, the file's raw outputs on that tensor and the SDK's prediction.
+- in ``golden.json``: the EXIF orientation, the file's raw outputs on that tensor and the SDK's prediction;
+- ``manifest.json``: the file's manifest (for a test that cannot read it from the file, such as iOS's).
 
 An app must make the same input tensor from ``decoded`` + ``orientation`` (bit-exact: the SDK's resize is Pillow's
 fixed-point bilinear filter after an integer box reduction, both reproducible in integer arithmetic), and the same
@@ -137,6 +138,9 @@ def write_golden(
             "cases": cases,
         }
         (work / "golden.json").write_text(json.dumps(doc, indent=1) + "\n", encoding="utf-8")
+        # the file's manifest as JSON, for a runtime whose test cannot read it from the model file (iOS reads it
+        # from Core ML metadata, which a .tflite does not have)
+        (work / "manifest.json").write_text(json.dumps(clf.manifest, indent=1) + "\n", encoding="utf-8")
         if out.exists():
             shutil.rmtree(out)
         work.rename(out)

@@ -26,6 +26,7 @@ def test_golden_vectors_are_the_sdks_and_the_files(golden):
     size = doc["input_size"]
     assert doc["format"] == "derm-golden/1" and size == clf.input_size and len(doc["cases"]) == 7
     assert {c["decoded"]["orientation"] for c in doc["cases"]} == {1, 3, 6, 8}
+    assert json.loads((golden / "manifest.json").read_text()) == clf.manifest
     assert any(max(c["decoded"]["width"], c["decoded"]["height"]) > 4 * size for c in doc["cases"])  # reduce path
     for case in doc["cases"]:
         tensor = np.frombuffer((golden / case["input"]).read_bytes(), np.uint8).reshape(size, size, 3)
