@@ -4,11 +4,13 @@ made from a real tiny training run and compared on real images."""
 from __future__ import annotations
 
 import json
+import math
 import sys
 
 import numpy as np
 import pytest
 
+from derm.manifest import MANIFEST_KEY, SUPPORTED_FORMATS
 from tests.conftest import SMALL_SIZE
 
 pytest.importorskip("tensorflow")
@@ -185,6 +187,17 @@ def test_coreml_write_check_structure_and_read_manifest(exported, coreml_models,
     assert [o.name for o in spec.description.output] == [s.name for s in specs]
     for s in specs:
         assert json.loads(spec.description.metadata.userDefined[f"derm_labels_{s.name}"]) == list(s.labels)
+    # What the iOS app relies on (ios-demo/DermDemo.swiftpm/Sources/ModelRunner.swift): one RGB image input of the
+    # manifest's size, fed a 32BGRA pixel buffer; each output's values (the product of its shape) as many as the
+    # manifest's labels for it; the manifest under the key the app reads.
+    image = spec.description.input[0].type.imageType
+    assert len(spec.description.input) == 1 and image.colorSpace == ct.proto.FeatureTypes_pb2.ImageFeatureType.RGB
+    assert image.width == image.height == manifest["input"]["shape"][1]
+    labels = {o["name"]: o["labels"] for o in manifest["outputs"]}
+    for o in spec.description.output:
+        assert o.type.WhichOneof("Type") == "multiArrayType"
+        assert math.prod(o.type.multiArrayType.shape) == len(labels[o.name])
+    assert json.loads(spec.description.metadata.userDefined[MANIFEST_KEY])["format"] in SUPPORTED_FORMATS
     weights = sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
     assert weights < (26e6 if quantize == "int8" else 48e6)  # 22 M weights: ~22 MB int8, ~44 MB float16 (fp32 87)
 
