@@ -34,7 +34,7 @@ let package = Package(
             name: "AppModule",
             dependencies: [.product(name: "DermCore", package: "DermCore")],
             path: "Sources",
-            resources: [.copy("Resources")]
+            resources: [.process("Resources")]  // Xcode compiles the .mlpackage into .mlmodelc
         )
     ]
 )

@@ -19,11 +19,13 @@ final class AppModel: ObservableObject {
     @Published var result: (source: String, classified: Classified)?
     @Published var operatingPoint = Predictor.defaultOperatingPoint
 
-    /// The model shipped in the app (Sources/Resources/DermClassifier.mlpackage).
+    /// The model shipped in the app (Sources/Resources/DermClassifier.mlpackage, which Xcode compiles into the
+    /// bundle as DermClassifier.mlmodelc; an uncompiled package is compiled here instead).
     func loadBundled() async {
-        guard let url = Bundle.module.url(
-            forResource: "DermClassifier", withExtension: "mlpackage", subdirectory: "Resources"
-        ) else {
+        let bundled = ["mlmodelc", "mlpackage"].lazy.compactMap {
+            Bundle.module.url(forResource: "DermClassifier", withExtension: $0)
+        }
+        guard let url = bundled.first else {
             status = "No model in the app."
             problem = "Export one into Sources/Resources/DermClassifier.mlpackage (derm-export RUN --target coreml), "
                 + "or open one with “Other model…”."

@@ -23,7 +23,8 @@ final class ModelRunner {
     let inputName: String
     private(set) var predictor: Predictor
 
-    /// Compiles (once per model version, cached) and loads an `.mlpackage`; `computeUnits = .all` lets Core ML use
+    /// Loads a compiled model (`.mlmodelc`, as Xcode builds it into the app) or compiles an `.mlpackage` (once per
+    /// model version, cached: one opened from Files); `computeUnits = .all` lets Core ML use
     /// the Neural Engine where it can. Throws a `DermError` with a message for the screen when the file is not a
     /// derm export, or its manifest format is newer than this app reads.
     init(package url: URL, operatingPoint: String = Predictor.defaultOperatingPoint) async throws {
@@ -118,6 +119,7 @@ final class ModelRunner {
     /// The compiled model (`.mlmodelc`) for this package, compiled once and kept in Caches, keyed by the package's
     /// own Manifest.json (which names its items by identifiers made anew at each export).
     private static func compiled(_ url: URL) async throws -> URL {
+        if url.pathExtension == "mlmodelc" { return url }
         let manifestFile = url.appendingPathComponent("Manifest.json")
         guard let stamp = try? Data(contentsOf: manifestFile) else {
             throw DermError.modelFile(
