@@ -154,6 +154,8 @@ def build_manifest(
             "run_created": run_info.get("created"),
             "run_json_sha256": sha256_file(run / "run.json") if (run / "run.json").is_file() else None,
             "model_sha256": (run_info.get("files") or {}).get("model.keras"),
+            # temperature scaling folded into the weights by the trainer (None: a run made before it, or without)
+            "calibration": metrics.get("calibration"),
         },
         "export": {"target": target, "quantize": quantize, "calibration": dict(calibration or {})},
         "versions": dict(versions or {}),

@@ -78,6 +78,14 @@ STEPS = Annotated[int | None, _opt("Steps per fine-tuning epoch [one pass].", "-
 CW = Annotated[str | None, _opt("balanced [default] or none.", "--class-weighting")]
 VAL = Annotated[float | None, _opt("Validation fraction, whole groups [0.1].", "--val-fraction")]
 BLURRY = Annotated[float | None, _opt("Drop the blurriest fraction from validation/test [0].", "--blurry-quantile")]
+CALIBRATE = Annotated[
+    bool | None,
+    typer.Option(
+        "--calibrate/--no-calibrate",
+        help="Fit a temperature on the validation images and fold it into the model [calibrate].",
+        show_default=False,
+    ),
+]
 SEED = Annotated[int | None, _opt("Random seed [0].", "--seed")]
 CACHE = Annotated[str | None, _opt("Feature cache file [$DERM_CACHE/features/...].", "--feature-cache")]
 STRATEGY = Annotated[str | None, _opt("tf.distribute strategy: auto, default, mirrored.", "--strategy")]
@@ -149,6 +157,7 @@ def train_command(
     class_weighting: CW = None,
     val_fraction: VAL = None,
     blurry_quantile: BLURRY = None,
+    calibrate: CALIBRATE = None,
     seed: SEED = None,
     feature_cache: CACHE = None,
     strategy: STRATEGY = None,
@@ -198,6 +207,7 @@ def cv_command(
     class_weighting: CW = None,
     val_fraction: VAL = None,
     blurry_quantile: BLURRY = None,
+    calibrate: CALIBRATE = None,
     seed: SEED = None,
     feature_cache: CACHE = None,
     strategy: STRATEGY = None,

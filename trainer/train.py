@@ -104,6 +104,7 @@ class TrainConfig:
     holdout: str | None = None  # "COLUMN=VALUE": rows with that value are the test set (e.g. split=validation)
     near_duplicates: bool = True  # join near-identical images into one group before splitting
     blurry_quantile: float = 0.0  # drop images below this sharpness quantile from validation and test (not train)
+    calibrate: bool = True  # fit a temperature on the validation images and fold it into the logits (calibrate.py)
     strategy: str = "auto"  # tf.distribute: auto (mirrored when several GPUs), default, mirrored
     overwrite: bool = False
     skip_bad: bool = False  # leave out rows with unknown labels or missing / unreadable images (else refuse the CSV)
@@ -781,12 +782,27 @@ def _train(cfg: TrainConfig) -> Path:
     for layer in model.layers:
         layer.trainable = True  # saved models load trainable; the exporter and users decide what to freeze
     result: dict[str, Any] = {"format": RUN_FORMAT, "mode": cfg.mode}
-    for role, idx in (("val", va), ("test", te)):
-        if len(idx) == 0:
-            continue
-        probs = cached_eval.get(role)
-        if probs is None:
-            probs = _predict_images(model, prep, idx, cfg.input_size, cfg.batch_size)
+    roles = {role: idx for role, idx in (("val", va), ("test", te)) if len(idx)}
+    by_role: dict[str, np.ndarray] = {}
+    for role, idx in roles.items():
+        cached = cached_eval.get(role)
+        by_role[role] = (
+            cached if cached is not None else _predict_images(model, prep, idx, cfg.input_size, cfg.batch_size)
+        )
+    if cfg.calibrate and "val" in by_role:
+        from derm.trainer.calibrate import apply_temperature, calibrate, fold_temperature
+
+        t, result["calibration"] = calibrate(by_role, {role: prep.targets[idx] for role, idx in roles.items()})
+        fold_temperature(model, t)  # the saved model, and every export of it, gives the calibrated probabilities
+        by_role = {role: apply_temperature(p, t) for role, p in by_role.items()}
+        log.info(
+            "Temperature %.3f: validation ECE %.3f -> %.3f.",
+            t,
+            result["calibration"]["val"]["ece_before"],
+            result["calibration"]["val"]["ece_after"],
+        )
+    for role, idx in roles.items():
+        probs = by_role[role]
         result[role] = _evaluate_split(prep, idx, probs, cfg.seed)
         result[role]["source"] = "feature cache (plain view)" if role in cached_eval else "model on images"
         _predictions_csv(work / f"predictions_{role}.csv", prep, idx, probs)
