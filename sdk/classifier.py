@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from derm.manifest import ModelFileError, model_kind, read_manifest, verify_weights
-from derm.preprocess import ImageError, ImageSource, preprocess
+from derm.preprocess import ImageError, ImageSource, check_tta, preprocess, tta_views
 
 
 def int8_saturates() -> bool:
@@ -177,7 +177,9 @@ class Classifier:
         backend_options: Mapping[str, Any] | None = None,
         operating_point: str | float = DEFAULT_OPERATING_POINT,
         threshold: float | None = None,
+        tta: int = 1,
     ):
+        self.tta = check_tta(tta)  # test-time views averaged per image (1: none); see derm.preprocess.TTA_VIEWS
         self.path = Path(path)
         self.manifest = read_manifest(self.path)
         self.verified = verify_weights(self.path, self.manifest)  # raises ModelFileError when the weights changed
@@ -263,6 +265,14 @@ class Classifier:
             raise ValueError(f"run() wants uint8 (n, {s}, {s}, 3) images, received {images.dtype} {images.shape}.")
         return self.backend(np.ascontiguousarray(images))
 
+    def infer(self, images: np.ndarray) -> dict[str, np.ndarray]:
+        """Outputs for a batch of prepared images: :meth:`run`, or with ``tta`` views of each averaged (every output
+        is averaged on its own, as a model's outputs for one image would be)."""
+        if self.tta == 1:
+            return self.run(images)
+        out = self.run(np.concatenate([tta_views(image, self.tta) for image in images]))
+        return {k: v.reshape(len(images), self.tta, *v.shape[1:]).mean(axis=1) for k, v in out.items()}
+
     def prepare(self, source: ImageSource) -> np.ndarray:
         """The project's one preprocessing (the trainer's): decode, EXIF orientation, RGB, resize."""
         return preprocess(source, self.input_size)
@@ -271,7 +281,7 @@ class Classifier:
         """One image (path, bytes, PIL image or array) -> :class:`Prediction`; a list of them -> a list."""
         if isinstance(source, (list, tuple)):
             return [p for _, p in self.predict_many(source, top_k=top_k, on_error="raise")]  # type: ignore[misc]
-        return self._results([_name(source)], self.run(self.prepare(source)[None]), top_k)[0]
+        return self._results([_name(source)], self.infer(self.prepare(source)[None]), top_k)[0]
 
     def predict_many(
         self,
@@ -297,7 +307,7 @@ class Classifier:
 
             def flush() -> Iterator[tuple[str, Prediction | ImageError]]:
                 if batch:
-                    out = self.run(np.stack(batch))
+                    out = self.infer(np.stack(batch))
                     yield from zip(batch_names, self._results(batch_names, out, top_k), strict=True)
                     batch.clear()
                     batch_names.clear()

@@ -297,6 +297,9 @@ ThresholdOpt = Annotated[
     float | None, typer.Option("--threshold", help="Your own threshold on the task probabilities instead.")
 ]
 ThreadsOpt = Annotated[int | None, typer.Option("--threads", help="Inference threads (default: the runtime's).")]
+TtaOpt = Annotated[
+    int, typer.Option("--tta", help="Average over 1, 2, 4 or 8 test-time views (flips, quarter turns); N times slower.")
+]
 
 
 @app.command("classify")
@@ -307,12 +310,13 @@ def classify(
     operating_point: OpOpt = "0.9",
     threshold: ThresholdOpt = None,
     threads: ThreadsOpt = None,
+    tta: TtaOpt = 1,
 ) -> None:
     """Classify one image: inference-class probabilities, malignancy probabilities, the calls. Not a diagnosis."""
     with _user_errors():
         from derm.classifier import Classifier
 
-        clf = Classifier.load(model, threads=threads, operating_point=operating_point, threshold=threshold)
+        clf = Classifier.load(model, threads=threads, operating_point=operating_point, threshold=threshold, tta=tta)
         pred = clf.predict(image)
     if as_json:
         typer.echo(json.dumps(pred.to_dict(), indent=1))
@@ -383,6 +387,7 @@ def triage_command(
     operating_point: OpOpt = "0.9",
     threshold: ThresholdOpt = None,
     threads: ThreadsOpt = None,
+    tta: TtaOpt = 1,
     workers: Annotated[int, typer.Option(help="Decoding threads running ahead of inference.")] = 2,
 ) -> None:
     """Classify every image under FOLDER; write a CSV and an HTML report ordered by risk. Resumes when re-run."""
@@ -390,7 +395,7 @@ def triage_command(
         from derm.classifier import Classifier
         from derm.triage import TriageInterrupted, triage
 
-        clf = Classifier.load(model, threads=threads, operating_point=operating_point, threshold=threshold)
+        clf = Classifier.load(model, threads=threads, operating_point=operating_point, threshold=threshold, tta=tta)
         try:
             summary = triage(folder, clf, out, workers=workers)
         except TriageInterrupted as exc:

@@ -140,3 +140,25 @@ def preprocess(source: ImageSource, size: int = 299) -> np.ndarray:
     if isinstance(size, bool) or not isinstance(size, int) or size < 1:
         raise ValueError(f"size must be a positive integer, received {size!r}.")
     return resize(load_image(source), size)
+
+
+#: Test-time views, in order: the image, its vertical flip (training's flip), then the 180, 90 and 270 degree
+#: rotations, each plain and flipped. ``--tta N`` averages the model's outputs over the first N (1, 2, 4 or 8).
+#: Quarter turns of a square are lossless, and within training's augmentation (any rotation, then the largest
+#: upright inscribed rectangle: the whole square at multiples of 90 degrees).
+TTA_VIEWS = ((0, False), (0, True), (2, False), (2, True), (1, False), (1, True), (3, False), (3, True))
+
+
+def check_tta(n: object) -> int:
+    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or int(n) not in (1, 2, 4, 8):
+        raise ValueError(f"tta must be 1, 2, 4 or 8 views (flips and quarter turns), received {n!r}.")
+    return int(n)
+
+
+def tta_views(image: np.ndarray, n: int) -> np.ndarray:
+    """The first ``n`` test-time views of one ``(s, s, 3)`` image, as a ``(n, s, s, 3)`` batch."""
+    views = []
+    for turns, flip in TTA_VIEWS[: check_tta(n)]:
+        v = np.rot90(image, turns, axes=(0, 1))
+        views.append(v[::-1] if flip else v)
+    return np.ascontiguousarray(np.stack(views))

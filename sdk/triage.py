@@ -158,6 +158,8 @@ def triage(
         "folder": str(root.resolve()),
         "operating_point": classifier.threshold if classifier.threshold is not None else classifier.operating_point,
     }
+    if getattr(classifier, "tta", 1) > 1:  # absent when 1: folders written before test-time views still resume
+        state["tta"] = classifier.tta
     columns = _columns(classifier)
     done: dict[str, dict[str, Any]] = {}
     if csv_path.exists():

@@ -502,3 +502,36 @@ def test_damaged_or_misnamed_files_never_give_an_answer(files, tmp_path):
     flipped.write_bytes(bytes(raw))
     with pytest.raises(ModelFileError, match="damaged or was altered after export"):
         Classifier.load(flipped)
+
+
+def test_test_time_views_are_the_flips_and_quarter_turns_in_order():
+    from derm.preprocess import check_tta, tta_views
+
+    image = np.random.default_rng(0).integers(0, 256, (6, 6, 3), dtype=np.uint8)
+    views = tta_views(image, 8)
+    assert views.shape == (8, 6, 6, 3) and views.dtype == np.uint8
+    assert np.array_equal(views[0], image) and np.array_equal(views[1], image[::-1])  # training's vertical flip
+    assert np.array_equal(views[2], image[::-1, ::-1]) and np.array_equal(views[4], np.rot90(image))
+    assert len({v.tobytes() for v in views}) == 8  # the 8 symmetries of the square, each once
+    assert np.array_equal(tta_views(image, 4), views[:4])
+    for bad in (3, 0, 16, 2.0, True, "4"):
+        with pytest.raises(ValueError, match=r"tta must be 1, 2, 4 or 8 views.*received"):
+            check_tta(bad)
+
+
+def test_tta_averages_the_file_outputs_over_the_views(files):
+    from derm.classifier import Classifier
+    from derm.preprocess import tta_views
+
+    plain = Classifier.load(files[0])
+    tta = Classifier.load(files[0], tta=4)
+    image = plain.prepare(files[2][0])
+    raw = plain.run(tta_views(image, 4))
+    got = tta.infer(image[None])
+    for name, values in raw.items():
+        np.testing.assert_allclose(got[name][0], values.mean(axis=0), rtol=0, atol=1e-6)
+    assert abs(sum(tta.predict(files[2][0]).levels["three"].values()) - 1) < 1e-4
+    from derm.cli import app
+
+    res = cli.invoke(app, ["classify", str(files[2][0]), "-m", str(files[0]), "--tta", "3"])
+    assert res.exit_code == 2 and "tta must be 1, 2, 4 or 8" in res.output

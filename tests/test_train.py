@@ -385,3 +385,25 @@ def test_source_weights_weigh_a_source_within_the_class_weights(bottleneck_run, 
         TrainConfig.from_dict({"data": "x", "out": "y", "source_weights": {"phone": -1}})
     with pytest.raises(TrainError, match="not implemented for mode='finetune'"):
         TrainConfig.from_dict({"data": "x", "out": "y", "mode": "finetune", "source_weights": {"phone": 2}})
+
+
+def test_derm_eval_tta_uses_the_sdks_views_and_averages_them(bottleneck_run):
+    """derm-eval --tta N: the same flips and quarter turns as the SDK's --tta, and the mean of the model's
+    probabilities over them."""
+    import tensorflow as tf
+
+    from derm.preprocess import TTA_VIEWS, preprocess, tta_views
+    from derm.trainer.evaluate import predict, view
+    from derm.trainer.model import load_model
+
+    x = np.random.default_rng(0).integers(0, 256, (2, 5, 5, 3)).astype(np.float32)
+    for i, (turns, flip) in enumerate(TTA_VIEWS):
+        want = np.stack([tta_views(image, 8)[i] for image in x])
+        assert np.array_equal(view(tf.constant(x), turns, flip).numpy(), want), (turns, flip)
+    _, run = bottleneck_run
+    model = load_model(run / "model.keras")
+    paths = [r["image"] for r in _rows(run / "predictions_val.csv")[:3]]
+    got, _ = predict(model, paths, SIZE, tta=4)
+    views = np.concatenate([tta_views(preprocess(p, SIZE), 4) for p in paths]).astype(np.float32)
+    want = model.predict(views, verbose=0).reshape(3, 4, -1).mean(axis=1)
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-4)

@@ -52,14 +52,31 @@ def load_run(run_dir: str | Path) -> tuple[Any, Taxonomy, Partition, dict[str, A
     return load_model(run / "model.keras"), tax, part, cfg
 
 
-def predict(model: Any, paths: Sequence[str | Path], size: int, batch_size: int = 32) -> tuple[np.ndarray, np.ndarray]:
-    """Training-class probabilities and 2048-d embeddings of images (plain preprocessing)."""
+def predict(
+    model: Any, paths: Sequence[str | Path], size: int, batch_size: int = 32, tta: int = 1
+) -> tuple[np.ndarray, np.ndarray]:
+    """Training-class probabilities and 2048-d embeddings of images (plain preprocessing), averaged over the first
+    ``tta`` test-time views (the SDK's: ``derm.preprocess.TTA_VIEWS``, flips and quarter turns)."""
+
+    from derm.preprocess import TTA_VIEWS, check_tta
     from derm.trainer.data import image_dataset
     from derm.trainer.model import with_embedding
 
     both = with_embedding(model)
-    probs, emb = both.predict(image_dataset(list(paths), size, batch_size=batch_size), verbose=0)
-    return probs, emb
+    data = image_dataset(list(paths), size, batch_size=batch_size)
+    views = [
+        both.predict(data.map(lambda x, k=turns, f=flip: view(x, k, f)), verbose=0)
+        for turns, flip in TTA_VIEWS[: check_tta(tta)]
+    ]
+    return np.mean([p for p, _ in views], axis=0), np.mean([e for _, e in views], axis=0)
+
+
+def view(batch: Any, turns: int, flip: bool) -> Any:
+    """One test-time view of an image batch, as ``derm.preprocess.tta_views`` makes it of one image."""
+    import tensorflow as tf
+
+    x = tf.image.rot90(batch, k=turns) if turns else batch
+    return tf.reverse(x, axis=[1]) if flip else x
 
 
 def saliency(model: Any, images: np.ndarray, class_index: np.ndarray | None = None) -> np.ndarray:
@@ -117,6 +134,7 @@ def run_eval(
     n_boot: int = 1000,
     seed: int = 0,
     skip_bad: bool = False,
+    tta: int = 1,
 ) -> dict[str, Any]:
     """Evaluate a run on a labelled CSV and write metrics, predictions, plots and report.html into ``out``.
     ``skip_bad`` leaves out rows with unknown labels or missing / unreadable images (else the CSV is refused)."""
@@ -143,8 +161,9 @@ def run_eval(
     )
     ds = ds.subset(_select_rows(ds, run_dir, role))
     with readable_images(data):
-        probs, emb = predict(model, ds.paths, size, batch_size)
+        probs, emb = predict(model, ds.paths, size, batch_size, tta)
     result = evaluate(probs, ds.nodes, part, levels=("three", "nine", "labels"), n_boot=n_boot, seed=seed)
+    result["tta"] = tta
     result["run"] = str(run_dir)
     result["data"] = ds.describe()
     result["role"] = role
@@ -242,6 +261,9 @@ def eval_command(
     skip_bad: Annotated[
         bool, typer.Option("--skip-bad", help="Leave out rows with unknown labels or missing / unreadable images.")
     ] = False,
+    tta: Annotated[
+        int, typer.Option("--tta", help="Average over 1, 2, 4 or 8 test-time views (flips, quarter turns).")
+    ] = 1,
 ) -> None:
     """Evaluate a trained run the paper's way: 3-way and 9-way mean per-class accuracy, binary-task ROC/AUC."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
@@ -257,6 +279,7 @@ def eval_command(
             batch_size=batch_size,
             seed=seed,
             skip_bad=skip_bad,
+            tta=tta,
         )
     except (DermError, ValueError) as exc:
         typer.secho(f"Error: {exc}", err=True, fg=typer.colors.RED)

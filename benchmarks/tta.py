@@ -1,0 +1,127 @@
+"""Test-time augmentation benchmark: what ``--tta N`` (the SDK's averaging over flips and quarter turns,
+``derm.preprocess.TTA_VIEWS``) buys in AUC and costs in latency, with an exported file on held-out images.
+
+Every image is run once per view (8 views); ``--tta N`` is the mean of the first N, so one pass measures N = 1, 2,
+4, 8 on the same images. AUCs with their bootstrap intervals; latency is one image's ``Classifier.predict`` from a
+decoded array, median of timed runs.
+
+    python -m derm.benchmarks.tta --model runs/reference/export/model-int8.tflite --split runs/reference_cal/split.csv
+
+(``--split``: a run's ``split.csv``; its ``test`` rows, which that run never trained on) writes
+``benchmarks/results/tta.json`` and ``tta.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from derm._util import atomic_write
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="runs/reference/export/model-int8.tflite")
+    ap.add_argument("--split", default="runs/reference_cal/split.csv", help="a run's split.csv (its test rows)")
+    ap.add_argument("--n", type=int, default=400, help="test images (seeded sample)")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--results", default=str(RESULTS))
+    args = ap.parse_args(argv)
+
+    from derm import metrics
+    from derm.aggregation import task_targets
+    from derm.classifier import Classifier
+    from derm.evaluation import evaluate
+    from derm.preprocess import TTA_VIEWS, tta_views
+    from derm.taxonomy import default_taxonomy
+
+    with open(args.split, newline="", encoding="utf-8") as f:
+        rows = [r for r in csv.DictReader(f) if r["role"] == "test"]
+    rng = np.random.default_rng(args.seed)
+    rows = [rows[i] for i in sorted(rng.choice(len(rows), size=min(args.n, len(rows)), replace=False))]
+    clf = Classifier.load(args.model, threads=args.threads)
+    tax = default_taxonomy()
+    nodes = [r["node"] for r in rows]
+    per_view: dict[str, list[np.ndarray]] = {}
+    t0 = time.perf_counter()
+    for i, r in enumerate(rows):
+        out = clf.run(tta_views(clf.prepare(r["image"]), len(TTA_VIEWS)))
+        for k, v in out.items():
+            per_view.setdefault(k, []).append(v)
+        if (i + 1) % 50 == 0:
+            print(f"{i + 1}/{len(rows)} images, {time.perf_counter() - t0:.0f} s", flush=True)
+    outs = {k: np.stack(v) for k, v in per_view.items()}  # (images, views, values)
+    from derm.trainer.evaluate import load_partition
+
+    _, partition = load_partition(Path(args.split).parent)
+    report: dict[str, Any] = {"model": args.model, "split": args.split, "n": len(rows), "threads": args.threads}
+    report["by_n"] = {}
+    image = clf.prepare(rows[0]["image"])
+    for n in (1, 2, 4, 8):
+        mean = {k: v[:, :n].mean(axis=1) for k, v in outs.items()}
+        res = evaluate(mean["training_probs"], nodes, partition, levels=["three"], tasks=[], seed=args.seed)
+        row: dict[str, Any] = {}
+        three = res["levels"]["three"]
+        row["three_accuracy"] = three.get("accuracy")
+        row["three_mpca"] = three.get("mean_per_class_accuracy")
+        for task in clf.tasks:
+            y = task_targets(tax, nodes, task)
+            keep = y >= 0
+            if (y[keep] == 1).any() and (y[keep] == 0).any():
+                m = metrics.binary_task_metrics(y[keep], mean[f"task_{task}"][keep, 0], n_boot=1000, seed=args.seed)
+                row[task] = {"auc": m["auc"], "auc_ci": m["auc_ci"], "n_pos": m["n_positive"], "n_neg": m["n_negative"]}
+        mal = np.asarray([tax.is_under(x, "malignant") if x in tax else False for x in nodes], dtype=np.int64)
+        m = metrics.binary_task_metrics(mal, mean["probs_three"][:, 1], n_boot=1000, seed=args.seed)
+        row["malignant_auc"] = {"auc": m["auc"], "auc_ci": m["auc_ci"]}
+        timed = Classifier.load(args.model, threads=args.threads, tta=n)
+        for _ in range(2):
+            timed.infer(image[None])
+        ms = []
+        for _ in range(10):
+            t = time.perf_counter()
+            timed.infer(image[None])
+            ms.append(1000 * (time.perf_counter() - t))
+        row["ms_per_image"] = statistics.median(ms)
+        report["by_n"][str(n)] = row
+    results = Path(args.results)
+    with atomic_write(results / "tta.json") as f:
+        json.dump(report, f, indent=1)
+    md = markdown(report, clf.tasks)
+    with atomic_write(results / "tta.md") as f:
+        f.write(md)
+    print(md)
+    return 0
+
+
+def markdown(r: dict[str, Any], tasks: list[str]) -> str:
+    def auc(v: dict[str, Any]) -> str:
+        return f"{v['auc']:.3f} ({v['auc_ci'][0]:.3f}-{v['auc_ci'][1]:.3f})"
+
+    head = ["--tta", "P(malignant) AUC", *[f"{t} AUC" for t in tasks], "3-way accuracy", "ms / image"]
+    lines = [
+        f"# Test-time augmentation: {r['model']}, {r['n']} held-out images ({r['split']} test rows), "
+        f"{r['threads']} threads",
+        "",
+        "| " + " | ".join(head) + " |",
+        "|" + "---|" * len(head),
+    ]
+    for n, row in r["by_n"].items():
+        cells = [n, auc(row["malignant_auc"])]
+        cells += [auc(row[t]) if t in row else "-" for t in tasks]
+        cells += [f"{row['three_accuracy']:.3f}", f"{row['ms_per_image']:.0f}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
