@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import logging
 import os
 import statistics
@@ -34,7 +33,7 @@ from typing import Any
 
 import numpy as np
 
-from derm._util import atomic_write
+from derm.benchmarks._results import write_results
 from derm.exporter.export import DEFAULT_CALIBRATION
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -237,11 +236,7 @@ def main(argv: list[str] | None = None) -> int:
         name += "_noeq" if args.no_equalize else ""
     if ("tflite", "qat") in wanted:
         name += f"_{args.qat_steps}steps"
-    with atomic_write(results_dir / f"{name}.json") as f:
-        json.dump(report, f, indent=1)
-    with atomic_write(results_dir / f"{name}.md") as f:
-        f.write(markdown(report))
-    print(markdown(report))
+    write_results(results_dir, name, report, markdown(report))
     return 0
 
 

@@ -20,7 +20,6 @@ writes ``benchmarks/results/int8_noise.json`` and ``int8_noise.md``.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import time
 from pathlib import Path
@@ -28,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from derm._util import atomic_write
+from derm.benchmarks._results import write_results
 from derm.exporter.equalize import DEFAULT_ALPHA
 from derm.exporter.export import DEFAULT_CALIBRATION, DEFAULT_ROUNDING_IMAGES
 
@@ -138,11 +137,7 @@ def main(argv: list[str] | None = None) -> int:
         "rows": rows,
     }
     out = Path(args.results)
-    with atomic_write(out / "int8_noise.json") as f:
-        json.dump(report, f, indent=1)
-    with atomic_write(out / "int8_noise.md") as f:
-        f.write(markdown(report))
-    print(markdown(report))
+    write_results(out, "int8_noise", report, markdown(report))
     return 0
 
 

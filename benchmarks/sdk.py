@@ -15,7 +15,6 @@ writes ``benchmarks/results/sdk.json`` and ``sdk.md``.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import tempfile
@@ -25,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from derm._util import atomic_write
+from derm.benchmarks._results import write_results
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -133,13 +132,7 @@ def main(argv: list[str] | None = None) -> int:
         "peak_rss_mb_before": rss0,
         "peak_rss_mb_after": _rss_mb(),
     }
-    results = Path(args.results)
-    with atomic_write(results / "sdk.json") as f:
-        json.dump(report, f, indent=1)
-    md = markdown(report)
-    with atomic_write(results / "sdk.md") as f:
-        f.write(md)
-    print(md)
+    write_results(args.results, "sdk", report, markdown(report))
     return 0
 
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import json
 import statistics
 import time
 from pathlib import Path
@@ -23,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from derm._util import atomic_write
+from derm.benchmarks._results import write_results
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -93,13 +92,7 @@ def main(argv: list[str] | None = None) -> int:
             ms.append(1000 * (time.perf_counter() - t))
         row["ms_per_image"] = statistics.median(ms)
         report["by_n"][str(n)] = row
-    results = Path(args.results)
-    with atomic_write(results / "tta.json") as f:
-        json.dump(report, f, indent=1)
-    md = markdown(report, clf.tasks)
-    with atomic_write(results / "tta.md") as f:
-        f.write(md)
-    print(md)
+    write_results(args.results, "tta", report, markdown(report, clf.tasks))
     return 0
 
 

@@ -31,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from derm._util import atomic_write
+from derm.benchmarks._results import write_results
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "benchmarks" / "results"
@@ -169,13 +169,7 @@ def main(argv: list[str] | None = None) -> int:
             "mediapipe_resize": parity(doc, golden, page["steps"]["mediapipeResize"]),
             "browser_seconds": time.perf_counter() - t0,
         }
-    results = Path(args.results)
-    with atomic_write(results / "web.json") as f:
-        json.dump(report, f, indent=1)
-    md = markdown(report)
-    with atomic_write(results / "web.md") as f:
-        f.write(md)
-    print(md)
+    write_results(args.results, "web", report, markdown(report))
     return 0
 
 
