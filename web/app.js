@@ -141,7 +141,10 @@ function pct(p) {
 }
 
 async function classify(source, name) {
-  if (!current) return;
+  if (!current) {
+    showError(`${name} was not classified: no model is loaded. Choose one with “Other model…”.`);
+    return;
+  }
   showError("");
   try {
     const t0 = performance.now();
