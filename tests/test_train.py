@@ -265,6 +265,21 @@ def test_saliency_is_the_input_gradient(bottleneck_run):
     assert np.sum(np.abs(grads)) == pytest.approx(sal[0, y, x], rel=0.3)
 
 
+def test_smoothgrad_is_the_gradient_averaged_over_noisy_copies(bottleneck_run):
+    from derm.preprocess import preprocess
+    from derm.trainer.evaluate import saliency
+    from derm.trainer.model import load_model
+
+    _, run = bottleneck_run
+    model = load_model(run / "model.keras")
+    img = preprocess(_rows(run / "split.csv")[0]["image"], SIZE)[None].astype(np.float32)
+    raw = saliency(model, img)
+    np.testing.assert_allclose(saliency(model, img, samples=3, noise=0.0), raw, rtol=1e-4, atol=1e-9)
+    smooth = saliency(model, img, samples=8, seed=1)
+    assert smooth.shape == raw.shape and np.isfinite(smooth).all() and smooth.max() > 0
+    assert not np.allclose(smooth, raw) and np.array_equal(smooth, saliency(model, img, samples=8, seed=1))
+
+
 def test_derm_eval_cli_errors(tmp_path, small_csv):
     from typer.testing import CliRunner
 

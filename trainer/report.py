@@ -268,10 +268,16 @@ def plot_saliency(
     titles: Sequence[str],
     path: str | os.PathLike[str],
 ) -> Path:
-    """A grid of images (h, w, 3) uint8 with their saliency maps (h, w) below, each map normalised to [0, 1].
+    """A grid of images (h, w, 3) uint8, each with its saliency map (h, w) overlaid as a heat map: the map scaled so
+    that its 99th percentile is full colour (a few extreme pixels would otherwise leave it nearly black), transparent
+    where it is low. Titles are wrapped to the tile's width.
 
-    Up to 8 images per row of pairs. Float images in [0, 1] or [0, 255] are accepted too.
+    Up to 4 images a row. Float images in [0, 1] or [0, 255] are accepted too.
     """
+    import textwrap
+
+    from matplotlib import colormaps
+
     if not (len(images) == len(saliency) == len(titles)):
         raise ValueError(
             f"images, saliency and titles differ in length: {len(images)}, {len(saliency)}, {len(titles)}."
@@ -279,29 +285,29 @@ def plot_saliency(
     if not images:
         raise ValueError("plot_saliency: no images.")
     imgs = [_display_image(im, i) for i, im in enumerate(images)]
-    maps = []
+    overlays = []
     for i, s in enumerate(saliency):
         m = np.asarray(s, dtype=np.float64)
         if m.ndim != 2:
             raise ValueError(f"saliency[{i}] must have shape (h, w), received {m.shape}.")
         if not np.isfinite(m).all():
             raise ValueError(f"saliency[{i}] holds non-finite values.")
-        span = m.max() - m.min()
-        maps.append((m - m.min()) / span if span > 0 else np.zeros_like(m))
+        top = np.percentile(m, 99)
+        m = np.clip(m / top, 0.0, 1.0) if top > 0 else np.zeros_like(m)
+        rgba = colormaps["inferno"](m)
+        rgba[..., 3] = 0.85 * m  # the image shows through where the map is low
+        overlays.append(rgba)
     n = len(imgs)
-    cols = min(n, 8)
+    cols = min(n, 4)
     rows = math.ceil(n / cols)
-    fig = _figure(2.2 * cols, 4.6 * rows)
+    fig = _figure(3.0 * cols, 3.4 * rows)
     for i in range(n):
-        r, c = divmod(i, cols)
-        top = fig.add_subplot(2 * rows, cols, 2 * r * cols + c + 1)
-        top.imshow(imgs[i])
-        top.set_title(str(titles[i]), fontsize=8)
-        bottom = fig.add_subplot(2 * rows, cols, (2 * r + 1) * cols + c + 1)
-        bottom.imshow(maps[i], cmap="inferno", vmin=0.0, vmax=1.0)
-        for ax in (top, bottom):
-            ax.set_xticks([])
-            ax.set_yticks([])
+        ax = fig.add_subplot(rows, cols, i + 1)
+        ax.imshow(imgs[i])
+        ax.imshow(overlays[i])
+        ax.set_title("\n".join(textwrap.fill(line, 28) for line in str(titles[i]).splitlines()), fontsize=8)
+        ax.set_xticks([])
+        ax.set_yticks([])
     return _save(fig, path)
 
 
