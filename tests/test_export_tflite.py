@@ -31,7 +31,13 @@ def test_graph_outputs_are_the_aggregated_probabilities(exported):
             np.testing.assert_allclose(out[s.name], ref @ s.matrix, atol=1e-5)
             np.testing.assert_allclose(out[s.name].sum(1), 1.0, atol=1e-5)
         elif s.kind == "task":
-            np.testing.assert_allclose(out[s.name][:, 0], conditional_probability(ref, s.matrix), atol=1e-5)
+            # From probabilities the ratio is only defined where the task's classes hold some probability: when both
+            # sides underflow float32 (an image far outside the task's condition, where the task does not apply),
+            # only the file's softmax over the logits still answers.
+            held = (ref @ s.matrix).sum(1) > 1e-6
+            assert held.mean() >= 0.75, held
+            got, want = out[s.name][held, 0], conditional_probability(ref, s.matrix)[held]
+            np.testing.assert_allclose(got, want, atol=1e-5)
     # the aggregation layers are frozen
     frozen = [layer for layer in export.layers if layer.__class__.__name__ == "Dense"]
     assert len(frozen) == len(specs) - 1 + sum(s.kind == "task" for s in specs)
