@@ -45,6 +45,12 @@ def test_calibrate_reports_every_role_and_refuses_nothing_silently():
         assert r["n"] == 2000 and r["ece_after"] < r["ece_before"] and r["nll_after"] < r["nll_before"]
 
 
+def test_too_few_validation_images_are_not_fitted():
+    _, p, y = _overconfident(2.0, n=40)
+    t, report = calibrate({"val": p}, {"val": y})
+    assert t is None and "only 40 validation images" in report["skipped"]
+
+
 def test_folding_into_a_keras_logits_layer_gives_the_same_probabilities():
     keras = pytest.importorskip("keras")
     from derm.trainer.calibrate import fold_temperature

@@ -59,7 +59,7 @@ def test_cli_writes_a_validated_self_describing_tflite(fp32_export):
     assert m["versions"]["ai-edge-litert"] and m["versions"]["tensorflow"]
     # operating points come from the run's own evaluation (val split here: the small run has no test fold)
     assert m["operating_points"]["melanoma_vs_nevus"]["source"].startswith("val")
-    assert m["training"]["calibration"]["temperature"] > 0  # folded into the weights; the manifest says how much
+    assert "skipped" in m["training"]["calibration"]  # the run's calibration (here: too few images), as recorded
 
 
 def test_mediapipe_image_classifier_reads_the_labels_and_scores(fp32_export):

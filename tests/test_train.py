@@ -46,9 +46,8 @@ def test_bottleneck_run_directory(bottleneck_run):
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["val"]["n"] > 0 and "labels" in metrics["val"]["levels"]
     assert "melanoma_vs_nevus" in metrics["val"]["tasks"]
-    cal = metrics["calibration"]  # a temperature fitted on validation and folded into the model (calibrate.py)
-    assert cal["temperature"] > 0 and cal["val"]["n"] == metrics["val"]["n"]
-    assert cal["val"]["nll_after"] <= cal["val"]["nll_before"] + 1e-4
+    # too few validation images to fit a temperature on: the run says so and keeps its model (calibrate.py)
+    assert metrics["val"]["n"] < 50 and "a temperature needs at least 50" in metrics["calibration"]["skipped"]
     run_json = json.loads((run / "run.json").read_text())
     from derm._util import sha256_file
 

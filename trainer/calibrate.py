@@ -22,6 +22,9 @@ import numpy as np
 #: The interval searched for T; a model whose best T lies at an end of it is reported as such (``at_bound``).
 T_RANGE = (0.05, 20.0)
 ECE_BINS = 15
+#: Fewer validation images than this fit a temperature to noise (13 separable images pull it towards 0): the run
+#: then keeps its model as trained and says why.
+MIN_IMAGES = 50
 
 
 def _log(probs: np.ndarray) -> np.ndarray:
@@ -81,8 +84,14 @@ def fold_temperature(model: Any, t: float) -> None:
     layer.set_weights([w / np.float32(t) for w in layer.get_weights()])
 
 
-def calibrate(probs: dict[str, np.ndarray], targets: dict[str, np.ndarray]) -> tuple[float, dict[str, Any]]:
-    """Fit T on ``probs["val"]``; returns T and the report (NLL and top-label ECE of every role, before and after)."""
+def calibrate(probs: dict[str, np.ndarray], targets: dict[str, np.ndarray]) -> tuple[float | None, dict[str, Any]]:
+    """Fit T on ``probs["val"]``; returns T and the report (NLL and top-label ECE of every role, before and after),
+    or None and the reason when there are too few validation images to fit it."""
+    if len(probs["val"]) < MIN_IMAGES:
+        return None, {
+            "skipped": f"only {len(probs['val'])} validation images; a temperature needs at least {MIN_IMAGES}, so "
+            "the model is kept as trained"
+        }
     t = fit_temperature(probs["val"], targets["val"])
     report: dict[str, Any] = {
         "method": "temperature scaling, fitted on the validation images (NLL), folded into the logits layer",

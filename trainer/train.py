@@ -793,14 +793,13 @@ def _train(cfg: TrainConfig) -> Path:
         from derm.trainer.calibrate import apply_temperature, calibrate, fold_temperature
 
         t, result["calibration"] = calibrate(by_role, {role: prep.targets[idx] for role, idx in roles.items()})
-        fold_temperature(model, t)  # the saved model, and every export of it, gives the calibrated probabilities
-        by_role = {role: apply_temperature(p, t) for role, p in by_role.items()}
-        log.info(
-            "Temperature %.3f: validation ECE %.3f -> %.3f.",
-            t,
-            result["calibration"]["val"]["ece_before"],
-            result["calibration"]["val"]["ece_after"],
-        )
+        if t is None:
+            log.warning("Not calibrated: %s.", result["calibration"]["skipped"])
+        else:
+            fold_temperature(model, t)  # the saved model, and every export of it, gives the calibrated probabilities
+            by_role = {role: apply_temperature(p, t) for role, p in by_role.items()}
+            cal = result["calibration"]["val"]
+            log.info("Temperature %.3f: validation ECE %.3f -> %.3f.", t, cal["ece_before"], cal["ece_after"])
     for role, idx in roles.items():
         probs = by_role[role]
         result[role] = _evaluate_split(prep, idx, probs, cfg.seed)
