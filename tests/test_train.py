@@ -220,7 +220,9 @@ def test_derm_eval_report(bottleneck_run, small_csv, tmp_path):
     readers = tmp_path / "readers.csv"
     readers.write_text("task,name,sensitivity,specificity\nmelanoma_vs_nevus,reader 1,0.8,0.7\n")
     out = tmp_path / "eval"
-    result = run_eval(run, small_csv, out, role="val", readers=readers, tsne=50, saliency_images=4, n_boot=100)
+    result = run_eval(
+        run, small_csv, out, role="val", readers=readers, tsne=50, saliency_images=4, n_boot=100, saliency_samples=2
+    )
     assert result["n"] == sum(r["role"] == "val" for r in _rows(run / "split.csv"))
     assert {"three", "nine", "labels"} <= set(result["levels"])
     mvn = result["tasks"]["melanoma_vs_nevus"]
@@ -273,10 +275,10 @@ def test_smoothgrad_is_the_gradient_averaged_over_noisy_copies(bottleneck_run):
     model = load_model(run / "model.keras")
     img = preprocess(_rows(run / "split.csv")[0]["image"], SIZE)[None].astype(np.float32)
     raw = saliency(model, img)
-    np.testing.assert_allclose(saliency(model, img, samples=3, noise=0.0), raw, rtol=1e-4, atol=1e-9)
-    smooth = saliency(model, img, samples=8, seed=1)
+    np.testing.assert_allclose(saliency(model, img, samples=2, noise=0.0), raw, rtol=1e-4, atol=1e-9)
+    smooth = saliency(model, img, samples=2, seed=1)
     assert smooth.shape == raw.shape and np.isfinite(smooth).all() and smooth.max() > 0
-    assert not np.allclose(smooth, raw) and np.array_equal(smooth, saliency(model, img, samples=8, seed=1))
+    assert not np.allclose(smooth, raw) and np.array_equal(smooth, saliency(model, img, samples=2, seed=1))
 
 
 def test_derm_eval_cli_errors(tmp_path, small_csv):

@@ -157,6 +157,7 @@ def run_eval(
     seed: int = 0,
     skip_bad: bool = False,
     tta: int = 1,
+    saliency_samples: int = SMOOTHGRAD_SAMPLES,
 ) -> dict[str, Any]:
     """Evaluate a run on a labelled CSV and write metrics, predictions, plots and report.html into ``out``.
     ``skip_bad`` leaves out rows with unknown labels or missing / unreadable images (else the CSV is refused)."""
@@ -245,14 +246,14 @@ def run_eval(
         pick = _sample_per_class(y, saliency_images, seed)
         if len(pick):
             imgs = np.stack([preprocess(ds.paths[i], size) for i in pick])
-            sal = saliency(model, imgs, samples=SMOOTHGRAD_SAMPLES, seed=seed)
+            sal = saliency(model, imgs, samples=saliency_samples, seed=seed)
             titles = [f"true {ds.labels[i]}\npred {part.labels[int(probs[i].argmax())]}" for i in pick]
             png = report.plot_saliency(list(imgs), list(sal), titles, plots / "saliency.png")
             sections.append(
                 {
                     "title": "Saliency maps",
                     "text": f"SmoothGrad: the input gradient of the predicted class probability, averaged over "
-                    f"{SMOOTHGRAD_SAMPLES} copies with noise (15% of the pixel range), L1 over RGB, overlaid on the "
+                    f"{saliency_samples} copies with noise (15% of the pixel range), L1 over RGB, overlaid on the "
                     "image (99th percentile at full colour). Titles: true label, then the prediction.",
                     "images": [png],
                 }
