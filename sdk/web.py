@@ -18,6 +18,7 @@ import socketserver
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 from derm._util import sha256_file, unwritable
 from derm._version import __version__
@@ -64,16 +65,18 @@ class WebError(DermError, ValueError):
     """The app cannot be served or written as asked."""
 
 
-def site_files(model: str | os.PathLike[str], app: str | os.PathLike[str] | None = None) -> dict[str, Path]:
+def site_files(
+    model: str | os.PathLike[str], app: str | os.PathLike[str] | None = None
+) -> tuple[dict[str, Path], dict[str, Any]]:
     """URL path (relative to the site root) -> file, after checking the model is a derm .tflite and the app is
-    complete. The one list both the server and the static build use."""
+    complete, and the model's manifest. The one list both the server and the static build use."""
     model, app = Path(model), Path(app) if app is not None else DEFAULT_APP
     if model.suffix != ".tflite":
         raise WebError(
             f"The web app runs .tflite files (MediaPipe Tasks); {str(model)!r} is not one. Export one with "
             "`derm-export RUN --target tflite`."
         )
-    read_manifest(model)  # not a derm export, truncated, or a newer manifest format: say so now, not in the browser
+    manifest = read_manifest(model)  # not a derm export, truncated, or a newer format: say so now, not in the browser
     if not (app / "index.html").is_file():
         raise WebError(
             f"No web app at {str(app)!r} (no index.html). Pass --app with the web/ folder of the derm repository."
@@ -91,13 +94,12 @@ def site_files(model: str | os.PathLike[str], app: str | os.PathLike[str] | None
         if p.suffix in (".js", ".wasm") and "_module_" not in p.name:  # the ES-module build is not what loads
             files[f"vendor/tasks-vision/wasm/{p.name}"] = p
     files["model.tflite"] = model
-    return files
+    return files, manifest
 
 
-def build_info(files: dict[str, Path]) -> dict[str, object]:
+def build_info(files: dict[str, Path], manifest: dict[str, Any]) -> dict[str, object]:
     """What the site is made of, served as build.json: the model's and the runtime's versions and hashes."""
     vendor = files["vendor/tasks-vision/vision_bundle.mjs"].parent
-    manifest = read_manifest(files["model.tflite"])
     return {
         "model": {
             "file": files["model.tflite"].name,
@@ -124,14 +126,14 @@ def write_site(
         raise WebError(f"{str(out)!r} is not a site derm web wrote (no model.tflite); not replacing it.")
     if why := unwritable(out):
         raise WebError(f"Cannot write the site to {str(out)!r}: {why}.")
-    files = site_files(model, app)
+    files, manifest = site_files(model, app)
     tmp = out.with_name(out.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         for rel, src in files.items():
             (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(src, tmp / rel)
-        (tmp / "build.json").write_text(json.dumps(build_info(files), indent=1) + "\n", encoding="utf-8")
+        (tmp / "build.json").write_text(json.dumps(build_info(files, manifest), indent=1) + "\n", encoding="utf-8")
         rules = "".join(f"  {k}: {v}\n" for k, v in HEADERS.items())
         (tmp / "_headers").write_text(f"/*\n{rules}", encoding="utf-8")
         if out.exists():
@@ -202,8 +204,8 @@ def make_server(
     log: Callable[[str], None] | None = None,
 ) -> http.server.HTTPServer:
     """A server for the app with this model (port 0: any free port). Call ``serve_forever()``."""
-    files = site_files(model, app)
-    build = json.dumps(build_info(files)).encode()
+    files, manifest = site_files(model, app)
+    build = json.dumps(build_info(files, manifest)).encode()
     handler = type("Handler", (_Handler,), {"files": files, "build": build, "log": log})
     try:
         return _Server((host, port), partial(handler))

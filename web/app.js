@@ -21,14 +21,13 @@ function showError(message) {
   $("error").hidden = !message;
 }
 
+/** The browser applies the EXIF orientation here (as the SDK does before resizing); no colour management, so the
+ *  pixels are the file's, as Pillow decodes them. */
+const decode = (blob) =>
+  createImageBitmap(blob, { imageOrientation: "from-image", colorSpaceConversion: "none", premultiplyAlpha: "none" });
+
 async function decodeToRgb(blob) {
-  // The browser applies the EXIF orientation here (as the SDK does before resizing); no colour management, so the
-  // pixels are the file's, as Pillow decodes them.
-  const bitmap = await createImageBitmap(blob, {
-    imageOrientation: "from-image",
-    colorSpaceConversion: "none",
-    premultiplyAlpha: "none",
-  });
+  const bitmap = await decode(blob);
   try {
     const canvas = new OffscreenCanvas(bitmap.width, bitmap.height);
     const ctx = canvas.getContext("2d", { willReadFrequently: true });
@@ -265,8 +264,7 @@ derm.benchmark = (n) => {
 /** The file's outputs when MediaPipe resizes the whole image itself (its stretch, no antialiasing) instead of the
  *  SDK's preprocessing: what the app would answer without derm-core.js (the benchmark measures the gap). */
 derm.classifyWithMediaPipeResize = async (blob) => {
-  const bitmap = await createImageBitmap(blob, { imageOrientation: "from-image", colorSpaceConversion: "none",
-    premultiplyAlpha: "none" });
+  const bitmap = await decode(blob);
   try {
     return current.runtime.classify(bitmap, { anySize: true });
   } finally {
