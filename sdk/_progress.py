@@ -1,13 +1,18 @@
-"""Progress bars for long work: rich on a terminal, silent when output is not interactive or when disabled."""
+"""Progress on long work: a rich bar on a terminal; elsewhere (nohup, CI, a notebook) a log line every half minute
+with the count, rate and time left; nothing when ``DERM_PROGRESS=0``."""
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
+import time
 from collections.abc import Iterable, Iterator
 from typing import TypeVar
 
 T = TypeVar("T")
+log = logging.getLogger("derm.progress")
+LOG_EVERY_S = 30.0
 
 
 def progress_enabled() -> bool:
@@ -18,10 +23,36 @@ def progress_enabled() -> bool:
     return sys.stderr.isatty()
 
 
+def _duration(seconds: float) -> str:
+    m, s = divmod(int(round(seconds)), 60)
+    h, m = divmod(m, 60)
+    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
+
+
+def log_progress(
+    iterable: Iterable[T], description: str, total: int | None = None, every: float = LOG_EVERY_S
+) -> Iterator[T]:
+    """Iterate, logging ``description: done/total (rate/s, time left)`` at most every ``every`` seconds."""
+    t0 = last = time.monotonic()
+    done = 0
+    for item in iterable:
+        yield item
+        done += 1
+        now = time.monotonic()
+        if now - last >= every:
+            last = now
+            rate = done / (now - t0)
+            left = f", {_duration((total - done) / rate)} left" if total and rate > 0 else ""
+            log.info("%s: %d%s (%.2f/s%s)", description, done, f"/{total}" if total else "", rate, left)
+
+
 def track(iterable: Iterable[T], description: str, total: int | None = None) -> Iterator[T]:
-    """Iterate with a progress bar on stderr (when enabled)."""
-    if not progress_enabled():
+    """Iterate with a progress bar on stderr (a terminal), or log lines (elsewhere), or silently (disabled)."""
+    if os.environ.get("DERM_PROGRESS", "").lower() in ("0", "false", "no", "off"):
         yield from iterable
+        return
+    if not progress_enabled():
+        yield from log_progress(iterable, description, total)
         return
     from rich.console import Console
     from rich.progress import (

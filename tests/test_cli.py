@@ -1,5 +1,6 @@
 import csv
 import json
+import re
 
 from typer.testing import CliRunner
 
@@ -89,3 +90,25 @@ def test_data_split(pad_csv, tmp_path):
     assert (tmp_path / rows[0]["image"]).is_file() or rows[0]["image"].startswith("/")
     again = runner.invoke(app, ["data", "split", str(pad_csv), "--out", str(out)])
     assert again.exit_code == 2 and "--overwrite" in again.output
+
+
+def test_progress_off_a_terminal_is_logged_with_rate_and_time_left(caplog, monkeypatch):
+    """Long work under nohup or CI still says how far it is (a log line per interval), unless DERM_PROGRESS=0."""
+    import time
+
+    from derm._progress import log_progress, track
+
+    def slow(n):
+        for i in range(n):
+            time.sleep(0.02)
+            yield i
+
+    with caplog.at_level("INFO", logger="derm.progress"):
+        assert list(log_progress(slow(10), "Features", total=10, every=0.05)) == list(range(10))
+    lines = [r.getMessage() for r in caplog.records]
+    assert lines and all(re.fullmatch(r"Features: \d+/10 \(\d+\.\d\d/s, \d+m\d\ds left\)", m) for m in lines), lines
+    caplog.clear()
+    monkeypatch.setenv("DERM_PROGRESS", "0")
+    with caplog.at_level("INFO", logger="derm.progress"):
+        assert list(track(range(3), "x", total=3)) == [0, 1, 2]
+    assert not caplog.records
