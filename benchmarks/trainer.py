@@ -102,8 +102,10 @@ def isic2017(base: Any, isic: Path, runs: Path) -> dict[str, Any]:
     rows = _rows(run / "predictions_test.csv")
     y, s = _task_scores(rows, run, "melanoma_vs_nevus")
     ys, ss = _node_scores(rows, run, "seborrheic_keratosis")
-    m = json.loads((run / "metrics.json").read_text())["test"]
+    full = json.loads((run / "metrics.json").read_text())
+    m = full["test"]
     return {
+        "timings_s": full.get("timings", {}),
         "n_test_images": len(rows),
         "melanoma_vs_nevus": _auc_entry(y, s),
         "seborrheic_keratosis_vs_rest": _auc_entry(ys, ss),
@@ -343,6 +345,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--views", type=int, default=4)
     ap.add_argument("--head-epochs", type=int, default=40)
     ap.add_argument("--pool-layers", default="mixed7,mixed8,mixed9,mixed10")
+    ap.add_argument("--unfreeze-top", type=int, default=0, help="then train the top 1-3 blocks on cached activations")
+    ap.add_argument("--epochs", type=int, default=30, help="top-block epochs (with --unfreeze-top)")
+    ap.add_argument("--patience", type=int, default=5, help="top-block early stopping (with --unfreeze-top)")
     ap.add_argument("--folds", type=int, default=5)
     ap.add_argument("--only", default="ham,baseline,isic,pad,throughput")
     ap.add_argument("--out", type=Path, default=RESULTS)
@@ -355,6 +360,9 @@ def main(argv: list[str] | None = None) -> None:
         views=args.views,
         head_epochs=args.head_epochs,
         pool_layers=args.pool_layers.split(","),
+        unfreeze_top=args.unfreeze_top,
+        epochs=args.epochs,
+        patience=args.patience,
         feature_cache=str(args.feature_cache) if args.feature_cache else None,
     )
     only = set(args.only.split(","))

@@ -69,7 +69,14 @@ POOL = Annotated[
 VIEWS = Annotated[int | None, _opt("Augmented views per training image (bottleneck) [4].", "--views")]
 HEAD_EPOCHS = Annotated[int | None, _opt("Head epochs (bottleneck) [40].", "--head-epochs")]
 UNFREEZE = Annotated[
-    int | None, _opt("After the head, fine-tune this many top Inception blocks [0].", "--unfreeze-top")
+    int | None,
+    _opt(
+        "After the head, fine-tune the top 1-3 Inception blocks on cached activations of the block below [0].",
+        "--unfreeze-top",
+    ),
+]
+PATIENCE = Annotated[
+    int | None, _opt("Top blocks: stop after this many epochs without a better validation score [5].", "--patience")
 ]
 EPOCHS = Annotated[int | None, _opt("Fine-tuning epochs [30].", "--epochs")]
 LR = Annotated[float | None, _opt("Fine-tuning learning rate [0.001].", "--lr")]
@@ -150,6 +157,7 @@ def train_command(
     views: VIEWS = None,
     head_epochs: HEAD_EPOCHS = None,
     unfreeze_top: UNFREEZE = None,
+    patience: PATIENCE = None,
     epochs: EPOCHS = None,
     lr: LR = None,
     batch_size: BATCH = None,
@@ -200,6 +208,7 @@ def cv_command(
     views: VIEWS = None,
     head_epochs: HEAD_EPOCHS = None,
     unfreeze_top: UNFREEZE = None,
+    patience: PATIENCE = None,
     epochs: EPOCHS = None,
     lr: LR = None,
     batch_size: BATCH = None,

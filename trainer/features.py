@@ -11,12 +11,15 @@ and never leaves a half-written row) keyed by
   inscribed crop and flip), each drawn from a random stream fixed by (seed, image hash, view).
 
 A row holds all of :data:`derm.trainer.model.POOLABLE` pooled and concatenated (float16), so the head can use any
-subset of them.
+subset of them. An *activation cache* (``CacheKey.activation``) holds instead one block's whole output (e.g. mixed9's
+8x8x2048, float16) of the same views, so that the blocks above it can be trained without running the ones below
+(:mod:`derm.trainer.topblocks`); both kinds are filled by one pass of :func:`extract`.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 import logging
@@ -86,9 +89,20 @@ class CacheKey:
     augment: str = AUGMENT_VERSION
     layers: tuple[str, ...] = POOLABLE
     schema: int = SCHEMA
+    activation: str | None = None  # an activation cache: this block's output, unpooled
+    shape: tuple[int, ...] | None = None  # its shape (without the batch axis)
+
+    def __post_init__(self) -> None:
+        if (self.activation is None) != (self.shape is None):
+            raise FeatureCacheError("An activation cache key needs both the block name and its output shape.")
+
+    @property
+    def dim(self) -> int:
+        """Values in one row."""
+        return int(np.prod(self.shape)) if self.shape is not None else FEATURE_DIM
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        out = {
             "weights_sha256": self.weights_sha256,
             "input_size": self.input_size,
             "seed": self.seed,
@@ -97,6 +111,9 @@ class CacheKey:
             "layers": list(self.layers),
             "schema": self.schema,
         }
+        if self.activation is not None:  # pooled-feature keys keep their old form (and their caches' file names)
+            out.update(activation=self.activation, shape=list(self.shape or ()))
+        return out
 
 
 class FeatureCache:
@@ -140,7 +157,8 @@ class FeatureCache:
             with contextlib.closing(sqlite3.connect(path)) as db:
                 row = db.execute("SELECT v FROM meta WHERE k = 'key'").fetchone()
             data = json.loads(row[0])
-            return CacheKey(**{**data, "layers": tuple(data["layers"])})
+            shape = tuple(data["shape"]) if data.get("shape") is not None else None
+            return CacheKey(**{**data, "layers": tuple(data["layers"]), "shape": shape})
         except (sqlite3.DatabaseError, TypeError, ValueError, KeyError) as exc:
             raise FeatureCacheError(f"{str(path)!r} is not a usable feature cache ({exc}).") from exc
 
@@ -167,9 +185,11 @@ class FeatureCache:
                 [(d, int(v), np.asarray(f, dtype=np.float16).tobytes()) for d, v, f in rows],
             )
 
-    def get(self, digests: Sequence[str], views: Sequence[int]) -> np.ndarray:
-        """float32 array (len(views), len(digests), FEATURE_DIM); raises if a row is missing."""
-        out = np.empty((len(views), len(digests), FEATURE_DIM), dtype=np.float32)
+    def get(self, digests: Sequence[str], views: Sequence[int], dtype: Any = np.float32) -> np.ndarray:
+        """Array (len(views), len(digests), key.dim) of ``dtype``; raises if a row is missing. Activation rows are
+        large: ask for float16 (as stored) to hold many in memory."""
+        dim = self.key.dim
+        out = np.empty((len(views), len(digests), dim), dtype=dtype)
         pos = {d: i for i, d in enumerate(digests)}
         found = np.zeros((len(views), len(digests)), dtype=bool)
         vpos = {int(v): j for j, v in enumerate(views)}
@@ -182,7 +202,7 @@ class FeatureCache:
                 if j is None:
                     continue
                 row = np.frombuffer(data, dtype=np.float16)
-                if row.size != FEATURE_DIM:
+                if row.size != dim:
                     raise FeatureCacheError(f"Corrupt row in {str(self.path)!r} (image {d}, view {v}).")
                 out[j, pos[d]] = row
                 found[j, pos[d]] = True
@@ -221,9 +241,14 @@ def cache_key(extractor: Any, input_size: int, seed: int) -> CacheKey:
     )
 
 
+def activation_key(features: CacheKey, block: str, shape: Sequence[int]) -> CacheKey:
+    """The key of the cache of ``block``'s output for the same backbone, views and preprocessing as ``features``."""
+    return dataclasses.replace(features, layers=(block,), activation=block, shape=tuple(int(d) for d in shape))
+
+
 def extract(
     extractor: Any,
-    cache: FeatureCache,
+    cache: FeatureCache | Sequence[FeatureCache],
     paths: Sequence[str | os.PathLike[str]],
     digests: Sequence[str],
     views: Sequence[int],
@@ -234,13 +259,22 @@ def extract(
 ) -> ExtractStats:
     """Compute and store the rows of (image, view) pairs not yet cached. Resumable: commits every batch.
 
-    Decoding and augmentation run in tf.data's parallel map and overlap the backbone (prefetch).
+    With several caches (of one backbone, seed and input size) the extractor has one output per cache, in order, and
+    a pair missing from any of them is computed once and stored in all. Decoding and augmentation run in tf.data's
+    parallel map and overlap the backbone (prefetch).
     """
     import tensorflow as tf
 
-    size = int(cache.key.input_size)
-    seed = int(cache.key.seed)
-    have = cache.have()
+    caches = [cache] if isinstance(cache, FeatureCache) else list(cache)
+    first = caches[0].key
+    for c in caches[1:]:
+        if (c.key.weights_sha256, c.key.input_size, c.key.seed) != (first.weights_sha256, first.input_size, first.seed):
+            raise FeatureCacheError(
+                f"{str(c.path)!r} belongs to another backbone or seed than {str(caches[0].path)!r}."
+            )
+    size = int(first.input_size)
+    seed = int(first.seed)
+    have = set.intersection(*(c.have() for c in caches))
     todo: list[tuple[int, int]] = []
     seen: set[tuple[str, int]] = set()
     for v in views:
@@ -268,12 +302,18 @@ def extract(
 
     @tf.function(reduce_retracing=True)
     def run(x):
-        return extractor(x, training=False)
+        out = extractor(x, training=False)
+        return list(out) if isinstance(out, (list, tuple)) else [out]
 
     steps = (len(todo) + batch_size - 1) // batch_size
     for x, idx, vs in track(ds, description, total=steps):
-        feats = run(x).numpy()
-        cache.put([(digests[int(i)], int(v), f) for i, v, f in zip(idx.numpy(), vs.numpy(), feats, strict=True)])
+        outs = run(x)
+        if len(outs) != len(caches):
+            raise FeatureCacheError(f"The extractor gives {len(outs)} output(s) for {len(caches)} cache(s).")
+        keys = [(digests[int(i)], int(v)) for i, v in zip(idx.numpy(), vs.numpy(), strict=True)]
+        for c, out in zip(caches, outs, strict=True):
+            rows = out.numpy().reshape(len(keys), -1)
+            c.put([(d, v, f) for (d, v), f in zip(keys, rows, strict=True)])
     seconds = time.perf_counter() - t0
     log.info("%s: %d rows computed (%.1f/s), %d reused.", description, len(todo), len(todo) / seconds, reused)
     return ExtractStats(len(todo), reused, seconds)

@@ -4,18 +4,20 @@ Two modes (see the README):
 
 - ``bottleneck``: the backbone stays frozen; the pooled features of ``views`` augmented views of every training
   image (and the plain view of every validation image) are computed once into the feature cache
-  (:mod:`derm.trainer.features`) and the softmax head is trained on them. Optionally ``unfreeze_top`` blocks of
-  Inception-v3 are then fine-tuned on images with the paper's optimizer.
+  (:mod:`derm.trainer.features`) and the softmax head is trained on them. Optionally the top ``unfreeze_top``
+  (1-3) Inception blocks are then fine-tuned with the head, with the paper's optimizer, on the cached output of the
+  block below them (:mod:`derm.trainer.topblocks`): affordable on a CPU.
 - ``finetune``: every layer trained on augmented images with the paper's recipe: RMSProp (lr 0.001, rho 0.9,
   momentum 0.9, epsilon 0.1), learning rate divided by 16 every 30 epochs.
 
 A run is written into ``OUT.partial`` and renamed to ``OUT`` when complete, so ``OUT`` is never half-written; a run
-interrupted during finetuning resumes from its last epoch (``keras.callbacks.BackupAndRestore``) and feature
-extraction resumes from the cache.
+interrupted during finetuning resumes from its last epoch (``keras.callbacks.BackupAndRestore``, or the top blocks'
+own checkpoint) and feature extraction resumes from the cache.
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
 import datetime as _dt
@@ -91,7 +93,8 @@ class TrainConfig:
     weight_decay: float = 1e-4
     feature_cache: str | None = None  # SQLite file; default $DERM_CACHE/features/<digest>.sqlite
     # finetune (and the top blocks after a bottleneck head)
-    unfreeze_top: int = 0  # bottleneck only: Inception blocks (from mixed10 down) fine-tuned after the head
+    unfreeze_top: int = 0  # bottleneck only: top Inception blocks (1-3, from mixed10 down) fine-tuned after the head
+    patience: int = 5  # top blocks: stop after this many epochs without a better validation mpca (0: never)
     epochs: int = 30
     lr: float = 1e-3
     lr_drop_every: int = 30  # epochs
@@ -151,7 +154,7 @@ class TrainConfig:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise bad(name, "a positive integer")
-        for name in ("views", "unfreeze_top", "seed"):
+        for name in ("views", "unfreeze_top", "seed", "patience"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 0:
                 raise bad(name, "a non-negative integer")
@@ -166,8 +169,12 @@ class TrainConfig:
                 raise bad(name, "a positive number")
         if self.unfreeze_top and self.mode != "bottleneck":
             raise TrainError("unfreeze_top applies to bottleneck mode (finetune mode trains every layer already).")
-        if self.unfreeze_top > 11:
-            raise bad("unfreeze_top", "at most 11 (Inception-v3 has blocks mixed0..mixed10)")
+        if self.unfreeze_top > 3:
+            raise bad(
+                "unfreeze_top",
+                "at most 3 (mixed8..mixed10 train on the cached output of mixed7; below it the cache outgrows a disk), "
+                "or use mode finetune to train every layer (a GPU)",
+            )
         if (self.folds is None) != (self.fold is None):
             raise TrainError(
                 f"Give both folds and fold (held-out fold index), or neither; received {self.folds!r}, {self.fold!r}."
@@ -193,10 +200,10 @@ class TrainConfig:
                 for k, v in self.source_weights.items()
             ):
                 raise bad("source_weights", f"a mapping of {self.source_column} values to positive weights")
-            if self.mode != "bottleneck" or self.unfreeze_top:
+            if self.mode != "bottleneck":
                 raise TrainError(
-                    "source_weights weigh the bottleneck head's training images; they are not implemented for "
-                    f"mode={self.mode!r} / unfreeze_top={self.unfreeze_top}. Leave them out there."
+                    "source_weights weigh the training images of the cached modes; they are not implemented for "
+                    f"mode={self.mode!r}. Leave them out there."
                 )
 
 
@@ -437,13 +444,12 @@ def feature_cache_path(cfg: TrainConfig, key: Any) -> Path:
     return cache_dir() / "features" / f"{sha256_json(key.to_dict())[:16]}.sqlite"
 
 
-def _top_block_start(model: Any, blocks: int) -> int:
-    """Index of the first layer of the top ``blocks`` Inception blocks (after mixed{10-blocks})."""
-    names = [layer.name for layer in model.layers]
-    if blocks >= 11:
-        return names.index("conv2d")
-    cut = names.index(f"mixed{10 - blocks}")
-    return cut + 1
+def activation_cache_path(cfg: TrainConfig, key: Any) -> Path:
+    """Beside ``feature_cache`` (``NAME.mixed9.sqlite``), else one file per key in the user's cache."""
+    if cfg.feature_cache:
+        p = Path(cfg.feature_cache)
+        return p.with_name(f"{p.stem}.{key.activation}{p.suffix or '.sqlite'}")
+    return feature_cache_path(cfg, key)
 
 
 # -------------------------------------------------------------------------------------- head training
@@ -717,7 +723,7 @@ def _train(cfg: TrainConfig) -> Path:
     tr, va, te = prep.indices("train"), prep.indices("val"), prep.indices("test")
     cached_eval: dict[str, np.ndarray] = {}
     if cfg.mode == "bottleneck":
-        from derm.trainer.features import FeatureCache, cache_key, extract, image_digests
+        from derm.trainer.features import FeatureCache, activation_key, cache_key, extract, image_digests
         from derm.trainer.model import feature_extractor
 
         fe = feature_extractor(model)
@@ -725,11 +731,20 @@ def _train(cfg: TrainConfig) -> Path:
         cache_path = feature_cache_path(cfg, key)
         digests = image_digests(prep.dataset.paths)
         t = time.perf_counter()
-        with FeatureCache(cache_path, key) as cache:
+        with contextlib.ExitStack() as stack:
+            cache = stack.enter_context(FeatureCache(cache_path, key))
+            caches = [cache]
+            if cfg.unfreeze_top:  # the output of the block below the trained ones, from the same pass
+                from derm.trainer.topblocks import cut_block
+
+                cut = model.get_layer(cut_block(cfg.unfreeze_top)).output
+                akey = activation_key(key, cut_block(cfg.unfreeze_top), tuple(cut.shape[1:]))
+                caches.append(stack.enter_context(FeatureCache(activation_cache_path(cfg, akey), akey)))
+                fe = keras.Model(fe.input, [fe.output, cut], name="feature_and_activation_cache")
             held = np.concatenate([va, te])
             extract(
                 fe,
-                cache,
+                caches,
                 [prep.dataset.paths[i] for i in held],
                 [digests[i] for i in held],
                 [0],
@@ -738,7 +753,7 @@ def _train(cfg: TrainConfig) -> Path:
             )
             extract(
                 fe,
-                cache,
+                caches,
                 [prep.dataset.paths[i] for i in tr],
                 [digests[i] for i in tr],
                 list(range(1, cfg.views + 1)),
@@ -750,6 +765,17 @@ def _train(cfg: TrainConfig) -> Path:
             x_tr = cache.get([digests[i] for i in tr], list(range(1, cfg.views + 1)))[:, :, cols]
             x_va = cache.get([digests[i] for i in va], [0])[0][:, cols]
             x_te = cache.get([digests[i] for i in te], [0])[0][:, cols] if len(te) else x_va[:0]
+            if cfg.unfreeze_top:
+                from derm.trainer.topblocks import below_cut, cached_inputs
+
+                below = below_cut(cut_block(cfg.unfreeze_top), cfg.pool_layers)
+                views_tr = list(range(1, cfg.views + 1))
+                a_tr = cached_inputs(caches[1], cache, [digests[i] for i in tr], views_tr, below)
+                a_held = {
+                    role: [x[0] for x in cached_inputs(caches[1], cache, [digests[i] for i in idx], [0], below)]
+                    for role, idx in (("val", va), ("test", te))
+                    if len(idx)
+                }
         t = time.perf_counter()
         head = train_head(
             x_tr,
@@ -770,9 +796,24 @@ def _train(cfg: TrainConfig) -> Path:
         timings["head_s"] = time.perf_counter() - t
         copy_head(head, model)
         if cfg.unfreeze_top:
+            from derm.trainer.topblocks import predict, train_top
+
             t = time.perf_counter()
-            _finetune(model, cfg, prep, work, history, _top_block_start(model, cfg.unfreeze_top))
-            timings["unfreeze_s"] = time.perf_counter() - t
+            top = train_top(
+                model,
+                cfg,
+                a_tr,
+                prep.targets[tr],
+                a_held["val"],
+                prep.targets[va],
+                num_classes=n_cls,
+                sample_weight=sample_weights(cfg, prep, tr),
+                history=history,
+                work=work,
+            )
+            timings["top_blocks_s"] = time.perf_counter() - t
+            cached_eval = {role: predict(top, xs, cfg.batch_size) for role, xs in a_held.items()}
+            del a_tr
         else:
             cached_eval = {role: head.predict(x, verbose=0) for role, x in (("val", x_va), ("test", x_te)) if len(x)}
     else:
@@ -803,7 +844,13 @@ def _train(cfg: TrainConfig) -> Path:
     for role, idx in roles.items():
         probs = by_role[role]
         result[role] = _evaluate_split(prep, idx, probs, cfg.seed)
-        result[role]["source"] = "feature cache (plain view)" if role in cached_eval else "model on images"
+        result[role]["source"] = (
+            "model on images"
+            if role not in cached_eval
+            else "activation cache (plain view)"
+            if cfg.unfreeze_top
+            else "feature cache (plain view)"
+        )
         _predictions_csv(work / f"predictions_{role}.csv", prep, idx, probs)
         log.info("%s:\n%s", role, format_summary(result[role]))
     timings["total_s"] = time.perf_counter() - t0
