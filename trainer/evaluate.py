@@ -71,6 +71,40 @@ def predict(
     return np.mean([p for p, _ in views], axis=0), np.mean([e for _, e in views], axis=0)
 
 
+def backbone_trained(cfg: dict[str, Any]) -> bool:
+    """Whether a run changed the backbone's ImageNet weights (finetune mode, or top blocks unfrozen)."""
+    return cfg.get("mode") == "finetune" or bool(cfg.get("unfreeze_top"))
+
+
+def frozen_embedding(cfg: dict[str, Any], paths: Sequence[str | Path], size: int, batch_size: int = 32) -> np.ndarray:
+    """The 2048-d embedding (pooled mixed10) of the run's starting weights, before any fine-tuning."""
+    import keras
+
+    from derm.trainer.data import image_dataset
+    from derm.trainer.model import build_backbone
+
+    inputs, _, backbone = build_backbone(size, cfg.get("weights", "inception-2015"))
+    pooled = keras.layers.GlobalAveragePooling2D(name="frozen_embedding")(backbone.output)
+    return keras.Model(inputs, pooled).predict(image_dataset(list(paths), size, batch_size=batch_size), verbose=0)
+
+
+def knn_mpca(embedding: np.ndarray, y: np.ndarray, n_classes: int, k: int = 5) -> float:
+    """Mean per-class accuracy of a leave-one-out k-nearest-neighbour vote (cosine similarity) among the rows with a
+    class (``y >= 0``): how well an embedding separates the classes, one number."""
+    from derm import metrics
+
+    keep = np.asarray(y) >= 0
+    x, yk = np.asarray(embedding, dtype=np.float64)[keep], np.asarray(y)[keep]
+    if len(x) <= k:
+        return float("nan")
+    x = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+    sim = x @ x.T
+    np.fill_diagonal(sim, -np.inf)
+    near = np.argsort(-sim, axis=1)[:, :k]
+    votes = np.stack([np.bincount(yk[row], minlength=n_classes) for row in near])
+    return float(metrics.mean_per_class_accuracy(yk, votes.argmax(1), n_classes)[0])
+
+
 def view(batch: Any, turns: int, flip: bool) -> Any:
     """One test-time view of an image batch, as ``derm.preprocess.tta_views`` makes it of one image."""
     import tensorflow as tf
@@ -232,13 +266,27 @@ def run_eval(
         y = inference_targets(tax, ds.nodes, list(nodes))
         rng = np.random.default_rng(seed)
         pick = np.sort(rng.choice(len(ds), size=min(tsne, len(ds)), replace=False))
-        png = plots / "tsne.png"
-        report.plot_tsne(emb[pick], y[pick], [tax[u].name for u in nodes], png, seed=seed)
+        embeddings = {"this model": emb[pick]}
+        if backbone_trained(cfg):  # the paper's Fig. 4 point: what fine-tuning did to the embedding
+            with readable_images(data):
+                embeddings["frozen ImageNet backbone"] = frozen_embedding(
+                    cfg, [ds.paths[i] for i in pick], size, batch_size
+                )
+        pngs, knn = [], {}
+        for name, e in embeddings.items():
+            png = plots / ("tsne.png" if name == "this model" else "tsne_frozen.png")
+            report.plot_tsne(e, y[pick], [tax[u].name for u in nodes], png, seed=seed, title=name)
+            pngs.append(png)
+            knn[name] = knn_mpca(e, y[pick], len(nodes))
+        result["embedding_knn5_mpca"] = knn
         sections.append(
             {
-                "title": "t-SNE of the 2048-d embedding",
-                "text": f"{len(pick)} images, coloured by class.",
-                "images": [png],
+                "title": "t-SNE of the 2048-d embedding" + (" (fine-tuned beside frozen)" if len(pngs) > 1 else ""),
+                "text": f"{len(pick)} images, coloured by class. How well the embedding separates the classes: "
+                "mean per-class accuracy of a leave-one-out 5-nearest-neighbour vote (cosine) "
+                + ", ".join(f"{k} {v:.3f}" for k, v in knn.items())
+                + ".",
+                "images": pngs,
             }
         )
     if saliency_images:

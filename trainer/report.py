@@ -198,6 +198,7 @@ def plot_tsne(
     path: str | os.PathLike[str],
     seed: int = 0,
     perplexity: float = 30,
+    title: str | None = None,
 ) -> np.ndarray:
     """t-SNE of an embedding (n, d) coloured by class; writes the PNG and returns the (n, 2) coordinates.
 
@@ -239,7 +240,7 @@ def plot_tsne(
             ax.scatter(*coords[sel].T, s=10, color=color, alpha=0.8, label=f"{labels[c]} ({int(sel.sum())})")
     ax.set_xticks([])
     ax.set_yticks([])
-    ax.set_title(f"t-SNE ({n} points, perplexity {perp:.3g})")
+    ax.set_title((f"{title}: " if title else "") + f"t-SNE ({n} points, perplexity {perp:.3g})")
     ax.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize=8, markerscale=2, frameon=False)
     _save(fig, path)
     return coords
