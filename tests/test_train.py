@@ -465,3 +465,27 @@ def test_derm_eval_tta_uses_the_sdks_views_and_averages_them(bottleneck_run):
     views = np.concatenate([tta_views(preprocess(p, SIZE), 4) for p in paths]).astype(np.float32)
     want = model.predict(views, verbose=0).reshape(3, 4, -1).mean(axis=1)
     np.testing.assert_allclose(got, want, rtol=0, atol=1e-4)
+
+
+def test_a_cache_named_the_old_way_is_adopted_only_when_it_holds_the_same_key(tmp_path, monkeypatch):
+    """Caches from before the name covered the whole key (named by the weights digest) are renamed, not re-extracted;
+    one made for another setting keeps its name."""
+    import dataclasses
+
+    from derm.trainer.features import CacheKey, FeatureCache
+    from derm.trainer.train import TrainConfig, adopt_legacy_cache, feature_cache_path
+
+    monkeypatch.setenv("DERM_CACHE", str(tmp_path))
+    key = CacheKey(weights_sha256="ab" * 32, input_size=299, seed=0, preprocess={"size": 299})
+    old = tmp_path / "features" / f"{'ab' * 8}.sqlite"
+    with FeatureCache(old, key) as cache:
+        cache.put([("img", 0, np.ones(key.dim))])
+    cfg = TrainConfig(data="x", out="y")
+    other = dataclasses.replace(key, input_size=224)
+    adopt_legacy_cache(feature_cache_path(cfg, other), other)
+    assert old.is_file()  # another input size: not this cache
+    new = feature_cache_path(cfg, key)
+    adopt_legacy_cache(new, key)
+    assert not old.exists() and new.is_file() and new != old
+    with FeatureCache(new, key) as cache:
+        assert cache.get(["img"], [0]).sum() == key.dim

@@ -444,6 +444,24 @@ def feature_cache_path(cfg: TrainConfig, key: Any) -> Path:
     return cache_dir() / "features" / f"{sha256_json(key.to_dict())[:16]}.sqlite"
 
 
+def adopt_legacy_cache(path: Path, key: Any) -> None:
+    """Caches made before the default name covered the whole key were named by the weights digest alone: rename such
+    a file to ``path`` when it holds exactly ``key`` (a re-extraction of ~12,500 images saved); else leave it."""
+    from derm.trainer.features import FeatureCache, FeatureCacheError
+    from derm.trainer.weights import cache_dir
+
+    old = cache_dir() / "features" / f"{key.weights_sha256[:16]}.sqlite"
+    if path.exists() or old == path or not old.is_file():
+        return
+    try:
+        if FeatureCache.stored_key(old) != key:
+            return
+    except FeatureCacheError:
+        return
+    os.replace(old, path)
+    log.info("Feature cache %s renamed to %s (the name now covers the whole cache key).", old, path)
+
+
 def activation_cache_path(cfg: TrainConfig, key: Any) -> Path:
     """Beside ``feature_cache`` (``NAME.mixed9.sqlite``), else one file per key in the user's cache."""
     if cfg.feature_cache:
@@ -729,6 +747,8 @@ def _train(cfg: TrainConfig) -> Path:
         fe = feature_extractor(model)
         key = cache_key(fe, cfg.input_size, cfg.seed)  # the backbone's weights only, not the random head
         cache_path = feature_cache_path(cfg, key)
+        if not cfg.feature_cache:
+            adopt_legacy_cache(cache_path, key)
         digests = image_digests(prep.dataset.paths)
         t = time.perf_counter()
         with contextlib.ExitStack() as stack:
