@@ -477,6 +477,8 @@ def export(cfg: ExportConfig) -> ExportResult:
         t0 = time.perf_counter()
         converted = None
         to_convert = export_model
+        if quantize in target.rounds_weights and not rounds:
+            manifest["export"]["weight_rounding"] = {"method": "nearest"}  # the converter's own (or QAT's) rounding
         if quantize == "qat" or rounds or equalizes:
             prepared = int8_ready_classifier(
                 run,

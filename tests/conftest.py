@@ -151,15 +151,14 @@ def small_export(small_run) -> dict:
 @pytest.fixture(scope="session")
 def small_int8(small_run, tmp_path_factory) -> dict:
     """The small run exported by derm-export as TFLite int8 (defaults: equalized, GPTQ on 12 of 24 calibration
-    images, float head; ``force``: parity is not what is tested), with the calibration images and the same
-    preparation of the Keras model again (fold, equalization on all 24 images, GPTQ on the first 12)."""
+    images, float head; ``force``: parity is not what is tested), with the calibration images and the Keras model
+    the export prepared and converted (fold, equalization on all 24 images, GPTQ on the first 12), kept as the
+    export made it rather than prepared a second time (GPTQ twice cost CI ~40 s)."""
     pytest.importorskip("mediapipe")
     import dataclasses
 
-    import numpy as np
-
-    from derm.exporter.equalize import DEFAULT_ALPHA
-    from derm.exporter.export import ExportConfig, calibration_rows, export, int8_ready_classifier, load_images
+    from derm.exporter import export as export_module
+    from derm.exporter.export import ExportConfig, calibration_rows, export, load_images
 
     _, run = small_run
     cfg = ExportConfig(
@@ -169,12 +168,19 @@ def small_int8(small_run, tmp_path_factory) -> dict:
         calibration_size=24,
         validation_size=8,
     )
-    result = export(dataclasses.replace(cfg, force=True))
+    kept = []
+    prepare = export_module.int8_ready_classifier
+
+    def keep(*args, **kwargs):
+        kept.append(prepare(*args, **kwargs))
+        return kept[-1]
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(export_module, "int8_ready_classifier", keep)
+        result = export(dataclasses.replace(cfg, force=True))
+    assert len(kept) == 1
     images = load_images([r["image"] for r in calibration_rows(cfg)[0]], SMALL_SIZE, "calibration")
-    prepared = int8_ready_classifier(
-        run, images.astype(np.float32), 12, {"export": {}}, alpha=DEFAULT_ALPHA, rounds=True
-    )
-    return {"result": result, "config": cfg, "images": images, "prepared": prepared}
+    return {"result": result, "config": cfg, "images": images, "prepared": kept[0]}
 
 
 @pytest.fixture(scope="session")

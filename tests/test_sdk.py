@@ -20,16 +20,16 @@ cli = CliRunner()
 
 
 @pytest.fixture(scope="module")
-def files(small_run, tmp_path_factory):
-    """A TFLite float16 and an ONNX float32 file of the small run, through derm-export's own pipeline."""
+def files(small_run, small_tflite, tmp_path_factory):
+    """A TFLite float16 (the session's, not written to) and an ONNX float32 file of the small run, through
+    derm-export's own pipeline."""
     from derm.exporter.export import ExportConfig, export
 
     _, run = small_run
     out = tmp_path_factory.mktemp("sdk_models")
-    tfl = export(ExportConfig(run=str(run), quantize="fp16", out=str(out / "m.tflite"), validation_size=8))
     onx = export(ExportConfig(run=str(run), target="onnx", quantize="fp32", out=str(out / "m.onnx"), validation_size=8))
     images = [r["image"] for r in read_rows(run / "split.csv")[:6]]
-    return Path(tfl.path), Path(onx.path), images
+    return Path(small_tflite), Path(onx.path), images
 
 
 @pytest.fixture(scope="module")
