@@ -112,3 +112,14 @@ def test_progress_off_a_terminal_is_logged_with_rate_and_time_left(caplog, monke
     with caplog.at_level("INFO", logger="derm.progress"):
         assert list(track(range(3), "x", total=3)) == [0, 1, 2]
     assert not caplog.records
+
+
+def test_train_help_keeps_its_default_markers():
+    """The help renderer reads "[word]" as a style: the trainer's "[default]" markers are escaped, not swallowed."""
+    from derm.trainer.cli import app as train_app
+
+    res = CliRunner().invoke(train_app, ["train", "--help"], env={"COLUMNS": "200"})
+    assert res.exit_code == 0, res.output
+    text = " ".join(res.output.split())
+    for phrase in ("bottleneck [default] or finetune", "three, nine [default], labels", "into the model [calibrate]"):
+        assert phrase in text, phrase

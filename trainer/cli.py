@@ -28,8 +28,13 @@ def _main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
 
 
+def _markup(help: str) -> str:
+    """Help text with its "[default]" markers kept: the help renderer reads "[word]" as a style and drops it."""
+    return help.replace("[", "\\[")
+
+
 def _opt(help: str, *names: str) -> Any:
-    return typer.Option(*names, help=help, show_default=False)
+    return typer.Option(*names, help=_markup(help), show_default=False)
 
 
 def _config(config: Path | None, given: dict[str, Any]) -> Any:
@@ -89,7 +94,7 @@ CALIBRATE = Annotated[
     bool | None,
     typer.Option(
         "--calibrate/--no-calibrate",
-        help="Fit a temperature on the validation images and fold it into the model [calibrate].",
+        help=_markup("Fit a temperature on the validation images and fold it into the model [calibrate]."),
         show_default=False,
     ),
 ]
