@@ -24,7 +24,7 @@ def progress_enabled() -> bool:
 
 
 def _duration(seconds: float) -> str:
-    m, s = divmod(int(round(seconds)), 60)
+    m, s = divmod(round(seconds), 60)
     h, m = divmod(m, 60)
     return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
 
@@ -34,10 +34,8 @@ def log_progress(
 ) -> Iterator[T]:
     """Iterate, logging ``description: done/total (rate/s, time left)`` at most every ``every`` seconds."""
     t0 = last = time.monotonic()
-    done = 0
-    for item in iterable:
+    for done, item in enumerate(iterable, 1):
         yield item
-        done += 1
         now = time.monotonic()
         if now - last >= every:
             last = now
