@@ -23,6 +23,7 @@ __all__ = [
     "bootstrap_mpca",
     "calibration",
     "confusion_matrix",
+    "log_loss",
     "mean_per_class_accuracy",
     "multiclass_metrics",
     "operating_point",
@@ -183,6 +184,16 @@ def accuracy(y_true: Any, y_pred: Any) -> float:
         raise ValueError(f"y_true and y_pred differ in length: {yt.shape} vs {yp.shape}.")
     keep = yt >= 0
     return float((yt[keep] == yp[keep]).mean()) if keep.any() else math.nan
+
+
+def log_loss(y_true: Any, probs: Any, eps: float = 1e-12) -> float:
+    """Mean negative log of the probability given to each true class (``probs`` (n, k), rows of probabilities),
+    each probability clipped to ``[eps, 1]``."""
+    yt = _int_labels(y_true, "y_true")
+    p = np.asarray(probs)
+    if p.ndim != 2 or len(p) != len(yt):
+        raise ValueError(f"probs must have shape ({len(yt)}, classes), received {p.shape}.")
+    return float(-np.mean(np.log(np.clip(p[np.arange(len(yt)), yt], eps, 1))))
 
 
 def multiclass_metrics(y_true: Any, probs: Any, labels: Sequence[str]) -> dict[str, Any]:

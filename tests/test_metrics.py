@@ -318,3 +318,10 @@ def test_proportion_interval_narrows_with_more_images_and_rejects_bad_counts():
         m.proportion_interval(5, 4)
     with pytest.raises(ValueError, match="strictly between 0 and 1"):
         m.proportion_interval(1, 4, confidence=1.0)
+
+
+def test_log_loss_is_the_mean_negative_log_of_the_true_class():
+    probs = np.array([[0.5, 0.5], [0.9, 0.1], [0.0, 1.0]])
+    assert m.log_loss([0, 1, 0], probs) == pytest.approx(-(np.log(0.5) + np.log(0.1) + np.log(1e-12)) / 3)
+    with pytest.raises(ValueError, match=r"probs must have shape \(2, classes\)"):
+        m.log_loss([0, 1], probs)

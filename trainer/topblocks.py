@@ -76,14 +76,13 @@ def set_trainable(model: Any, top: Any) -> int:
 
 
 def cached_inputs(
-    act: Any, feats: Any, digests: Sequence[str], views: Sequence[int], below: Sequence[str]
+    act: Any, pooled: np.ndarray, digests: Sequence[str], views: Sequence[int], below: Sequence[str]
 ) -> list[Any]:
-    """The trained part's inputs from the two caches: activations (views, n, *shape) float16, then one pooled block
-    (views, n, k) float32 for each of ``below`` (:func:`below_cut`)."""
+    """The trained part's inputs: activations (views, n, *shape) float16 from the activation cache, then one pooled
+    block (views, n, k) for each of ``below`` (:func:`below_cut`), taken from ``pooled``, the same images' and views'
+    whole feature-cache rows (views, n, FEATURE_DIM), already read for the head."""
     out = [act.get(digests, views, dtype=np.float16).reshape(len(views), len(digests), *act.key.shape)]
-    if below:
-        pooled = feats.get(digests, views)
-        out.extend(pooled[:, :, feature_slice([b])] for b in below)
+    out.extend(pooled[:, :, feature_slice([b])] for b in below)
     return out
 
 
@@ -150,19 +149,17 @@ def train_top(
     opt.build(top.trainable_variables)  # so that checkpoints hold the optimizer's moments and a resume restores them
     signature = {"cut": cut, "views": views, "n": n, "steps": steps, "config": cfg.to_dict()}
     state = _state(work, signature)
-    start, best, since = 0, -1.0, 0
+    rows_before = len(history.rows)  # the rows this stage adds are checkpointed with it
+    start, since = 0, 0
     if state is not None:
         top.load_weights(work / LAST)
         start, best, since = state["epoch"], state["best"], state["since_best"]
         history.rows.extend(state["history"])
         log.info("Resuming top-block training after epoch %d (best validation mpca %.3f).", start, best)
     else:  # the head alone is the score to beat: if no epoch does, the run keeps the untouched blocks
-        best = float(
-            metrics.mean_per_class_accuracy(y_val, predict(top, x_val, cfg.batch_size).argmax(1), num_classes)[0]
-        )
+        best = _mpca(predict(top, x_val, cfg.batch_size), y_val, num_classes)
         _save(top, work / BEST)
         log.info("Validation mpca before the top blocks train: %.3f.", best)
-    rows_before = len(history.rows) - (len(state["history"]) if state else 0)
     rng = np.random.default_rng([cfg.seed, 0x70B])
     orders = [rng.permutation(n) for _ in range(cfg.epochs)]  # drawn in full so a resumed run keeps the order
     for epoch in range(start, cfg.epochs):
@@ -174,14 +171,13 @@ def train_top(
             w = sample_weight[rows] if sample_weight is not None else None
             losses.append(float(top.train_on_batch(_batch(x_train, view, rows), y_train[rows], sample_weight=w)))
         p = predict(top, x_val, cfg.batch_size)
-        mpca, _ = metrics.mean_per_class_accuracy(y_val, p.argmax(1), num_classes)
-        val_loss = float(-np.mean(np.log(np.clip(p[np.arange(len(y_val)), y_val], 1e-12, 1))))
+        mpca = _mpca(p, y_val, num_classes)
         history.add(
             stage="top",
             epoch=epoch + 1,
             loss=float(np.mean(losses)),
-            val_loss=val_loss,
-            val_mpca=float(mpca),
+            val_loss=metrics.log_loss(y_val, p),
+            val_mpca=mpca,
             lr=float(schedule(epoch * steps)),
         )
         since += 1
@@ -207,6 +203,10 @@ def train_top(
     for name in (STATE, LAST, BEST):
         (work / name).unlink(missing_ok=True)
     return top
+
+
+def _mpca(probs: np.ndarray, y: np.ndarray, num_classes: int) -> float:
+    return float(metrics.mean_per_class_accuracy(y, probs.argmax(1), num_classes)[0])
 
 
 def _save(top: Any, path: Path) -> None:

@@ -529,7 +529,7 @@ def train_head(
         )
         p = head.predict(x_val, batch_size=1024, verbose=0)
         mpca, _ = metrics.mean_per_class_accuracy(y_val, p.argmax(1), num_classes)
-        val_loss = float(-np.mean(np.log(np.clip(p[np.arange(len(y_val)), y_val], 1e-12, 1))))
+        val_loss = metrics.log_loss(y_val, p)
         history.add(
             stage="head", epoch=epoch + 1, loss=float(h.history["loss"][-1]), val_loss=val_loss, val_mpca=float(mpca)
         )
@@ -782,20 +782,27 @@ def _train(cfg: TrainConfig) -> Path:
             )
             timings["features_s"] = time.perf_counter() - t
             cols = feature_slice(cfg.pool_layers)
-            x_tr = cache.get([digests[i] for i in tr], list(range(1, cfg.views + 1)))[:, :, cols]
-            x_va = cache.get([digests[i] for i in va], [0])[0][:, cols]
-            x_te = cache.get([digests[i] for i in te], [0])[0][:, cols] if len(te) else x_va[:0]
+            views_tr = list(range(1, cfg.views + 1))
+            rows = {
+                "train": cache.get([digests[i] for i in tr], views_tr),
+                "val": cache.get([digests[i] for i in va], [0]),
+            }
+            if len(te):
+                rows["test"] = cache.get([digests[i] for i in te], [0])
+            x_tr = rows["train"][:, :, cols]
+            x_va = rows["val"][0][:, cols]
+            x_te = rows["test"][0][:, cols] if len(te) else x_va[:0]
             if cfg.unfreeze_top:
                 from derm.trainer.topblocks import below_cut, cached_inputs
 
                 below = below_cut(cut_block(cfg.unfreeze_top), cfg.pool_layers)
-                views_tr = list(range(1, cfg.views + 1))
-                a_tr = cached_inputs(caches[1], cache, [digests[i] for i in tr], views_tr, below)
+                a_tr = cached_inputs(caches[1], rows["train"], [digests[i] for i in tr], views_tr, below)
                 a_held = {
-                    role: [x[0] for x in cached_inputs(caches[1], cache, [digests[i] for i in idx], [0], below)]
+                    role: [x[0] for x in cached_inputs(caches[1], rows[role], [digests[i] for i in idx], [0], below)]
                     for role, idx in (("val", va), ("test", te))
                     if len(idx)
                 }
+            del rows
         t = time.perf_counter()
         head = train_head(
             x_tr,
