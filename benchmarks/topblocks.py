@@ -1,16 +1,25 @@
 """Accuracy against hours: the frozen-feature head beside the top 1, 2 or 3 Inception blocks fine-tuned on cached
 activations (``--unfreeze-top``), on this CPU.
 
-Every run is the trainer benchmark's ISIC 2017 run (train split -> validation split, 2 augmented views, head on
-pooled mixed7..mixed10; see :mod:`derm.benchmarks.trainer`) with only ``unfreeze_top`` changed, so the rows differ in
-the blocks trained and nothing else. Times are this machine's wall clock from each run's ``metrics.json``: the
-extraction pass (pooled features and the cut's activations together) and the training. A run already in
-``RUNS/top{N}/isic2017`` is reused, not retrained.
+Every run is one of the trainer benchmark's runs (see :mod:`derm.benchmarks.trainer`: head on pooled
+mixed7..mixed10, 2 augmented views) with only ``unfreeze_top`` changed, so the rows differ in the blocks trained and
+nothing else:
+
+- ``--data isic2017``: ISIC 2017 train split -> validation split; melanoma vs nevus, seborrheic keratosis vs rest,
+  3-diagnosis mean per-class accuracy.
+- ``--data ham10000 --folds 0,1``: the lesion-grouped 5-fold cross-validation of HAM10000, the folds named (a fold
+  costs an extraction pass over ~17,000 (image, view) pairs, ~35 min here, and the training); melanoma vs nevus AUC
+  pooled over the folds run, 7-diagnosis mean per-class accuracy.
+
+Times are this machine's wall clock from each run's ``metrics.json``: the extraction pass (pooled features and the
+cut's activations together) and the training. A run already in ``RUNS/top{N}/isic2017`` (``ham_fold{K}``) is reused,
+not retrained.
 
     python -m derm.benchmarks.topblocks --shared ../shared --unfreeze 0,1,2,1@0.0001
+    python -m derm.benchmarks.topblocks --shared ../shared --data ham10000 --folds 0 --unfreeze 0,1
 
 (``N@LR``: that run with another top-block learning rate; the run to keep is chosen on the validation column, never
-on the test columns) writes ``benchmarks/results/topblocks.json`` and ``topblocks.md``.
+on the test columns) writes ``benchmarks/results/topblocks.json`` and ``topblocks.md`` (``topblocks_ham10000.*``).
 """
 
 from __future__ import annotations
@@ -19,6 +28,7 @@ import argparse
 import dataclasses
 import json
 import logging
+import os
 import platform
 import time
 from pathlib import Path
@@ -30,48 +40,113 @@ from derm.benchmarks._results import write_results
 
 RESULTS = Path(__file__).resolve().parent / "results"
 DEFAULT_LR = 1e-3
+HAM_FOLDS = 5  # the trainer benchmark's lesion-grouped folds
 BLOCKS = {0: "none (head only)", 1: "mixed10", 2: "mixed9, mixed10", 3: "mixed8, mixed9, mixed10"}
+# per dataset: the AUCs reported ((key, column title, "task" or "node", id)) and the accuracy column's title
+DATASETS = {
+    "isic2017": {
+        "title": "ISIC 2017 train -> val",
+        "aucs": [
+            ("melanoma_vs_nevus", "melanoma vs nevus AUC", "task", "melanoma_vs_nevus"),
+            ("seborrheic_keratosis_vs_rest", "seb. keratosis vs rest AUC", "node", "seborrheic_keratosis"),
+        ],
+        "mpca": "3-diagnosis MPCA",
+        "test": "ISIC 2017's 150 validation images, never trained on",
+    },
+    "ham10000": {
+        "title": "HAM10000 lesion-grouped 5-fold",
+        "aucs": [("melanoma_vs_nevus", "melanoma vs nevus AUC (pooled)", "task", "melanoma_vs_nevus")],
+        "mpca": "7-diagnosis MPCA (pooled)",
+        "test": "each fold's held-out lesions (lesion-grouped, never trained on), pooled over the folds run",
+    },
+}
 
 
-def _row(n: int, lr: float, run: Path, res: dict[str, Any]) -> dict[str, Any]:
-    metrics = json.loads((run / "metrics.json").read_text(encoding="utf-8"))
-    tops = [r for r in _history(run) if r["stage"] == "top"]
-    best = max(tops, key=lambda r: float(r["val_mpca"])) if tops else None
-    return {
-        "unfreeze_top": n,
-        "lr": lr,
-        "run": str(run),
-        "trained_blocks": BLOCKS[n] + (f", lr {lr:g}" if n and lr != DEFAULT_LR else ""),
-        "timings_s": metrics.get("timings", {}),
-        "top_epochs_run": len(tops),
-        "best_epoch": int(best["epoch"]) if best else None,
-        "val_mpca": max((float(r["val_mpca"]) for r in _history(run)), default=None),
-        **{k: v for k, v in res.items() if k != "timings_s"},
-    }
+def train_runs(data: str, cfg: Any, shared: Path, folder: Path, folds: list[int]) -> list[Path]:
+    """The runs of one row (trained unless already there): ISIC 2017's one run or HAM10000's folds."""
+    from derm.benchmarks.trainer import isic2017
+    from derm.trainer.train import train
+
+    if data == "isic2017":
+        isic2017(cfg, shared / "data/isic2017_trainval/labels.csv", folder)
+        return [folder / "isic2017"]
+    runs = []
+    for k in folds:
+        run = folder / f"ham_fold{k}"
+        if not (run / "run.json").is_file():
+            # as the trainer benchmark's ham_cv: one training class per diagnosis
+            ham = str(shared / "data/ham10000/labels.csv")
+            train(
+                dataclasses.replace(
+                    cfg, data=ham, out=str(run), within="nine", max_class_size=100, folds=HAM_FOLDS, fold=k
+                )
+            )
+        runs.append(run)
+    return runs
 
 
-def _paired(run: Path, head_only: Path) -> dict[str, tuple[float, float, float]]:
-    """Paired bootstrap AUC differences (this run minus the head-only run) on the same test images."""
-    from derm import metrics
+def _scores(data: str, runs: list[Path]) -> dict[str, Any]:
+    """The test rows of ``runs`` pooled (aligned by image): per reported AUC (labels, scores), and argmax calls."""
     from derm.benchmarks.trainer import _node_scores, _rows, _task_scores
-
-    a, b = _rows(run / "predictions_test.csv"), _rows(head_only / "predictions_test.csv")
-    by_image = {r["image"]: r for r in b}
-    b = [by_image[r["image"]] for r in a]  # the same split: same images, aligned by path
-    out = {}
-    for name, scores in (
-        ("melanoma_vs_nevus", lambda rows, d: _task_scores(rows, d, "melanoma_vs_nevus")),
-        ("seborrheic_keratosis_vs_rest", lambda rows, d: _node_scores(rows, d, "seborrheic_keratosis")),
-    ):
-        (y, sa), (_, sb) = scores(a, run), scores(b, head_only)
-        out[name] = metrics.paired_auc_difference(y, sa, sb, n_boot=1000, seed=0)
     from derm.trainer.evaluate import load_partition
 
-    _, part = load_partition(run)
+    rows = sorted((r for run in runs for r in _rows(run / "predictions_test.csv")), key=lambda r: r["image"])
+    out: dict[str, Any] = {"images": [r["image"] for r in rows]}
+    for key, _, kind, ident in DATASETS[data]["aucs"]:
+        out[key] = (_task_scores if kind == "task" else _node_scores)(rows, runs[0], ident)
+    _, part = load_partition(runs[0])
     labels = [c.label for c in part.classes]
-    truth = np.asarray(part.targets([r["node"] for r in a]))
-    calls = [np.asarray([[float(r[c]) for c in labels] for r in rows]).argmax(1) for rows in (a, b)]
-    out["labels_mpca"] = metrics.paired_mpca_difference(truth, calls[0], calls[1], len(labels), n_boot=1000, seed=0)
+    out["truth"] = np.asarray(part.targets([r["node"] for r in rows]))
+    out["calls"] = np.asarray([[float(r[c]) for c in labels] for r in rows]).argmax(1)
+    out["n_classes"] = len(labels)
+    return out
+
+
+def _row(data: str, n: int, lr: float, runs: list[Path]) -> dict[str, Any]:
+    from derm import metrics
+
+    timings: dict[str, float] = {}
+    tops, val = [], []
+    for run in runs:
+        for k, v in json.loads((run / "metrics.json").read_text(encoding="utf-8")).get("timings", {}).items():
+            timings[k] = timings.get(k, 0.0) + float(v)
+        history = _history(run)
+        tops.append([r for r in history if r["stage"] == "top"])
+        val.append(max((float(r["val_mpca"]) for r in history), default=float("nan")))
+    best = [int(max(t, key=lambda r: float(r["val_mpca"]))["epoch"]) if t else None for t in tops]
+    sc = _scores(data, runs)
+    row = {
+        "unfreeze_top": n,
+        "lr": lr,
+        "runs": [str(r) for r in runs],
+        "trained_blocks": BLOCKS[n] + (f", lr {lr:g}" if n and lr != DEFAULT_LR else ""),
+        "timings_s": timings,
+        "top_epochs_run": [len(t) for t in tops],
+        "best_epoch": best,
+        "val_mpca": float(np.mean(val)),
+        "n_test_images": len(sc["images"]),
+        "labels_mpca": metrics.mean_per_class_accuracy(sc["truth"], sc["calls"], sc["n_classes"])[0],
+    }
+    for key, *_ in DATASETS[data]["aucs"]:
+        auc, lo, hi = metrics.bootstrap_auc(*sc[key], n_boot=1000, seed=0)
+        row[key] = {"auc": auc, "lo": lo, "hi": hi}
+    return row
+
+
+def _paired(data: str, runs: list[Path], head_only: list[Path]) -> dict[str, tuple[float, float, float]]:
+    """Paired bootstrap differences (these runs minus the head-only runs) on the same test images."""
+    from derm import metrics
+
+    a, b = _scores(data, runs), _scores(data, head_only)
+    if a["images"] != b["images"]:
+        raise ValueError("the head-only runs were tested on other images; rerun them with the same splits")
+    out = {}
+    for key, *_ in DATASETS[data]["aucs"]:
+        (y, sa), (_, sb) = a[key], b[key]
+        out[key] = metrics.paired_auc_difference(y, sa, sb, n_boot=1000, seed=0)
+    out["labels_mpca"] = metrics.paired_mpca_difference(
+        a["truth"], a["calls"], b["calls"], a["n_classes"], n_boot=1000, seed=0
+    )
     return out
 
 
@@ -82,50 +157,59 @@ def _history(run: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(f))
 
 
+def _epochs(r: dict[str, Any]) -> str:
+    cells = [
+        f"{n} ({b})" if b else (str(n) if n else "") for n, b in zip(r["top_epochs_run"], r["best_epoch"], strict=True)
+    ]
+    return ", ".join(c for c in cells if c)
+
+
 def markdown(report: dict[str, Any]) -> str:
+    spec = DATASETS[report["data"]]
+    aucs = spec["aucs"]
     lines = [
-        "# Top blocks fine-tuned on cached activations: accuracy against hours (ISIC 2017 train -> val)",
+        f"# Top blocks fine-tuned on cached activations: accuracy against hours ({spec['title']})",
         "",
         f"`{report['command']}` on {report['machine']}, {report['date']}. {report['setup']}",
         "",
-        "| blocks trained | top epochs (best) | extraction s | head s | top blocks s | total h | validation MPCA "
-        "| melanoma vs nevus AUC (95% CI) | seb. keratosis vs rest AUC (95% CI) | 3-diagnosis MPCA |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| blocks trained | top epochs (best) | extraction s | head s | top blocks s | total h | validation MPCA | "
+        + " | ".join(f"{title} (95% CI)" for _, title, *_ in aucs)
+        + f" | {spec['mpca']} |",
+        "|---" * (7 + len(aucs) + 1) + "|",
     ]
     for r in report["rows"]:
         t = r["timings_s"]
-        mvn, sk = r["melanoma_vs_nevus"], r["seborrheic_keratosis_vs_rest"]
         lines.append(
-            f"| {r['trained_blocks']} | {r['top_epochs_run'] or ''}"
-            + (f" ({r['best_epoch']})" if r["best_epoch"] else "")
-            + f" | {t.get('features_s', 0):.0f} | {t.get('head_s', 0):.0f} | {t.get('top_blocks_s', 0):.0f} | "
-            f"{t.get('total_s', 0) / 3600:.2f} | {r['val_mpca']:.3f} | "
-            f"{mvn['auc']:.3f} ({mvn['lo']:.3f}-{mvn['hi']:.3f}) | "
-            f"{sk['auc']:.3f} ({sk['lo']:.3f}-{sk['hi']:.3f}) | {r['labels_mpca']:.3f} |"
+            f"| {r['trained_blocks']} | {_epochs(r)} | {t.get('features_s', 0):.0f} | {t.get('head_s', 0):.0f} | "
+            f"{t.get('top_blocks_s', 0):.0f} | {t.get('total_s', 0) / 3600:.2f} | {r['val_mpca']:.3f} | "
+            + " | ".join(f"{r[k]['auc']:.3f} ({r[k]['lo']:.3f}-{r[k]['hi']:.3f})" for k, *_ in aucs)
+            + f" | {r['labels_mpca']:.3f} |"
         )
     diffs = [r for r in report["rows"] if "vs_head_only" in r]
     if diffs:
         lines += ["", "Paired against the head-only run on the same test images (95% paired bootstrap interval):", ""]
         for r in diffs:
             d = r["vs_head_only"]
-            lines.append(
-                f"- {r['trained_blocks']}: melanoma vs nevus AUC {d['melanoma_vs_nevus'][0]:+.3f} "
-                f"({d['melanoma_vs_nevus'][1]:+.3f} to {d['melanoma_vs_nevus'][2]:+.3f}), seborrheic keratosis vs "
-                f"rest {d['seborrheic_keratosis_vs_rest'][0]:+.3f} ({d['seborrheic_keratosis_vs_rest'][1]:+.3f} to "
-                f"{d['seborrheic_keratosis_vs_rest'][2]:+.3f}), 3-diagnosis MPCA {d['labels_mpca'][0]:+.3f} "
+            parts = [
+                f"{title.split(' (')[0]} {d[k][0]:+.3f} ({d[k][1]:+.3f} to {d[k][2]:+.3f})" for k, title, *_ in aucs
+            ]
+            parts.append(
+                f"{spec['mpca'].split(' (')[0]} {d['labels_mpca'][0]:+.3f} "
                 f"({d['labels_mpca'][1]:+.3f} to {d['labels_mpca'][2]:+.3f})"
             )
+            lines.append(f"- {r['trained_blocks']}: " + ", ".join(parts))
     lines += ["", report["notes"], ""]
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
-    from derm.benchmarks.trainer import isic2017
     from derm.trainer.train import TrainConfig
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shared", type=Path, default=Path("../shared"))
     ap.add_argument("--runs", type=Path, default=Path("runs/bench_top"))
+    ap.add_argument("--data", choices=sorted(DATASETS), default="isic2017")
+    ap.add_argument("--folds", default="0", help=f"ham10000: comma-separated folds of {HAM_FOLDS} to run")
     ap.add_argument("--unfreeze", default="0,1,2", help="comma-separated unfreeze_top values (0: head only)")
     ap.add_argument("--views", type=int, default=2)
     ap.add_argument("--epochs", type=int, default=15)
@@ -133,6 +217,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--notes", default="", help="what the table shows, written under it")
     ap.add_argument("--results", type=Path, default=RESULTS)
     args = ap.parse_args(argv)
+    folds = [int(k) for k in args.folds.split(",")]
+    if any(not 0 <= k < HAM_FOLDS for k in folds):
+        ap.error(f"--folds {args.folds!r}: folds are 0..{HAM_FOLDS - 1}")
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     base = TrainConfig(
         data="",
@@ -142,33 +229,38 @@ def main(argv: list[str] | None = None) -> int:
         epochs=args.epochs,
         patience=args.patience,
     )
-    rows = []
+    rows, head_only = [], None
     for spec in args.unfreeze.split(","):
         n, _, lr_text = spec.partition("@")
         n, lr = int(n), float(lr_text or DEFAULT_LR)
         folder = args.runs / (f"top{n}" if lr == DEFAULT_LR else f"top{n}_lr{lr:g}")
-        cfg = dataclasses.replace(base, unfreeze_top=n, lr=lr)
-        res = isic2017(cfg, args.shared / "data/isic2017_trainval/labels.csv", folder)
-        rows.append(_row(n, lr, folder / "isic2017", res))
-    head_only = args.runs / "top0" / "isic2017"
+        runs = train_runs(args.data, dataclasses.replace(base, unfreeze_top=n, lr=lr), args.shared, folder, folds)
+        rows.append(_row(args.data, n, lr, runs))
+        head_only = runs if n == 0 else head_only
     for r in rows:
-        if r["unfreeze_top"] and (head_only / "predictions_test.csv").is_file():
-            r["vs_head_only"] = _paired(Path(r["run"]), head_only)
+        if r["unfreeze_top"] and head_only:
+            r["vs_head_only"] = _paired(args.data, [Path(p) for p in r["runs"]], head_only)
+    ham = f"--data ham10000 --folds {args.folds} " if args.data == "ham10000" else ""
     report = {
+        "data": args.data,
+        "folds": folds if args.data == "ham10000" else None,
         "command": "python -m derm.benchmarks.topblocks "
         + " ".join(
-            f"--shared {args.shared} --runs {args.runs} --unfreeze {args.unfreeze} --views {args.views} "
+            f"--shared {args.shared} --runs {args.runs} {ham}--unfreeze {args.unfreeze} --views {args.views} "
             f"--epochs {args.epochs} --patience {args.patience}".split()
         ),
-        "machine": f"{platform.machine()}, {__import__('os').cpu_count()} CPU cores, no GPU",
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, no GPU",
         "date": time.strftime("%Y-%m-%d"),
         "setup": f"inception-2015 weights, 299x299, head on pooled mixed7..mixed10, {args.views} augmented views per "
         f"training image, head 40 epochs, then up to {args.epochs} top-block epochs (paper's RMSProp, lr 0.001, "
-        f"BatchNorm frozen, patience {args.patience}); test: ISIC 2017's 150 validation images, never trained on.",
+        f"BatchNorm frozen, patience {args.patience}); test: {DATASETS[args.data]['test']}"
+        + (f" (folds {args.folds} of {HAM_FOLDS})" if args.data == "ham10000" else "")
+        + ".",
         "notes": args.notes,
         "rows": rows,
     }
-    write_results(args.results, "topblocks", report, markdown(report))
+    name = "topblocks" if args.data == "isic2017" else f"topblocks_{args.data}"
+    write_results(args.results, name, report, markdown(report))
     return 0
 
 
