@@ -76,7 +76,7 @@ class Target:
         return importlib.import_module(self.module)
 
 
-# The thresholds, and why (the one place they are set; README "Export" explains them for users):
+# The thresholds, and why (the one place they are set; docs/export.md explains them for users):
 # - float32 must agree almost exactly: any flipped class is a conversion bug.
 # - float16 keeps the AUC within 0.001 and 99% top-1 agreement (issue #4's targets); it rounds weights only.
 # - int8 (and dynamic range, which quantizes weights only but is held to the same bar) keeps the AUC within 0.005

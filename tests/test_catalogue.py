@@ -1,7 +1,7 @@
 """The bad-input and interruption catalogue: every command, run as a real child process on real files this test makes
 (truncated, corrupted, renamed, not UTF-8, below a file, a folder of the user's own files, signals), must end with its
 documented exit status and one message naming the bad thing, print no traceback, and leave the file system as it was
-(or, where the command finishes with a warning, complete). Exit statuses: README, "Guarantees"."""
+(or, where the command finishes with a warning, complete). Exit statuses: docs/guarantees.md."""
 
 from __future__ import annotations
 

@@ -267,7 +267,7 @@ and near-duplicate images, never straddle train, validation and test.
 ## Measured on each source's test split
 
 The float model (its TFLite int8 and fp16 exports keep these within the export gate; its ONNX int8 export does not on
-x86 CPUs without VNNI, where onnxruntime's int8 kernels saturate: the README's derm-bench table);
+x86 CPUs without VNNI, where onnxruntime's int8 kernels saturate: the derm-bench table in docs/reference-model.md);
 mean per-class accuracy and AUC with stratified bootstrap 95% intervals; the tasks on the images labelled for them.
 HAM10000 has no seborrheic keratosis label of its own (its `bkl` mixes it with lentigines) and ISIC 2017 no
 carcinoma, so carcinoma vs seborrheic keratosis is measured within a source on PAD-UFES-20 alone; the all-sources row

@@ -1,6 +1,6 @@
 """Training runs: data -> partition -> group-aware split -> model -> run directory.
 
-Two modes (see the README):
+Two modes (see docs/training.md):
 
 - ``bottleneck``: the backbone stays frozen; the pooled features of ``views`` augmented views of every training
   image (and the plain view of every validation image) are computed once into the feature cache
