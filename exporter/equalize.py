@@ -15,12 +15,8 @@ balances the activation's rounding (which shrinks by ``g``) against the next lay
 grows by ``g`` for that channel): SmoothQuant's migration strength (Xiao et al., 2023), on a CNN's ReLUs. The
 default 0.5 halves the gap between small and large channels on a log scale.
 
-Measured on the HAM10000 benchmark model (benchmarks/results/export.md: 500 held-out images, GPTQ weights, float
-head): mean absolute difference of the nine-class probabilities against the float model 0.0049 -> 0.0044 for TFLite
-int8 with the channel maxima measured on 64 calibration images, 0.0036 on all 300 (the converter's ranges come from
-all of them; on 500 validation-split images 0.0047 -> 0.0041 for the same change). ``alpha`` 1 (every channel at
-the tensor's maximum) makes the weight rounding dominate and was worse than no equalization in exploratory runs; 0.5
-was the best of 0.35, 0.5, 0.75 and 1.
+What it buys, and how ``alpha`` was chosen, is measured in ``benchmarks/results/export.md`` (the exporter
+benchmark, ``python -m research.export_bench``) and summarized in docs/export.md.
 
 Only ReLUs whose every use is such a channel-wise path are scaled; anything else (an ``Add``, a ``Flatten``, a model
 output) leaves the ReLU at gain 1, so the transform is exact on any graph.

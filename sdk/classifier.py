@@ -26,8 +26,8 @@ from derm.preprocess import ImageError, ImageSource, check_tta, preprocess, tta_
 
 def int8_saturates() -> bool:
     """True on an x86-64 Linux CPU without VNNI (e.g. AVX2 only): there onnxruntime's u8 x s8 int8 kernels saturate
-    their 16-bit intermediate sums, so an int8 ONNX file can answer far from its float model (measured: top-1
-    agreement 0.90 / 0.79 on the reference model, against 0.99 on a VNNI CPU). TFLite's kernels are not affected.
+    their 16-bit intermediate sums, so an int8 ONNX file can answer far from its float model (measured in
+    benchmarks/results/reference_bench/bench.md). TFLite's kernels are not affected.
     False where the CPU's flags cannot be read (other systems)."""
     if platform.machine().lower() not in ("x86_64", "amd64"):
         return False

@@ -1,4 +1,4 @@
-"""The int8 simulation (derm.exporter.int8sim) against the real int8 file derm-export writes for the small run."""
+"""The int8 simulation (research.int8sim) against the real int8 file derm-export writes for the small run."""
 
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ def test_ranges_are_the_grids_the_converter_chose(small_int8):
     """Every int8 activation of the file (conv, pooling and concatenation outputs) lies on a grid whose step is one
     of the simulated ranges / 255: the converter calibrates min/max per tensor and gives a concatenation's inputs the
     outermost concatenation's range, as the simulation assumes."""
-    from derm.exporter import int8sim
+    from research import int8sim
 
     model, images = small_int8["prepared"], small_int8["images"].astype(np.float32)
     ranges = int8sim.activation_ranges(model, images)
@@ -48,8 +48,8 @@ def test_ranges_are_the_grids_the_converter_chose(small_int8):
 
 
 def test_simulation_reproduces_the_files_first_convolution_and_its_error_size(small_int8):
-    from derm.exporter import int8sim
     from derm.exporter.tflite import TFLiteRunner
+    from research import int8sim
 
     model, images = small_int8["prepared"], small_int8["images"]
     ranges = int8sim.activation_ranges(model, images.astype(np.float32))
@@ -93,7 +93,7 @@ def small_int8_reference(small_int8):
 
 
 def test_blocks_and_partial_rounding(small_int8):
-    from derm.exporter import int8sim
+    from research import int8sim
 
     model, images = small_int8["prepared"], small_int8["images"][:8]
     block_of = int8sim.blocks(model)

@@ -14,7 +14,7 @@ once). The simulation reproduces the file's arithmetic op by op (the same ranges
 own input gives the file's output to within float rounding), but not bit for bit over the whole network: a value
 that lands on a rounding boundary in one and not the other flips a level, and such flips spread. Its differences
 from the float model have the file's size, not its exact values (``tests/test_int8sim.py`` checks both).
-``python -m derm.benchmarks.int8_noise`` uses it to split the int8 difference of the benchmark model by block.
+``python -m research.int8_noise`` uses it to split the int8 difference of the benchmark model by block.
 """
 
 from __future__ import annotations

@@ -11,7 +11,7 @@ failures are measured rather than refused) and reported with
   would make without this project (``TFLiteConverter.from_keras_model`` / ``tf2onnx.convert.from_keras`` of the same
   Keras model, same quantization, no aggregation outputs, float input).
 
-    python -m derm.benchmarks.export --run runs/bench/ham_cv/fold_0
+    python -m research.export_bench --run runs/bench/ham_cv/fold_0
 
 writes ``benchmarks/results/export.json`` and ``export.md``. Core ML files are checked for structure only (Core ML
 predictions need macOS). Whether int8 beats float32 depends on the CPU's integer dot-product instructions (VNNI on
@@ -36,8 +36,8 @@ import numpy as np
 from derm.benchmarks._results import write_results
 from derm.exporter.export import DEFAULT_CALIBRATION
 
-RESULTS = Path(__file__).resolve().parent / "results"
-log = logging.getLogger("derm.benchmarks.export")
+RESULTS = Path(__file__).resolve().parents[1] / "benchmarks" / "results"
+log = logging.getLogger("research.export_bench")
 ISSUE_TARGETS = {"int8_max_mb": 24.0, "int8_top1": 0.99, "int8_auc": 0.005, "fp16_auc": 0.001}
 
 

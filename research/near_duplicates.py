@@ -1,6 +1,6 @@
 """How well the near-duplicate detector separates copies from different lesions, on real images.
 
-    python -m derm.benchmarks.near_duplicates --data ../shared/data/ham10000/labels.csv --out benchmarks/results
+    python -m research.near_duplicates --data ../shared/data/ham10000/labels.csv --out benchmarks/results
 
 For every pair of HAM10000 images it counts the pairs the detector joins, split into same-lesion and
 different-lesion pairs, for a grid of thresholds; and on a random sample it makes synthetic near-duplicates
@@ -97,7 +97,7 @@ def run(data: Path, sample: int, seed: int) -> dict:
     )
     return {
         "benchmark": "near_duplicates",
-        "command": f"python -m derm.benchmarks.near_duplicates --data {data} --sample {sample} --seed {seed}",
+        "command": f"python -m research.near_duplicates --data {data} --sample {sample} --seed {seed}",
         "dataset": ds.describe(),
         "images": len(ds),
         "all_pairs": len(ds) * (len(ds) - 1) // 2,

@@ -2,7 +2,7 @@
 
 For a derm-train run (default: the HAM10000 fold-0 model of the trainer benchmark), the int8 preparation of
 ``derm-export`` (input scaling folded, ReLU channels equalized, weights GPTQ-rounded; :mod:`derm.exporter.export`)
-is simulated in Keras with :mod:`derm.exporter.int8sim` on held-out images, rounding one thing at a time:
+is simulated in Keras with :mod:`research.int8sim` on held-out images, rounding one thing at a time:
 
 - the weights alone (the GPTQ integers, float activations), the activations alone (float weights), both;
 - the activations of one part of Inception-v3 alone (the stem's first convolution, the rest of the stem, the 35x35,
@@ -12,7 +12,7 @@ Each row gives the mean absolute difference of the 3-way and 9-way probabilities
 9-way difference, whose square roughly adds up over independent sources (its "share" column); with ``--file``
 the exported int8 file's own difference on the same images is measured beside them.
 
-    python -m derm.benchmarks.int8_noise --file runs/bench/export/model-int8.tflite
+    python -m research.int8_noise --file runs/bench/export/model-int8.tflite
 
 writes ``benchmarks/results/int8_noise.json`` and ``int8_noise.md``.
 """
@@ -31,10 +31,10 @@ from derm.benchmarks._results import write_results
 from derm.exporter.equalize import DEFAULT_ALPHA
 from derm.exporter.export import DEFAULT_CALIBRATION, DEFAULT_ROUNDING_IMAGES
 
-RESULTS = Path(__file__).resolve().parent / "results"
-log = logging.getLogger("derm.benchmarks.int8_noise")
+RESULTS = Path(__file__).resolve().parents[1] / "benchmarks" / "results"
+log = logging.getLogger("research.int8_noise")
 
-# parts of Inception-v3, by the block each ReLU belongs to (derm.exporter.int8sim.blocks)
+# parts of Inception-v3, by the block each ReLU belongs to (research.int8sim.blocks)
 PARTS = {
     "stem: first convolution": None,  # filled in: the first ReLU alone
     "stem: the other four convolutions": ["stem"],
@@ -67,7 +67,6 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
 
-    from derm.exporter import int8sim
     from derm.exporter.export import (
         ExportConfig,
         calibration_rows,
@@ -77,6 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     from derm.exporter.graph import output_specs
     from derm.trainer.evaluate import load_run
+    from research import int8sim
 
     t0 = time.perf_counter()
     run = Path(args.run)
@@ -124,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
     for r in rows:
         r["share_of_activation_rms2"] = (r["rms_nine"] / whole) ** 2 if whole else None
     report = {
-        "command": "python -m derm.benchmarks.int8_noise "
+        "command": "python -m research.int8_noise "
         + " ".join(argv if argv is not None else __import__("sys").argv[1:]),
         "run": str(run),
         "weights": cfg.get("weights"),
@@ -149,7 +149,7 @@ def markdown(report: dict[str, Any]) -> str:
         f"{report['images']} held-out images ({report['source']}, derm-export's seeded sample) against the float Keras "
         "model. The int8 "
         f"preparation is derm-export's (input scaling folded, equalized on {report['calibration_images']} calibration "
-        f"images, GPTQ on {report['rounding_images']}); roundings simulated in Keras (derm.exporter.int8sim), one "
+        f"images, GPTQ on {report['rounding_images']}); roundings simulated in Keras (research.int8sim), one "
         "source at a time. Share: the row's squared 9-way rms difference over that of all activations (independent "
         "sources add up roughly in squares).",
         "",
