@@ -80,7 +80,9 @@ def main(argv: list[str] | None = None) -> None:
     print(md)
     if args.save:
         save_reference(Path(best["run"]), REFERENCE_DIR)
-        write_model_card(Path(best["run"]), REFERENCE_DIR, rows)
+        from derm.benchmarks.decisions import decisions
+
+        write_model_card(Path(best["run"]), REFERENCE_DIR, rows, decisions(Path(best["run"])))
         print(f"reference/ written from {best['run']}")
 
 

@@ -210,9 +210,70 @@ def _called_sk(run: Path) -> str:
     return " and ".join(parts) + " are called seborrheic keratosis"
 
 
-def write_model_card(run: Path, out: Path, weighting: list[Mapping[str, Any]] | None = None) -> Path:
-    """``MODEL_CARD.md`` from a finished reference run (its metrics, data description, operating points) and the
-    weighting comparison, plus ``eval/test_by_source.json``."""
+def _decisions_text(dec: Mapping[str, Any] | None) -> str:
+    if not dec:
+        return "(`python -m derm.benchmarks.decisions --run RUN` measures both on a run's test split.)"
+    three = dec["three"]
+    arg, p90 = three["argmax_malignant"], three["p_malignant"]["0.9"]
+    return (
+        f"Measured on this run's {dec['n_test']} test images (`python -m derm.benchmarks.decisions`, "
+        f"`benchmarks/results/decisions.md`): the 3-way argmax calls {arg['sensitivity']:.3f} of the malignant images "
+        f"malignant (specificity {arg['specificity']:.3f}); P(malignant) at a threshold chosen on the validation split "
+        f"for 90% sensitivity ({p90['threshold']:.3f}) catches {p90['sensitivity']:.3f} (specificity "
+        f"{p90['specificity']:.3f})."
+    )
+
+
+def _calibration_text(run: Path, run_metrics: Mapping[str, Any]) -> str:
+    cal = run_metrics.get("calibration")
+    if not cal or "temperature" not in cal:
+        return "Not calibrated: " + str((cal or {}).get("skipped", "the run predates calibration")) + "."
+    t, val, test = cal["temperature"], cal["val"], cal["test"]
+    pad = _pad_confidence(run, t)
+    return (
+        f"One temperature, T = {t:.3f}, fitted on the {val['n']} validation images (likelihood) and folded into the "
+        f"logits, so every exported file gives calibrated probabilities. Top-label expected calibration error "
+        f"({cal['ece_bins']} bins) {val['ece_before']:.3f} -> {val['ece_after']:.3f} on validation and "
+        f"{test['ece_before']:.3f} -> {test['ece_after']:.3f} on the {test['n']} test images (NLL "
+        f"{test['nll_before']:.3f} -> {test['nll_after']:.3f}); calls at the argmax and AUCs are unchanged. One "
+        "temperature scales every logit alike, so it does not undo the class priors that class-weighted training "
+        "shifts. "
+        + (
+            f"On the {pad['n']} PAD-UFES-20 test photos, P(malignant) is at least 0.99 for {pad['before']} before and "
+            f"{pad['after']} after it."
+            if pad
+            else ""
+        )
+    )
+
+
+def _pad_confidence(run: Path, temperature: float) -> dict[str, int] | None:
+    """How many PAD-UFES-20 test photos get P(malignant) >= 0.99, with and without the temperature (the
+    uncalibrated probabilities are the calibrated ones to the power T, renormalized)."""
+    from derm.aggregation import aggregation_matrix
+    from derm.trainer.evaluate import load_partition
+
+    tax, part = load_partition(run)
+    with open(run / "predictions_test.csv", newline="", encoding="utf-8") as f:
+        rows = [r for r in csv.DictReader(f) if _source_of(r["image"]) == "pad_ufes20"]
+    if not rows:
+        return None
+    p = np.asarray([[float(r[c]) for c in part.labels] for r in rows], dtype=np.float64)
+    raw = np.clip(p, 1e-300, None) ** temperature
+    raw /= raw.sum(1, keepdims=True)
+    mal = aggregation_matrix(part, "three", dtype=np.float64)[:, tax.level("three").index("malignant")]
+    return {"n": len(rows), "before": int((raw @ mal >= 0.99).sum()), "after": int((p @ mal >= 0.99).sum())}
+
+
+def write_model_card(
+    run: Path,
+    out: Path,
+    weighting: list[Mapping[str, Any]] | None = None,
+    decisions: Mapping[str, Any] | None = None,
+) -> Path:
+    """``MODEL_CARD.md`` from a finished reference run (its metrics, data description, calibration, operating points),
+    the weighting comparison and the argmax-against-operating-points measurement (``derm.benchmarks.decisions`` on
+    the same run), plus ``eval/test_by_source.json``."""
     run_metrics = json.loads((out / "metrics.json").read_text(encoding="utf-8"))
     config = json.loads((out / "config.json").read_text(encoding="utf-8"))
     info = json.loads((out / "reference.json").read_text(encoding="utf-8"))
@@ -299,10 +360,11 @@ too, so the sensitivity is the one aimed at by construction; on other images exp
 the AUC's. The apps show a task's call at the 0.9 operating point by default, and only where the task's condition
 holds (the image is more likely than not a melanocytic lesion, or a keratinocytic tumour). The 3-way and 9-way
 answers are the most likely class: on held-out images many malignant lesions are called benign at the argmax, so use
-the operating points, not the argmax, for "should this be looked at". `python -m derm.benchmarks.decisions` measures
-both on this recipe's calibrated retrain (`runs/reference_cal`, the same split; `benchmarks/results/decisions.md`):
-the 3-way argmax calls 0.606 of the malignant test images malignant (specificity 0.880); P(malignant) at a threshold
-chosen on validation for 90% sensitivity catches 0.955 (specificity 0.502).
+the operating points, not the argmax, for "should this be looked at". {_decisions_text(decisions)}
+
+## Calibration
+
+{_calibration_text(run, run_metrics)}
 
 ## Known limits
 
@@ -318,7 +380,7 @@ chosen on validation for 90% sensitivity catches 0.955 (specificity 0.502).
 - **Classes**: no inflammatory, infectious or genodermatosis images; 13 squamous cell carcinomas; HAM10000's `akiec`
   (actinic keratosis + Bowen's disease) and `bkl` are mixtures mapped to their lowest common node.
 - **Model**: a linear head on frozen ImageNet features, far from the paper's fully fine-tuned network (issue 21);
-  probabilities are not calibrated (it is often near 0 or 1 for phone photos).
+  one temperature calibrates its confidence overall, not the class priors (see Calibration).
 - **Test sets are small** for ISIC 2017 (its 150-image official validation split) and PAD-UFES-20: read the intervals.
 """
     with atomic_write(out / "MODEL_CARD.md") as f:
