@@ -37,7 +37,8 @@ def choose(rows: list[dict[str, Any]], tolerance: float = 0.02) -> dict[str, Any
 
 
 def main(argv: list[str] | None = None) -> None:
-    from derm.trainer.reference import REFERENCE_DIR, reference_config, reference_csv, save_reference, shared_dir
+    from derm.trainer.reference import REFERENCE_DIR, reference_config, reference_csv, shared_dir
+    from derm.trainer.reference_build import save_reference
     from derm.trainer.reference_card import evaluate_sources, weighting_table, write_model_card
     from derm.trainer.train import train
 

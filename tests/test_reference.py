@@ -39,15 +39,16 @@ def _backbone() -> Path:
 
 @pytest.fixture(scope="module")
 def rebuilt(tmp_path_factory) -> Path:
-    from derm.trainer.reference import rebuild
+    from derm.trainer.reference_build import rebuild
 
     return rebuild(tmp_path_factory.mktemp("ref") / "run", backbone=_backbone())
 
 
 def test_committed_reference_is_small_and_complete():
-    from derm.trainer.reference import REFERENCE_DIR, SAMPLES_DIR, _verify_files
+    from derm.trainer.reference import REFERENCE_DIR, SAMPLES_DIR
+    from derm.trainer.reference_build import verify_files
 
-    info = _verify_files(REFERENCE_DIR)  # every committed file has its recorded sha256
+    info = verify_files(REFERENCE_DIR)  # every committed file has its recorded sha256
     total = sum(p.stat().st_size for p in REFERENCE_DIR.rglob("*") if p.is_file())
     assert total < 3_000_000, f"the reference folder holds {total:,} bytes"
     assert info["backbone"]["source"] == "inception-2015" and len(info["backbone"]["sha256"]) == 64
@@ -64,7 +65,8 @@ def test_committed_reference_is_small_and_complete():
 
 def test_rebuild_reproduces_the_committed_outputs(rebuilt):
     from derm.trainer.evaluate import load_run
-    from derm.trainer.reference import REFERENCE_DIR, SAMPLES_DIR, reference_outputs
+    from derm.trainer.reference import REFERENCE_DIR, SAMPLES_DIR
+    from derm.trainer.reference_build import reference_outputs
 
     run = json.loads((rebuilt / "run.json").read_text())
     assert run["rebuilt_from"]["max_abs_diff"] <= 1e-4
@@ -81,7 +83,8 @@ def test_rebuild_reproduces_the_committed_outputs(rebuilt):
 
 
 def test_rebuild_is_reused_and_refuses_damage(rebuilt, tmp_path):
-    from derm.trainer.reference import REFERENCE_DIR, ReferenceError, rebuild
+    from derm.trainer.reference import REFERENCE_DIR, ReferenceError
+    from derm.trainer.reference_build import rebuild
 
     before = (rebuilt / "model.keras").stat().st_mtime_ns
     assert rebuild(rebuilt, backbone=_backbone()) == rebuilt  # reused, not rebuilt

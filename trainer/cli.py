@@ -12,7 +12,7 @@ import typer
 
 from derm._cli import cli_app
 from derm.errors import DermError
-from derm.trainer.reference import reference_app
+from derm.trainer.reference_cli import reference_app
 from derm.trainer.weights import weights_app
 
 app = cli_app(
@@ -122,7 +122,7 @@ SKIP_BAD = Annotated[
 ]
 
 
-def _source_weights(items: list[str] | None) -> dict[str, float] | None:
+def parse_source_weights(items: list[str] | None) -> dict[str, float] | None:
     if not items:
         return None
     out = {}
@@ -184,7 +184,7 @@ def train_command(
     given = {k: v for k, v in locals().items() if k not in ("config", "source_weight")}
     given["overwrite"] = overwrite or None
     given["skip_bad"] = skip_bad or None
-    given["source_weights"] = _run(_source_weights, source_weight)
+    given["source_weights"] = _run(parse_source_weights, source_weight)
     from derm.evaluation import format_summary
     from derm.trainer.train import train
 
@@ -236,7 +236,7 @@ def cv_command(
     given = {k: v for k, v in locals().items() if k not in ("config", "folds", "source_weight")}
     given["overwrite"] = overwrite or None
     given["skip_bad"] = skip_bad or None
-    given["source_weights"] = _run(_source_weights, source_weight)
+    given["source_weights"] = _run(parse_source_weights, source_weight)
     from derm.trainer.train import cross_validate
 
     if folds < 2:

@@ -19,7 +19,7 @@ from derm import metrics
 from derm._util import atomic_write
 from derm.aggregation import inference_targets
 from derm.evaluation import evaluate, level_probabilities
-from derm.trainer.reference import SOURCE_INFO, SOURCES, _source_of
+from derm.trainer.reference import SOURCE_INFO, SOURCES, source_of
 
 TASKS = ("melanoma_vs_nevus", "carcinoma_vs_seborrheic_keratosis")
 
@@ -31,7 +31,7 @@ def _predictions(run: Path, role: str) -> tuple[list[str], list[str], np.ndarray
 
     _, part = load_partition(run)
     probs = np.asarray([[float(r[c]) for c in part.labels] for r in rows], np.float64)
-    return [_source_of(r["image"]) for r in rows], [r["node"] for r in rows], probs
+    return [source_of(r["image"]) for r in rows], [r["node"] for r in rows], probs
 
 
 def evaluate_sources(run: Path, role: str = "test", seed: int = 0) -> dict[str, Any]:
@@ -198,7 +198,7 @@ def weighting_table(rows: list[Mapping[str, Any]]) -> str:
 def _called_sk(run: Path) -> str:
     """How many ISIC 2017 test melanomas and nevi the model calls seborrheic keratosis (its most likely class)."""
     with open(run / "predictions_test.csv", newline="", encoding="utf-8") as f:
-        rows = [r for r in csv.DictReader(f) if _source_of(r["image"]) == "isic2017_trainval"]
+        rows = [r for r in csv.DictReader(f) if source_of(r["image"]) == "isic2017_trainval"]
     if not rows:
         return "no ISIC 2017 test images"
     labels = [k for k in rows[0] if k not in ("image", "label", "node", "role")]
@@ -255,7 +255,7 @@ def _pad_confidence(run: Path, temperature: float) -> dict[str, int] | None:
 
     tax, part = load_partition(run)
     with open(run / "predictions_test.csv", newline="", encoding="utf-8") as f:
-        rows = [r for r in csv.DictReader(f) if _source_of(r["image"]) == "pad_ufes20"]
+        rows = [r for r in csv.DictReader(f) if source_of(r["image"]) == "pad_ufes20"]
     if not rows:
         return None
     p = np.asarray([[float(r[c]) for c in part.labels] for r in rows], dtype=np.float64)
