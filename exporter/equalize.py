@@ -38,6 +38,8 @@ from typing import Any
 
 import numpy as np
 
+from derm.trainer.kgraph import consumers, graph_nodes, is_relu, layer_kind, output_layer_names, parent_layers
+
 DEFAULT_ALPHA = 0.5
 DEFAULT_MAX_GAIN = 16.0
 _PASS = ("Concatenate", "MaxPooling2D", "AveragePooling2D", "GlobalAveragePooling2D", "Dropout")
@@ -58,47 +60,23 @@ class Equalization:
         return {k: (round(v, 4) if isinstance(v, float) else v) for k, v in self.__dict__.items()}
 
 
-def _kind(layer: Any) -> str:
-    return type(layer).__name__
-
-
-def _parents(layer: Any) -> list[Any]:
-    nodes = getattr(layer, "_inbound_nodes", [])
-    if len(nodes) != 1:  # a shared layer (or an unused one): not ours to rescale
-        return []
-    return [n.operation for n in nodes[0].parent_nodes]
-
-
-def _is_relu(layer: Any) -> bool:
-    import keras
-
-    if isinstance(layer, keras.layers.ReLU):
-        return layer.max_value is None and not layer.negative_slope and not layer.threshold
-    if isinstance(layer, keras.layers.Activation):
-        return getattr(layer.activation, "__name__", "") == "relu"
-    return False
-
-
-class _Graph:
+class ReluGraph:
     """Who feeds whom in a functional Keras model, and which tensors each scaled ReLU's gain travels through."""
 
     def __init__(self, model: Any):
-        self.users: dict[str, list[Any]] = {}
-        for layer in model.layers:
-            for p in _parents(layer):
-                self.users.setdefault(p.name, []).append(layer)
-        self.outputs = {t._keras_history[0].name for t in model.outputs}
+        self.users = consumers(model)
+        self.outputs = output_layer_names(model)
 
     def producer(self, relu: Any) -> tuple[Any, Any | None] | None:
         """``(conv, batch_norm or None)`` that make the ReLU's input, each used only there; None otherwise."""
         import keras
 
-        parents = _parents(relu)
+        parents = parent_layers(relu)
         node, bn = (parents[0] if len(parents) == 1 else None), None
         if isinstance(node, keras.layers.BatchNormalization):
             if node.axis not in (-1, len(node.input.shape) - 1) or len(self.users[node.name]) != 1:
                 return None
-            parents = _parents(node)
+            parents = parent_layers(node)
             node, bn = (parents[0] if len(parents) == 1 else None), node
         if type(node) is not keras.layers.Conv2D or node.groups != 1 or node.activation.__name__ != "linear":
             return None
@@ -124,9 +102,9 @@ class _Graph:
                 continue
             if type(user) is keras.layers.Dense and len(user.kernel.shape) == 2:
                 continue
-            if _kind(user) not in _PASS or not self.consumers_ok(user, seen):
+            if layer_kind(user) not in _PASS or not self.consumers_ok(user, seen):
                 return False
-            if _kind(user) == "Concatenate" and user.axis not in (-1, 3):
+            if layer_kind(user) == "Concatenate" and user.axis not in (-1, 3):
                 return False
         return True
 
@@ -134,7 +112,7 @@ class _Graph:
         """The tensor whose int8 scale a ReLU output shares: the outermost concatenation it feeds alone (TFLite
         gives a concatenation's inputs their output's scale), else the ReLU output itself."""
         users = self.users.get(layer.name, [])
-        if len(users) == 1 and _kind(users[0]) == "Concatenate" and users[0].name not in self.outputs:
+        if len(users) == 1 and layer_kind(users[0]) == "Concatenate" and users[0].name not in self.outputs:
             return self.quantization_group(users[0])
         return layer
 
@@ -153,8 +131,8 @@ def equalize(
     if len(images) == 0:
         raise ValueError("Activation equalization needs calibration images.")
     t0 = time.perf_counter()
-    graph = _Graph(model)
-    producers = {r.name: graph.producer(r) for r in model.layers if _is_relu(r) and graph.consumers_ok(r)}
+    graph = ReluGraph(model)
+    producers = {r.name: graph.producer(r) for r in model.layers if is_relu(r) and graph.consumers_ok(r)}
     relus = [model.get_layer(name) for name, made_by in producers.items() if made_by]
     groups = {r.name: graph.quantization_group(r) for r in relus}
     probed = list({layer.name: layer for layer in [*relus, *groups.values()]}.values())
@@ -222,19 +200,17 @@ def _compensate_consumers(model: Any, gains: dict[str, np.ndarray]) -> None:
     """Carry each tensor's channel gains forward through channel-wise layers; divide them out of Conv2D / Dense."""
     import keras
 
-    from derm.exporter.rounding import graph_nodes
-
     carried: dict[str, np.ndarray | None] = {}
     for layer in (node.operation for node in graph_nodes(model)):
-        parents = _parents(layer)
+        parents = parent_layers(layer)
         incoming = [carried.get(p.name) for p in parents]
         if layer.name in gains:
             carried[layer.name] = gains[layer.name]
-        elif _kind(layer) == "Concatenate" and any(g is not None for g in incoming):
+        elif layer_kind(layer) == "Concatenate" and any(g is not None for g in incoming):
             carried[layer.name] = np.concatenate(
                 [g if g is not None else np.ones(p.output.shape[-1]) for g, p in zip(incoming, parents, strict=True)]
             )
-        elif _kind(layer) in _PASS and incoming and incoming[0] is not None:
+        elif layer_kind(layer) in _PASS and incoming and incoming[0] is not None:
             carried[layer.name] = incoming[0]
         elif isinstance(layer, (keras.layers.Conv2D, keras.layers.Dense)) and incoming and incoming[0] is not None:
             k = np.asarray(layer.kernel, np.float64)
@@ -250,7 +226,7 @@ def fold_input_scaling(model: Any) -> bool:
     input would not be a constant), optionally followed by a batch norm (the offset goes into its moving mean)."""
     import keras
 
-    graph = _Graph(model)
+    graph = ReluGraph(model)
     scales = [x for x in model.layers if isinstance(x, keras.layers.Rescaling) and x.name not in graph.outputs]
     if len(scales) != 1:
         return False

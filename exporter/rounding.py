@@ -19,14 +19,14 @@ same scale and its own rounding changes nothing (tested on converted TFLite file
 
 from __future__ import annotations
 
-from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from derm._progress import track
+from derm.trainer.kgraph import run_graph
 
 QMAX = 127  # symmetric int8 weights: -127..127 (TFLite and onnxruntime alike)
 DEFAULT_IMAGES = 64
@@ -165,58 +165,6 @@ def round_weights(model: Any, images: np.ndarray, method: str = "gptq") -> list[
     run_graph(model, np.asarray(images, np.float32), before)
     next(progress, None)  # finish the bar
     return done
-
-
-def graph_nodes(model: Any) -> list[Any]:
-    """The functional ``model``'s call nodes (its inputs left out), each after every node that feeds it."""
-    return [
-        node
-        for depth in sorted(model._nodes_by_depth, reverse=True)
-        for node in model._nodes_by_depth[depth]
-        if node.operation is not None and not node.is_input
-    ]
-
-
-def run_graph(
-    model: Any,
-    x: Any,
-    before: Callable[[Any, Any], None] | None = None,
-    after: Callable[[Any, Any], Any] | None = None,
-) -> list[Any]:
-    """Execute the functional ``model`` on ``x`` node by node in graph order and return its outputs, freeing each
-    intermediate tensor once its last consumer has run. ``before(layer, input)`` is called ahead of every layer;
-    ``after(node, outputs)`` may replace a node's outputs (what it returns is what the consumers see).
-
-    (Keras' own ``Functional._run_through_graph`` keeps every intermediate tensor: tens of GB for Inception-v3 on a
-    64-image batch.)
-    """
-    import keras
-
-    nodes = graph_nodes(model)
-    uses: Counter[int] = Counter(id(t) for node in nodes for t in node.input_tensors)
-    for t in model.outputs:
-        uses[id(t)] += 1
-    (inp,) = model.inputs
-    values: dict[int, Any] = {id(inp): x}
-    for node in nodes:
-        if any(id(t) not in values for t in node.input_tensors):
-            continue
-        args, kwargs = node.arguments.fill_in(values)
-        layer = node.operation
-        if before is not None:
-            before(layer, args[0])
-        if getattr(layer, "_call_has_training_arg", False):
-            kwargs["training"] = False
-        outputs = layer(*args, **kwargs)
-        if after is not None:
-            outputs = after(node, outputs)
-        for t, v in zip(node.outputs, keras.tree.flatten(outputs), strict=True):
-            values[id(t)] = v
-        for t in node.input_tensors:
-            uses[id(t)] -= 1
-            if uses[id(t)] <= 0:
-                values.pop(id(t), None)
-    return [values[id(t)] for t in model.outputs]
 
 
 def summary(rows: Iterable[LayerRounding]) -> dict[str, Any]:

@@ -24,8 +24,8 @@ from typing import Any
 
 import numpy as np
 
-from derm.exporter.equalize import _Graph, _is_relu, _kind
-from derm.exporter.rounding import run_graph
+from derm.exporter.equalize import ReluGraph
+from derm.trainer.kgraph import is_relu, layer_kind, run_graph
 
 LEVELS = 255  # steps of an 8-bit grid
 
@@ -33,8 +33,8 @@ LEVELS = 255  # steps of an 8-bit grid
 def quantization_groups(model: Any) -> dict[str, str]:
     """Each ReLU layer's name -> the layer whose output range its int8 grid takes (itself, or the outermost
     concatenation it feeds alone)."""
-    graph = _Graph(model)
-    return {layer.name: graph.quantization_group(layer).name for layer in model.layers if _is_relu(layer)}
+    graph = ReluGraph(model)
+    return {layer.name: graph.quantization_group(layer).name for layer in model.layers if is_relu(layer)}
 
 
 def activation_ranges(model: Any, images: np.ndarray, batch: int = 8) -> dict[str, tuple[float, float]]:
@@ -105,10 +105,10 @@ def _run(model: Any, x: np.ndarray, ranges: dict[str, tuple[float, float]]) -> l
         if layer.name in ranges:
             grid = ranges[layer.name]
             out = fake_quant(out, *grid)
-        elif _kind(layer) == "AveragePooling2D" and before and before[0] is not None:
+        elif layer_kind(layer) == "AveragePooling2D" and before and before[0] is not None:
             grid = before[0]
             out = fake_quant(out, *grid)
-        elif _kind(layer) in ("MaxPooling2D", "Concatenate") and before and all(g is not None for g in before):
+        elif layer_kind(layer) in ("MaxPooling2D", "Concatenate") and before and all(g is not None for g in before):
             grid = before[0]  # exact: max pooling picks values on the grid; concatenation inputs share it
         if grid is not None:
             grids.update(dict.fromkeys((id(t) for t in node.outputs), grid))
@@ -124,13 +124,13 @@ def blocks(model: Any) -> dict[str, str]:
     pending: list[str] = []
     stem = True
     for layer in model.layers:  # Keras' layer order: each block's branches, then its concatenation
-        if _is_relu(layer):
+        if is_relu(layer):
             pending.append(layer.name)
         name = layer.name
         if name.startswith("mixed") and name[5:].isdigit():
             out.update(dict.fromkeys(pending, name))
             pending, stem = [], False
-        elif stem and _kind(layer) == "MaxPooling2D" and pending:
+        elif stem and layer_kind(layer) == "MaxPooling2D" and pending:
             out.update(dict.fromkeys(pending, "stem"))
             pending = []
     out.update(dict.fromkeys(pending, "head"))

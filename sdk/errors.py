@@ -24,3 +24,7 @@ class DatasetError(DermError, ValueError):
     def __init__(self, message: str, problems: list[tuple[int, str, str]] | None = None):
         super().__init__(message)
         self.problems = problems or []
+
+
+class WeightsError(DermError, ValueError):
+    """Pretrained weights cannot be obtained, verified or loaded; the message says what was received and what to do."""

@@ -9,17 +9,22 @@ import pytest
 pytest.importorskip("tensorflow")
 
 
-def _conv_input(model, layer_name: str, images: np.ndarray):
+def _conv_input(model, index: int, images: np.ndarray):
+    """The model's ``index``-th convolution in creation order (Keras numbers layer names per process, so names are
+    not stable across test orders) and its input on ``images``."""
     import keras
 
-    layer = model.get_layer(layer_name)
+    from derm.trainer.kgraph import creation_order
+
+    convs = [n for n in creation_order(model) if isinstance(model.get_layer(n), keras.layers.Conv2D)]
+    layer = model.get_layer(convs[index])
     return layer, keras.Model(model.input, layer.input)(images.astype(np.float32), training=False)
 
 
 def test_gptq_keeps_a_real_layers_output_closer_than_nearest_rounding(small_export):
     from derm.exporter.rounding import QMAX, _hessian, gptq, grid, output_error
 
-    layer, inputs = _conv_input(small_export["model"], "conv2d_2", small_export["images"])  # stem 3x3, 32 -> 64
+    layer, inputs = _conv_input(small_export["model"], 2, small_export["images"])  # stem 3x3, 32 -> 64
     h = _hessian(layer, inputs)
     kernel = layer.get_weights()[0]
     w = kernel.reshape(-1, kernel.shape[-1]).T

