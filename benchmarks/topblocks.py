@@ -88,7 +88,7 @@ def train_runs(data: str, cfg: Any, shared: Path, folder: Path, folds: list[int]
 def _scores(data: str, runs: list[Path]) -> dict[str, Any]:
     """The test rows of ``runs`` pooled (aligned by image): per reported AUC (labels, scores), and argmax calls."""
     from derm.benchmarks.trainer import _node_scores, _rows, _task_scores
-    from derm.trainer.evaluate import load_partition
+    from derm.trainer.rundir import load_partition
 
     rows = sorted((r for run in runs for r in _rows(run / "predictions_test.csv")), key=lambda r: r["image"])
     out: dict[str, Any] = {"images": [r["image"] for r in rows]}
@@ -203,7 +203,7 @@ def markdown(report: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from derm.trainer.train import TrainConfig
+    from derm.trainer.config import TrainConfig
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shared", type=Path, default=Path("../shared"))

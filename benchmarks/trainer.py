@@ -44,7 +44,7 @@ def _rows(path: Path) -> list[dict[str, str]]:
 
 def _task_scores(rows: list[dict[str, str]], run: Path, task_id: str) -> tuple[np.ndarray, np.ndarray]:
     import derm
-    from derm.trainer.evaluate import load_partition
+    from derm.trainer.rundir import load_partition
 
     tax, part = load_partition(run)
     probs = np.asarray([[float(r[c]) for c in part.labels] for r in rows])
@@ -56,7 +56,7 @@ def _task_scores(rows: list[dict[str, str]], run: Path, task_id: str) -> tuple[n
 
 def _node_scores(rows: list[dict[str, str]], run: Path, node: str) -> tuple[np.ndarray, np.ndarray]:
     """One-vs-rest: P(node) against images labelled under it."""
-    from derm.trainer.evaluate import load_partition
+    from derm.trainer.rundir import load_partition
 
     tax, part = load_partition(run)
     cols = [c.label for c in part.classes if tax.is_under(c.node, node)]
@@ -71,7 +71,7 @@ def _auc_entry(y: np.ndarray, s: np.ndarray) -> dict[str, Any]:
 
 
 def ham_cv(base: Any, ham: Path, runs: Path, folds: int) -> dict[str, Any]:
-    from derm.trainer.train import cross_validate
+    from derm.trainer.cv import cross_validate
 
     # within nine with maxClassSize 100: the partition gives each of HAM10000's 7 diagnoses its own training class
     # ("akiec" is the own images of malignant_epidermal, above "bcc"), so training-class accuracy is 7-diagnosis.
@@ -336,7 +336,7 @@ def markdown(res: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from derm.trainer.train import TrainConfig
+    from derm.trainer.config import TrainConfig
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--shared", type=Path, default=Path("../shared"))

@@ -60,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
         if (i + 1) % 50 == 0:
             print(f"{i + 1}/{len(rows)} images, {time.perf_counter() - t0:.0f} s", flush=True)
     outs = {k: np.stack(v) for k, v in per_view.items()}  # (images, views, values)
-    from derm.trainer.evaluate import load_partition
+    from derm.trainer.rundir import load_partition
 
     _, partition = load_partition(Path(args.split).parent)
     report: dict[str, Any] = {"model": args.model, "split": args.split, "n": len(rows), "threads": args.threads}

@@ -122,10 +122,10 @@ def rebuild_in_tf_keras(model: Any) -> Any:
     identity input scaling (after ``fold_input_scaling``) dropped."""
     import tf_keras as tfk
 
-    from derm.trainer.weights import _graph, _graph_order, wire_inputs
+    from derm.trainer.kgraph import creation_order, parents_by_name, wire_inputs
 
     config = {layer["name"]: layer for layer in model.get_config()["layers"]}
-    parents, _ = _graph(model)
+    parents, _ = parents_by_name(model)
     consumers: dict[str, list[str]] = {}
     for name, feeding in parents.items():
         for parent in feeding:
@@ -150,7 +150,7 @@ def rebuild_in_tf_keras(model: Any) -> Any:
     folded = {**bns, **relus}
     tensors: dict[str, Any] = {}
     inputs = None
-    for name in _graph_order(model):
+    for name in creation_order(model):
         layer = config[name]
         cfg = dict(layer["config"])
         if layer["class_name"] == "InputLayer":
@@ -187,7 +187,8 @@ def rebuild_in_tf_keras(model: Any) -> Any:
 
 
 def _parents(layer: Any) -> list[str]:
-    """Names of the layers feeding ``layer`` (a flat tf-keras model's layers have one node each)."""
+    """Names of the layers feeding ``layer`` (a flat tf-keras model's layers have one node each). tf-keras (Keras 2)
+    has other internals than the Keras 3 that :mod:`derm.trainer.kgraph` reads, so its two helpers stay here."""
     return [
         p.name
         for node in layer.inbound_nodes
@@ -370,7 +371,7 @@ def qat_convert(
     import tf_keras as tfk
 
     from derm.exporter.graph import output_specs
-    from derm.trainer.evaluate import load_partition
+    from derm.trainer.rundir import load_partition
 
     t0 = time.perf_counter()
     tf.keras.utils.set_random_seed(seed)

@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 
 from derm.benchmarks._results import write_results
-from derm.exporter.export import DEFAULT_CALIBRATION
+from derm.exporter.config import DEFAULT_CALIBRATION
 
 RESULTS = Path(__file__).resolve().parents[1] / "benchmarks" / "results"
 log = logging.getLogger("research.export_bench")
@@ -161,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from derm.exporter.export import ExportConfig, calibration_rows, export, load_images, validation_rows
     from derm.exporter.targets import TARGETS
-    from derm.trainer.evaluate import load_run
+    from derm.trainer.rundir import load_run
 
     run = Path(args.run)
     model, tax, _, cfg = load_run(run)

@@ -28,8 +28,8 @@ from typing import Any
 import numpy as np
 
 from derm.benchmarks._results import write_results
+from derm.exporter.config import DEFAULT_CALIBRATION, DEFAULT_ROUNDING_IMAGES
 from derm.exporter.equalize import DEFAULT_ALPHA
-from derm.exporter.export import DEFAULT_CALIBRATION, DEFAULT_ROUNDING_IMAGES
 
 RESULTS = Path(__file__).resolve().parents[1] / "benchmarks" / "results"
 log = logging.getLogger("research.int8_noise")
@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
         validation_rows,
     )
     from derm.exporter.graph import output_specs
-    from derm.trainer.evaluate import load_run
+    from derm.trainer.rundir import load_run
     from research import int8sim
 
     t0 = time.perf_counter()
@@ -114,9 +114,9 @@ def main(argv: list[str] | None = None) -> int:
         relus = [first] if wanted is None else [n for n, b in block_of.items() if b in wanted and n != first]
         measure(f"activations of {part_name} only ({len(relus)} ReLUs)", floats, ranges, relus)
     if args.file:
-        from derm.exporter.tflite import TFLiteRunner
+        from derm.runtimes import TFLiteRuntime
 
-        got = TFLiteRunner(args.file)(images)["training_probs"]
+        got = TFLiteRuntime(args.file)(images)["training_probs"]
         rows.append(
             {"rounded": f"the exported file {Path(args.file).name} (ai-edge-litert)", **differences(ref, got, matrices)}
         )

@@ -90,7 +90,8 @@ def small_csv(ham_csv, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def small_run(small_csv, tmp_path_factory):
-    from derm.trainer.train import TrainConfig, train
+    from derm.trainer.config import TrainConfig
+    from derm.trainer.train import train
 
     tmp = tmp_path_factory.mktemp("runs")
     cfg = TrainConfig(
@@ -129,7 +130,7 @@ def small_export(small_run) -> dict:
 
     from derm.exporter.graph import build_export_model, output_specs
     from derm.preprocess import preprocess
-    from derm.trainer.evaluate import load_run
+    from derm.trainer.rundir import load_run
 
     _, run = small_run
     model, _, part, _ = load_run(run)

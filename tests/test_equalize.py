@@ -10,7 +10,7 @@ pytest.importorskip("tensorflow")
 
 
 def _fresh_model(small_export):
-    from derm.trainer.evaluate import load_run
+    from derm.trainer.rundir import load_run
 
     model, *_ = load_run(small_export["run"])
     return model
@@ -19,15 +19,16 @@ def _fresh_model(small_export):
 def test_equalize_keeps_the_outputs_and_lifts_small_channels(small_export):
     import keras
 
-    from derm.exporter.equalize import _channel_peaks, _Graph, _parents, equalize
+    from derm.exporter.equalize import ReluGraph, _channel_peaks, equalize
+    from derm.trainer.kgraph import parent_layers
 
     model = _fresh_model(small_export)
     images = small_export["images"].astype(np.float32)
     before = model.predict(images, verbose=0)
     # a concatenation (one int8 scale for all its inputs) and the first branch output feeding it
-    layers = [model.get_layer("mixed7"), _parents(model.get_layer("mixed7"))[0]]
+    layers = [model.get_layer("mixed7"), parent_layers(model.get_layer("mixed7"))[0]]
     branch = layers[1].name
-    assert _Graph(model).quantization_group(layers[1]).name == "mixed7"
+    assert ReluGraph(model).quantization_group(layers[1]).name == "mixed7"
     peaks_before = _channel_peaks(model, layers, images[:12], 4)
 
     info = equalize(model, images[:12], alpha=0.5, max_gain=16.0)

@@ -38,7 +38,7 @@ def fp32_export(small_run, tmp_path_factory):
 
 def test_cli_writes_a_validated_self_describing_tflite(fp32_export):
     from derm.exporter.tflite import read_manifest
-    from derm.trainer.evaluate import load_partition
+    from derm.trainer.rundir import load_partition
 
     run, out, report, output = fp32_export
     assert out.is_file() and report["ok"] and report["size_bytes"] == out.stat().st_size
@@ -68,12 +68,12 @@ def test_mediapipe_image_classifier_reads_the_labels_and_scores(fp32_export):
     import mediapipe as mp
     from mediapipe.tasks.python import BaseOptions, vision
 
-    from derm.exporter.tflite import TFLiteRunner
     from derm.preprocess import preprocess
+    from derm.runtimes import TFLiteRuntime
 
     run, out, report, _ = fp32_export
     image = preprocess(read_rows(run / "split.csv")[0]["image"], SMALL_SIZE)
-    expected = TFLiteRunner(str(out))(image[None])
+    expected = TFLiteRuntime(str(out))(image[None])
     options = vision.ImageClassifierOptions(base_options=BaseOptions(model_asset_path=str(out)), max_results=-1)
     with vision.ImageClassifier.create_from_options(options) as classifier:
         result = classifier.classify(mp.Image(image_format=mp.ImageFormat.SRGB, data=np.ascontiguousarray(image)))
@@ -177,7 +177,7 @@ def _three_way_specs():
 
 
 def test_parity_table_measures_what_it_says():
-    from derm.exporter.export import format_parity, parity
+    from derm.exporter.parity import format_parity, parity
     from derm.exporter.targets import Parity
 
     tax, specs = _three_way_specs()
@@ -214,7 +214,7 @@ def test_parity_table_measures_what_it_says():
 def test_parity_judges_accuracy_with_its_uncertainty():
     """A loss of AUC that a handful of labelled images cannot tell from chance passes; the same loss on many images,
     or a loss the images do show, fails; the line says what it rests on."""
-    from derm.exporter.export import parity
+    from derm.exporter.parity import parity
     from derm.exporter.targets import Parity
 
     tax, specs = _three_way_specs()
@@ -252,9 +252,9 @@ def _qat_python() -> str | None:
 def test_quantization_aware_training_end_to_end(small_run, tmp_path, monkeypatch):
     """QAT in its own tf-keras environment: a real fine-tune step, int8 weights, the aggregation exact and frozen."""
     from derm.exporter.export import ExportConfig, export
-    from derm.exporter.tflite import TFLiteRunner
     from derm.preprocess import preprocess
-    from derm.trainer.evaluate import load_partition
+    from derm.runtimes import TFLiteRuntime
+    from derm.trainer.rundir import load_partition
 
     monkeypatch.setenv("DERM_QAT_PYTHON", _qat_python())
     _, run = small_run
@@ -282,7 +282,7 @@ def test_quantization_aware_training_end_to_end(small_run, tmp_path, monkeypatch
     assert {r.metric for r in result.parity} >= {"max_abs", "top1"}  # measured (thresholds: see the benchmark)
     _, part = load_partition(run)
     images = np.stack([preprocess(r["image"], SMALL_SIZE) for r in read_rows(run / "split.csv")[:6]])
-    out = TFLiteRunner(result.path)(images)
+    out = TFLiteRuntime(result.path)(images)
     from derm.exporter.graph import output_specs
 
     for s in output_specs(part):

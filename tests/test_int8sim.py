@@ -48,7 +48,7 @@ def test_ranges_are_the_grids_the_converter_chose(small_int8):
 
 
 def test_simulation_reproduces_the_files_first_convolution_and_its_error_size(small_int8):
-    from derm.exporter.tflite import TFLiteRunner
+    from derm.runtimes import TFLiteRuntime
     from research import int8sim
 
     model, images = small_int8["prepared"], small_int8["images"]
@@ -78,7 +78,7 @@ def test_simulation_reproduces_the_files_first_convolution_and_its_error_size(sm
     # over the whole network the roundings diverge (a flip at a boundary spreads) but the error has the file's size
     (simulated,) = int8sim.simulate(model, images, ranges)
     reference = small_int8_reference(small_int8)
-    file_probs = TFLiteRunner(small_int8["result"].path)(images)["training_probs"]
+    file_probs = TFLiteRuntime(small_int8["result"].path)(images)["training_probs"]
     sim_err, file_err = np.abs(simulated - reference).mean(), np.abs(file_probs - reference).mean()
     assert 0.5 < sim_err / file_err < 2.0, (sim_err, file_err)
     # and the activations' rounding is a real part of it (``plain`` has the GPTQ weights, float activations)
@@ -86,7 +86,7 @@ def test_simulation_reproduces_the_files_first_convolution_and_its_error_size(sm
 
 
 def small_int8_reference(small_int8):
-    from derm.trainer.evaluate import load_run
+    from derm.trainer.rundir import load_run
 
     model, *_ = load_run(small_int8["config"].run)
     return model.predict(small_int8["images"].astype(np.float32), verbose=0)

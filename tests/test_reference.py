@@ -64,9 +64,9 @@ def test_committed_reference_is_small_and_complete():
 
 
 def test_rebuild_reproduces_the_committed_outputs(rebuilt):
-    from derm.trainer.evaluate import load_run
     from derm.trainer.reference import REFERENCE_DIR, SAMPLES_DIR
     from derm.trainer.reference_build import reference_outputs
+    from derm.trainer.rundir import load_run
 
     run = json.loads((rebuilt / "run.json").read_text())
     assert run["rebuilt_from"]["max_abs_diff"] <= 1e-4

@@ -60,21 +60,21 @@ def test_both_backends_give_the_manifest_and_agree(files):
         for d in x.decisions.values():
             assert 0 <= d.probability <= 1 and d.positive == (d.probability >= d.threshold)
     # the numbers are the file's own: same as running the raw runtime on the project's preprocessing
-    from derm.exporter.onnx import ONNXRunner
     from derm.preprocess import preprocess
+    from derm.runtimes import ONNXRuntime
 
-    raw = ONNXRunner(str(onx))(np.stack([preprocess(p, SMALL_SIZE) for p in images]))
+    raw = ONNXRuntime(str(onx))(np.stack([preprocess(p, SMALL_SIZE) for p in images]))
     np.testing.assert_allclose([list(p.levels["nine"].values()) for p in pb], raw["probs_nine"], atol=1e-6)
 
 
 def test_run_takes_batches_larger_than_one_runtime_call(files, monkeypatch):
     """Classifier.run slices a large batch for onnxruntime (which holds every intermediate of a whole batch) and
     gives the same rows as image-by-image calls."""
-    from derm import classifier
+    from derm import classifier, runtimes
     from derm.preprocess import preprocess
 
     _, onx, images = files
-    monkeypatch.setattr(classifier, "BATCH", 4)
+    monkeypatch.setattr(runtimes, "ONNX_BATCH", 4)
     clf = classifier.Classifier.load(onx, threads=1)
     batch = np.stack([preprocess(p, SMALL_SIZE) for p in images] * 2)  # 12 images: slices of 4, 4, 4
     got = clf.run(batch)
@@ -265,7 +265,7 @@ def labelled(files, small_run, tmp_path_factory):
 def test_manifest_says_each_tasks_condition(files, small_run):
     from derm.classifier import CONDITION_THRESHOLD
     from derm.manifest import read_manifest
-    from derm.trainer.evaluate import load_partition
+    from derm.trainer.rundir import load_partition
 
     _, run = small_run
     tax, part = load_partition(run)

@@ -172,7 +172,7 @@ def test_finetune_mode_uses_the_paper_optimizer(small_csv, tmp_path):
 
 
 def test_config_errors_echo_the_bad_value(small_csv, tmp_path):
-    from derm.trainer.train import TrainConfig, TrainError
+    from derm.trainer.config import TrainConfig, TrainError
 
     with pytest.raises(TrainError, match=r"mode must be one of .* received 'fast'"):
         TrainConfig.from_dict({"data": str(small_csv), "out": str(tmp_path), "mode": "fast"})
@@ -295,7 +295,7 @@ def test_cross_validation_and_blurry_filter(bottleneck_run, tmp_path):
     validation/test only, and a cv.md summary."""
     import dataclasses
 
-    from derm.trainer.train import cross_validate
+    from derm.trainer.cv import cross_validate
 
     cfg, _ = bottleneck_run
     out = cross_validate(
@@ -406,7 +406,8 @@ def test_unfreeze_top_blocks_after_the_head(small_csv, tmp_path, bottleneck_run,
 
 def test_within_labels_refuses_nested_labels(ham_csv, tmp_path):
     """HAM10000's "akiec" maps to malignant_epidermal, which holds "bcc": not a level; the error says what to do."""
-    from derm.trainer.train import TrainConfig, TrainError, prepare
+    from derm.trainer.config import TrainConfig, TrainError
+    from derm.trainer.prepare import prepare
 
     rows = [r for r in _rows(ham_csv) if r["label"] == "akiec"][:3] + [
         r for r in _rows(ham_csv) if r["label"] == "bcc"
@@ -425,7 +426,9 @@ def test_source_weights_weigh_a_source_within_the_class_weights(bottleneck_run, 
     head trains with them (from the cache), and bad values are refused with what was received."""
     import dataclasses
 
-    from derm.trainer.train import TrainConfig, TrainError, prepare, sample_weights, train
+    from derm.trainer.config import TrainConfig, TrainError
+    from derm.trainer.prepare import prepare, sample_weights
+    from derm.trainer.train import train
 
     rows = _rows(small_csv)
     data = tmp_path / "sources.csv"
@@ -480,8 +483,9 @@ def test_a_cache_named_the_old_way_is_adopted_only_when_it_holds_the_same_key(tm
     one made for another setting keeps its name."""
     import dataclasses
 
+    from derm.trainer.bottleneck import adopt_legacy_cache, feature_cache_path
+    from derm.trainer.config import TrainConfig
     from derm.trainer.features import CacheKey, FeatureCache
-    from derm.trainer.train import TrainConfig, adopt_legacy_cache, feature_cache_path
 
     monkeypatch.setenv("DERM_CACHE", str(tmp_path))
     key = CacheKey(weights_sha256="ab" * 32, input_size=299, seed=0, preprocess={"size": 299})

@@ -1,5 +1,5 @@
 """``derm-train``: train the classifier (``train``), cross-validate it (``cv``), obtain pretrained weights
-(``weights``). Every option is also a :class:`derm.trainer.train.TrainConfig` field and a config-file key."""
+(``weights``). Every option is also a :class:`derm.trainer.config.TrainConfig` field and a config-file key."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import typer
 from derm._cli import cli_app
 from derm.errors import DermError
 from derm.trainer.reference_cli import reference_app
-from derm.trainer.weights import weights_app
+from derm.trainer.weights_cli import weights_app
 
 app = cli_app(
     "derm-train",
@@ -38,7 +38,7 @@ def _opt(help: str, *names: str) -> Any:
 
 
 def _config(config: Path | None, given: dict[str, Any]) -> Any:
-    from derm.trainer.train import TrainConfig, read_config_file
+    from derm.trainer.config import TrainConfig, read_config_file
 
     data = read_config_file(config) if config else {}
     data.update({k: v for k, v in given.items() if v is not None})
@@ -133,7 +133,7 @@ def parse_source_weights(items: list[str] | None) -> dict[str, float] | None:
         except ValueError:
             sep = ""
         if not sep or not value:
-            from derm.trainer.train import TrainError
+            from derm.trainer.config import TrainError
 
             raise TrainError(f"--source-weight takes VALUE=WEIGHT (e.g. pad_ufes20=8), received {item!r}.")
     return out
@@ -237,7 +237,7 @@ def cv_command(
     given["overwrite"] = overwrite or None
     given["skip_bad"] = skip_bad or None
     given["source_weights"] = _run(parse_source_weights, source_weight)
-    from derm.trainer.train import cross_validate
+    from derm.trainer.cv import cross_validate
 
     if folds < 2:
         typer.secho(f"Error: --folds must be at least 2, received {folds}.", err=True, fg=typer.colors.RED)

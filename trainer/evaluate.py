@@ -22,34 +22,13 @@ from derm._util import atomic_write, unwritable
 from derm.datasets import Dataset, read_dataset
 from derm.errors import DermError
 from derm.evaluation import evaluate, format_summary
-from derm.partition import Partition
-from derm.taxonomy import Taxonomy
+from derm.trainer.rundir import load_run
 
 log = logging.getLogger(__name__)
 
 
 class EvalError(DermError, ValueError):
     """A run cannot be evaluated as asked."""
-
-
-def load_partition(run_dir: str | Path) -> tuple[Taxonomy, Partition]:
-    """The taxonomy and partition a run was trained with (no TensorFlow needed)."""
-    run = Path(run_dir)
-    tax = Taxonomy.from_dict(json.loads((run / "taxonomy.json").read_text(encoding="utf-8")), source=str(run))
-    return tax, Partition.from_dict(json.loads((run / "partition.json").read_text(encoding="utf-8")), tax)
-
-
-def load_run(run_dir: str | Path) -> tuple[Any, Taxonomy, Partition, dict[str, Any]]:
-    """``(model, taxonomy, partition, config)`` of a derm-train run directory."""
-    from derm.trainer.model import load_model
-
-    run = Path(run_dir)
-    missing = [n for n in ("model.keras", "taxonomy.json", "partition.json", "config.json") if not (run / n).is_file()]
-    if missing:
-        raise EvalError(f"{str(run)!r} is not a finished derm-train run directory: missing {missing}.")
-    tax, part = load_partition(run)
-    cfg = json.loads((run / "config.json").read_text(encoding="utf-8"))
-    return load_model(run / "model.keras"), tax, part, cfg
 
 
 def predict(

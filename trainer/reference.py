@@ -245,7 +245,7 @@ def source_of(image: str) -> str:
 def reference_config(data: Path, out: Path, ref: Path | None = REFERENCE_DIR, **overrides: Any) -> Any:
     """The reference model's training configuration: the committed ``config.json`` of ``ref`` (None: the first
     reference's defaults, :data:`DEFAULT_CONFIG`) with this machine's data and output paths."""
-    from derm.trainer.train import TrainConfig
+    from derm.trainer.config import TrainConfig
 
     committed = ref / "config.json" if ref is not None else None
     if committed is not None and committed.is_file():

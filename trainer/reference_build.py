@@ -58,7 +58,7 @@ def save_reference(run: Path, out: Path = REFERENCE_DIR, samples: Path = SAMPLES
     model's outputs on the sample images (``outputs.json``), and ``reference.json`` with every file's sha256."""
     import gzip
 
-    from derm.trainer.evaluate import load_run
+    from derm.trainer.rundir import load_run
     from derm.trainer.weights import fetch_inception_2015
 
     run = Path(run)
@@ -204,7 +204,7 @@ def rebuild(
     import keras
 
     from derm.trainer.model import build_model
-    from derm.trainer.train import check_out
+    from derm.trainer.rundir import check_out
     from derm.trainer.weights import fetch_inception_2015
 
     out, ref = Path(out), Path(ref)

@@ -27,7 +27,7 @@ TASKS = ("melanoma_vs_nevus", "carcinoma_vs_seborrheic_keratosis")
 def _predictions(run: Path, role: str) -> tuple[list[str], list[str], np.ndarray]:
     with open(run / f"predictions_{role}.csv", newline="", encoding="utf-8") as f:
         rows = list(csv.DictReader(f))
-    from derm.trainer.evaluate import load_partition
+    from derm.trainer.rundir import load_partition
 
     _, part = load_partition(run)
     probs = np.asarray([[float(r[c]) for c in part.labels] for r in rows], np.float64)
@@ -37,7 +37,7 @@ def _predictions(run: Path, role: str) -> tuple[list[str], list[str], np.ndarray
 def evaluate_sources(run: Path, role: str = "test", seed: int = 0) -> dict[str, Any]:
     """Per source and for all sources together: ``{source: {"n", "levels": {level: {mpca, lo, hi, accuracy}},
     "tasks": {task: {auc, lo, hi, n_positive, n_negative}}}}`` on the run's ``role`` split."""
-    from derm.trainer.evaluate import load_partition
+    from derm.trainer.rundir import load_partition
 
     tax, part = load_partition(run)
     sources, nodes, probs = _predictions(run, role)
@@ -81,7 +81,7 @@ def plot_sources(run: Path, out: Path, role: str = "test", seed: int = 0) -> lis
     """ROC curves of each binary task, one curve per source (and all together), and the 9-way confusion matrices
     of all sources and of the phone photos, as PNGs in ``out``."""
     from derm.trainer import report
-    from derm.trainer.evaluate import load_partition
+    from derm.trainer.rundir import load_partition
 
     tax, part = load_partition(run)
     sources, nodes, probs = _predictions(run, role)
@@ -251,7 +251,7 @@ def _pad_confidence(run: Path, temperature: float) -> dict[str, int] | None:
     """How many PAD-UFES-20 test photos get P(malignant) >= 0.99, with and without the temperature (the
     uncalibrated probabilities are the calibrated ones to the power T, renormalized)."""
     from derm.aggregation import aggregation_matrix
-    from derm.trainer.evaluate import load_partition
+    from derm.trainer.rundir import load_partition
 
     tax, part = load_partition(run)
     with open(run / "predictions_test.csv", newline="", encoding="utf-8") as f:
