@@ -161,14 +161,16 @@ def bench(
     device: dict[str, Any] | None,
 ) -> dict[str, Any]:
     from derm._util import unwritable
-    from derm.classifier import Classifier, RuntimeUnavailable
+    from derm.classifier import Classifier
     from derm.datasets import readable_images
-    from derm.exporter.export import ExportConfig, export, parity
+    from derm.exporter.export import ExportConfig, export
     from derm.exporter.graph import build_export_model, output_specs
+    from derm.exporter.parity import parity
     from derm.exporter.targets import check_quantize, get_target
     from derm.manifest import read_manifest
     from derm.preprocess import preprocess
-    from derm.trainer.evaluate import load_run
+    from derm.runtimes import RuntimeUnavailable
+    from derm.trainer.rundir import load_run
 
     # everything that can be wrong with the inputs is found before minutes of exporting
     if problem := unwritable(out / "bench.json"):

@@ -90,7 +90,8 @@ def export_command(
 ) -> None:
     """Convert RUN's model into one file an app can embed: uint8 RGB image in; training-class, inference-class and
     conditional task probabilities out, with labels, operating points and provenance inside the file."""
-    from derm.exporter.export import ExportConfig, export, format_parity
+    from derm.exporter.export import ExportConfig, export
+    from derm.exporter.parity import format_parity
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     cfg = ExportConfig(

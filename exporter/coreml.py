@@ -20,7 +20,7 @@ label string and a dictionary, and coremltools 9 cannot build a classifier for a
 ``get_func_output`` fails with an IndexError). ``user_defined_metadata`` holds the manifest (``derm_manifest``) and
 each output's labels (``derm_labels_<output>``, a JSON list); each output's description lists its labels too.
 
-Predictions need macOS: elsewhere :func:`open_runner` raises :class:`~derm.exporter.targets.RunnerUnavailable` and the
+Predictions need macOS: elsewhere :func:`open_runner` raises :class:`~derm.runtimes.RuntimeUnavailable` and the
 file is checked for structure only (:func:`check_structure`, without compiling it).
 """
 
@@ -31,9 +31,7 @@ import io
 import json
 import logging
 import os
-import platform
 import shutil
-import sys
 import tempfile
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
@@ -44,8 +42,8 @@ import numpy as np
 
 from derm.exporter.graph import ExportError, OutputSpec
 from derm.exporter.manifest import DISCLAIMER, LABELS_KEY, manifest_json, metadata_problems, read_embedded
-from derm.exporter.targets import RunnerUnavailable
 from derm.manifest import MANIFEST_KEY
+from derm.runtimes import CoreMLRuntime
 
 QUANTIZATIONS = ("fp16", "int8")
 AUTHOR = "derm-toolchain"
@@ -191,27 +189,9 @@ def write(
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-class CoreMLRunner:
-    """Runs an ``.mlpackage`` with Core ML (macOS only); callable on a uint8 batch, like the other runners."""
-
-    def __init__(self, path: str | os.PathLike[str]):
-        ct = _ct()
-        with _quiet():
-            self.model = ct.models.MLModel(str(path))
-        self.outputs: Sequence[str] = [o.name for o in self.model.get_spec().description.output]
-
-    def __call__(self, images: np.ndarray) -> dict[str, np.ndarray]:
-        from PIL import Image
-
-        rows = [self.model.predict({"image": Image.fromarray(np.asarray(im, dtype=np.uint8))}) for im in images]
-        return {k: np.concatenate([np.asarray(r[k], np.float32).reshape(1, -1) for r in rows]) for k in self.outputs}
-
-
-def open_runner(path: str | os.PathLike[str], threads: int | None = None) -> CoreMLRunner:
-    """A Core ML runner on macOS (``threads`` is Core ML's own business); elsewhere :class:`RunnerUnavailable`."""
-    if sys.platform != "darwin":
-        raise RunnerUnavailable(f"Core ML predictions need macOS; this is {platform.system()}: structure checked only")
-    return CoreMLRunner(path)
+def open_runner(path: str | os.PathLike[str], threads: int | None = None) -> CoreMLRuntime:
+    """The SDK's runtime for the package (macOS only; elsewhere :class:`~derm.runtimes.RuntimeUnavailable`)."""
+    return CoreMLRuntime(path, threads)
 
 
 def _load_spec(path: str | os.PathLike[str]) -> Any:

@@ -29,11 +29,11 @@ from derm._util import atomic_write
 from derm.exporter.graph import ExportError, OutputSpec, downstream
 from derm.exporter.manifest import DISCLAIMER, LABELS_KEY, manifest_json, metadata_problems, read_embedded
 from derm.manifest import MANIFEST_KEY
+from derm.runtimes import ONNXRuntime
 
 QUANTIZATIONS = ("fp32", "int8")
 OPSET = 17
 PRODUCER = "derm-exporter"
-_BATCH = 32  # images per onnxruntime call in the runner
 
 
 def convert(export_model: Any, quantize: str = "fp32", calibration: np.ndarray | None = None) -> bytes:
@@ -335,32 +335,9 @@ def write(
         f.write(buf)
 
 
-class ONNXRunner:
-    """Runs an ONNX file with onnxruntime on the CPU; callable on a uint8 batch, like :class:`TFLiteRunner`."""
-
-    def __init__(self, model: bytes | str | os.PathLike[str], threads: int | None = None):
-        import onnxruntime as ort
-
-        opts = ort.SessionOptions()
-        if threads:
-            opts.intra_op_num_threads = threads
-            opts.inter_op_num_threads = 1
-        source = model if isinstance(model, bytes) else str(model)
-        self.session = ort.InferenceSession(source, opts, providers=["CPUExecutionProvider"])
-        self.input = self.session.get_inputs()[0].name
-        self.outputs: Sequence[str] = [o.name for o in self.session.get_outputs()]
-
-    def __call__(self, images: np.ndarray) -> dict[str, np.ndarray]:
-        """Batch of uint8 images -> each named output (rows one per image)."""
-        images = np.asarray(images, dtype=np.uint8)
-        parts = [
-            self.session.run(self.outputs, {self.input: images[i : i + _BATCH]}) for i in range(0, len(images), _BATCH)
-        ]
-        return {k: np.concatenate([p[j] for p in parts]) for j, k in enumerate(self.outputs)}
-
-
-def open_runner(path: str | os.PathLike[str], threads: int | None = None) -> ONNXRunner:
-    return ONNXRunner(path, threads)
+def open_runner(path: str | os.PathLike[str], threads: int | None = None) -> ONNXRuntime:
+    """The SDK's runtime for the file: parity is measured through the code users run."""
+    return ONNXRuntime(path, threads)
 
 
 def read_metadata(path: str | os.PathLike[str]) -> dict[str, str]:

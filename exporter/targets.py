@@ -4,9 +4,10 @@ Each target names the module that converts and runs it. That module provides:
 
 - ``write(export_model, path, quantize, calibration, manifest, specs, **options) -> None``: writes the file (or, for
   Core ML, the ``.mlpackage`` directory) at ``path`` with the manifest embedded;
-- ``open_runner(path, threads=None) -> Runner``: something callable on a uint8 image batch that returns every named
-  output as an array with one row per image; raises :class:`RunnerUnavailable` (with the reason) where this machine
-  cannot run the file (Core ML off macOS);
+- ``open_runner(path, threads=None) -> Runtime``: the SDK's runtime for the file (:mod:`derm.runtimes`, the code the
+  Classifier and derm-bench run), callable on a uint8 image batch, returning every named output with one row per
+  image; raises :class:`~derm.runtimes.RuntimeUnavailable` (with the reason) where this machine cannot run the file
+  (Core ML off macOS);
 - ``check_structure(path, specs, manifest) -> list[str]``: what was checked without running the file (inputs,
   outputs, labels, the manifest); raises :class:`~derm.exporter.graph.ExportError` on a mismatch;
 - ``read_manifest(path) -> dict``: the manifest back from the file.
@@ -19,10 +20,6 @@ from dataclasses import dataclass
 from types import ModuleType
 
 from derm.exporter.graph import ExportError
-
-
-class RunnerUnavailable(RuntimeError):
-    """This machine cannot run the exported file; the message says why (e.g. Core ML predictions need macOS)."""
 
 
 @dataclass(frozen=True)

@@ -23,6 +23,7 @@ from derm.exporter._metadata_version import ensure_registered
 from derm.exporter.graph import ExportError, OutputSpec, downstream
 from derm.exporter.manifest import DISCLAIMER, manifest_json, read_embedded
 from derm.manifest import MANIFEST_FILE
+from derm.runtimes import TFLiteRuntime
 
 QUANTIZATIONS = ("fp32", "fp16", "dynamic", "int8")
 
@@ -108,27 +109,6 @@ def _int8_float_head(conv: Any, sample: np.ndarray) -> bytes:
     if nodes:  # none without global pooling: nothing to keep in float
         debugger.options = tf.lite.experimental.QuantizationDebugOptions(denylisted_nodes=nodes)
     return debugger.get_nondebug_quantized_model()
-
-
-class TFLiteRunner:
-    """Runs a .tflite file with ai-edge-litert (the successor of tflite-runtime) through its signature."""
-
-    def __init__(self, model: bytes | str, threads: int | None = None):
-        from ai_edge_litert.interpreter import Interpreter
-
-        kwargs: dict[str, Any] = {"num_threads": threads} if threads else {}
-        if isinstance(model, bytes):
-            self.interpreter = Interpreter(model_content=model, **kwargs)
-        else:
-            self.interpreter = Interpreter(model_path=str(model), **kwargs)
-        self.runner = self.interpreter.get_signature_runner()
-        self.outputs: Sequence[str] = self.interpreter.get_signature_list()["serving_default"]["outputs"]
-
-    def __call__(self, images: np.ndarray) -> dict[str, np.ndarray]:
-        """Batch of uint8 images -> each named output (rows one per image)."""
-        images = np.asarray(images, dtype=np.uint8)
-        rows = [self.runner(image=images[i : i + 1]) for i in range(len(images))]
-        return {k: np.concatenate([r[k] for r in rows]) for k in self.outputs}
 
 
 def output_order(model: bytes) -> list[str]:
@@ -230,8 +210,9 @@ def write(
         f.write(buf)
 
 
-def open_runner(path: str | os.PathLike[str], threads: int | None = None) -> TFLiteRunner:
-    return TFLiteRunner(str(path), threads)
+def open_runner(path: str | os.PathLike[str], threads: int | None = None) -> TFLiteRuntime:
+    """The SDK's runtime for the file: parity is measured through the code users run."""
+    return TFLiteRuntime(path, threads)
 
 
 read_manifest = read_embedded  # the SDK's reader: one for every target
@@ -244,7 +225,7 @@ def check_structure(
     ensure_registered()
     from mediapipe.tasks.python.metadata.metadata import MetadataDisplayer
 
-    runner = TFLiteRunner(str(path))
+    runner = TFLiteRuntime(path)
     inp = runner.interpreter.get_input_details()[0]
     size = manifest["input"]["shape"][1]
     problems = []

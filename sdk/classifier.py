@@ -1,7 +1,8 @@
 """Run an exported classifier on the desktop: ``Classifier.load(path).predict(image)``. No TensorFlow.
 
-The backend follows the file's suffix: ``.tflite`` with ai-edge-litert (tflite-runtime as a fallback), ``.onnx``
-with onnxruntime, ``.mlpackage`` with coremltools (macOS only). Everything else (labels, levels, tasks, input size,
+The backend follows the file's suffix (:mod:`derm.runtimes`, shared with the exporter and derm-bench): ``.tflite``
+with ai-edge-litert (tflite-runtime as a fallback), ``.onnx`` with onnxruntime, ``.mlpackage`` with coremltools
+(macOS only). Everything else (labels, levels, tasks, input size,
 operating points) comes from the manifest inside the file, so a file without one is refused.
 
 A research and triage aid, not a diagnostic device.
@@ -22,6 +23,7 @@ import numpy as np
 
 from derm.manifest import ModelFileError, model_kind, read_manifest, verify_weights
 from derm.preprocess import ImageError, ImageSource, check_tta, preprocess, tta_views
+from derm.runtimes import RUNTIMES
 
 
 def int8_saturates() -> bool:
@@ -93,79 +95,6 @@ class Prediction:
         return d
 
 
-class RuntimeUnavailable(ModelFileError):
-    """The file may be fine, but it cannot run here: its runtime is not installed or not available on this platform."""
-
-
-# ------------------------------------------------------------------------------------------------------- backends
-class _TFLite:
-    def __init__(self, path: Path, threads: int | None, options: Mapping[str, Any]):
-        try:
-            from ai_edge_litert.interpreter import Interpreter
-        except ImportError:  # optional fallback; it breaks under numpy 2 and lacks some newer ops
-            try:
-                from tflite_runtime.interpreter import Interpreter  # type: ignore[no-redef]
-            except ImportError:
-                raise RuntimeUnavailable(
-                    "Running .tflite files needs ai-edge-litert (pip install ai-edge-litert) or tflite-runtime."
-                ) from None
-        kwargs = dict(options)
-        if threads:
-            kwargs["num_threads"] = threads
-        self.interpreter = Interpreter(model_path=str(path), **kwargs)
-        self.runner = self.interpreter.get_signature_runner()
-        self.name = "ai-edge-litert" if "ai_edge_litert" in Interpreter.__module__ else "tflite-runtime"
-
-    def __call__(self, images: np.ndarray) -> dict[str, np.ndarray]:
-        rows = [self.runner(image=images[i : i + 1]) for i in range(len(images))]
-        return {k: np.concatenate([r[k] for r in rows]) for k in rows[0]}
-
-
-BATCH = 16  # images per onnxruntime call in Classifier.run
-
-
-class _ONNX:
-    name = "onnxruntime"
-
-    def __init__(self, path: Path, threads: int | None, options: Mapping[str, Any]):
-        import onnxruntime as ort
-
-        opts = ort.SessionOptions()
-        if threads:
-            opts.intra_op_num_threads = threads
-            opts.inter_op_num_threads = 1
-        providers = list(options.get("providers", ["CPUExecutionProvider"]))
-        self.session = ort.InferenceSession(str(path), opts, providers=providers)
-        self.outputs = [o.name for o in self.session.get_outputs()]
-
-    def __call__(self, images: np.ndarray) -> dict[str, np.ndarray]:
-        # in slices: onnxruntime keeps every intermediate of the whole batch (2,000 images at 299x299 took > 24 GB)
-        parts = [self.session.run(self.outputs, {"image": images[i : i + BATCH]}) for i in range(0, len(images), BATCH)]
-        return {k: np.concatenate([p[j] for p in parts]) for j, k in enumerate(self.outputs)}
-
-
-class _CoreML:
-    name = "coremltools"
-
-    def __init__(self, path: Path, threads: int | None, options: Mapping[str, Any]):
-        if platform.system() != "Darwin":
-            raise RuntimeUnavailable(
-                f"Core ML files run on macOS only (this is {platform.system()}); export --target tflite or onnx."
-            )
-        import coremltools as ct
-
-        self.model = ct.models.MLModel(str(path), **dict(options))
-
-    def __call__(self, images: np.ndarray) -> dict[str, np.ndarray]:
-        from PIL import Image
-
-        rows = [self.model.predict({"image": Image.fromarray(im)}) for im in images]
-        return {k: np.stack([np.asarray(r[k]).reshape(-1) for r in rows]) for k in rows[0]}
-
-
-_BACKENDS = {"tflite": _TFLite, "onnx": _ONNX, "mlpackage": _CoreML}
-
-
 class Classifier:
     """An exported skin-lesion classifier and its manifest."""
 
@@ -191,7 +120,7 @@ class Classifier:
                 "from the float model's; use the .tflite file or the ONNX fp32 export here"
             )
         kind = model_kind(self.path)
-        self.backend = _BACKENDS[kind](self.path, threads, backend_options or {})
+        self.backend = RUNTIMES[kind](self.path, threads, backend_options or {})
         self.input_size = int(self.manifest["input"]["shape"][1])
         self.outputs = {o["name"]: o for o in self.manifest["outputs"]}
         self.levels = [o["name"].removeprefix("probs_") for o in self.manifest["outputs"] if o["kind"] == "level"]

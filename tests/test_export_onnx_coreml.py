@@ -42,10 +42,10 @@ def onnx_files(exported):
 
 
 def test_onnx_fp32_matches_keras(exported, onnx_files):
-    from derm.exporter.onnx import ONNXRunner
+    from derm.runtimes import ONNXRuntime
 
     _, _, specs, _, images, reference = exported
-    runner = ONNXRunner(onnx_files["fp32"])
+    runner = ONNXRuntime(onnx_files["fp32"])
     assert list(runner.outputs) == [s.name for s in specs]  # named and ordered like the specs
     inp = runner.session.get_inputs()[0]
     assert (inp.name, inp.type, inp.shape[1:]) == ("image", "tensor(uint8)", [SMALL_SIZE, SMALL_SIZE, 3])
@@ -86,10 +86,10 @@ def test_onnx_int8_concatenations_share_one_scale(onnx_files):
 
 def test_onnx_int8_is_close_smaller_and_keeps_the_aggregation_exact(exported, onnx_files):
     from derm.classifier import int8_saturates
-    from derm.exporter.onnx import ONNXRunner
+    from derm.runtimes import ONNXRuntime
 
     _, _, specs, _, images, reference = exported
-    got = ONNXRunner(onnx_files["int8"], threads=1)(images)
+    got = ONNXRuntime(onnx_files["int8"], threads=1)(images)
     if not int8_saturates():  # on x86 without VNNI onnxruntime's int8 kernels saturate (the SDK warns there)
         for s in specs:
             assert np.abs(got[s.name] - reference[s.name]).mean() < 0.08, s.name
@@ -213,9 +213,9 @@ def test_coreml_write_check_structure_and_read_manifest(exported, coreml_models,
 @pytest.mark.skipif(sys.platform == "darwin", reason="Core ML runs on macOS")
 def test_coreml_runner_is_unavailable_off_macos(tmp_path):
     from derm.exporter.coreml import open_runner
-    from derm.exporter.targets import RunnerUnavailable
+    from derm.runtimes import RuntimeUnavailable
 
-    with pytest.raises(RunnerUnavailable, match="need macOS"):
+    with pytest.raises(RuntimeUnavailable, match="need macOS"):
         open_runner(tmp_path / "model.mlpackage")
 
 

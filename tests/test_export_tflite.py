@@ -52,7 +52,8 @@ def test_graph_outputs_are_the_aggregated_probabilities(exported):
 def test_tflite_conversions_match_keras(exported, quantize, tol, request):
     from pathlib import Path
 
-    from derm.exporter.tflite import TFLiteRunner, convert
+    from derm.exporter.tflite import convert
+    from derm.runtimes import TFLiteRuntime
 
     _, _, specs, export, images = exported
     if quantize == "fp16":
@@ -61,7 +62,7 @@ def test_tflite_conversions_match_keras(exported, quantize, tol, request):
         buf = Path(request.getfixturevalue("small_int8")["result"].path).read_bytes()
     else:
         buf = convert(export, quantize, calibration=images[:16])
-    runner = TFLiteRunner(buf)
+    runner = TFLiteRuntime(buf)
     assert set(runner.outputs) == {s.name for s in specs}
     got = runner(images)
     ref = export.predict(images, verbose=0)
