@@ -418,6 +418,61 @@ def triage_command(
         raise typer.Exit(code=3)
 
 
+# ------------------------------------------------------------------------------------ the heavy tools, lazily
+#: ``derm NAME ARGS`` runs the other tools' commands: (module, Typer app attribute, leading args, alias, what).
+#: Their modules import TensorFlow, so they are imported only when one of them runs (``derm --help`` stays light).
+DELEGATES: dict[str, tuple[str, str, tuple[str, ...], str, str]] = {
+    "train": ("derm.trainer.cli", "app", ("train",), "derm-train train", "Train a model on a labelled CSV."),
+    "cv": ("derm.trainer.cli", "app", ("cv",), "derm-train cv", "k-fold cross-validation (group-aware folds)."),
+    "weights": ("derm.trainer.cli", "app", ("weights",), "derm-train weights", "Fetch and verify backbone weights."),
+    "reference": (
+        "derm.trainer.cli",
+        "app",
+        ("reference",),
+        "derm-train reference",
+        "Rebuild or retrain the reference model.",
+    ),
+    "eval": ("derm.trainer.evaluate", "app", (), "derm-eval", "Evaluate a run: metrics, plots, HTML report."),
+    "export": ("derm.exporter.cli", "app", (), "derm-export", "Export a run to TFLite / ONNX / Core ML."),
+    "bench": ("derm.benchmarks.bench", "app", (), "derm-bench", "Latency, memory and parity of exported files."),
+}
+
+
+def _delegate(name: str, args: list[str]) -> None:
+    import importlib
+
+    module, attr, lead, _, _ = DELEGATES[name]
+    try:
+        target = getattr(importlib.import_module(module), attr)
+    except ImportError as exc:
+        typer.secho(
+            f"Error: `derm {name}` needs the {'export' if 'exporter' in module else 'train'} extra ({exc}); "
+            f"pip install 'derm-toolchain[train,export]'.",
+            err=True,
+            fg=typer.colors.RED,
+        )
+        raise typer.Exit(code=2) from None
+    command = typer.main.get_command(target)
+    command.main(args=[*lead, *args], prog_name=f"derm {name}" if not lead else "derm", standalone_mode=True)
+
+
+def _add_delegate(name: str) -> None:
+    alias, what = DELEGATES[name][3], DELEGATES[name][4]
+
+    @app.command(
+        name,
+        help=f"{what} The same as `{alias}`; `derm {name} --help` lists its options.",
+        context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
+        add_help_option=False,
+    )
+    def _run(ctx: typer.Context) -> None:
+        _delegate(name, list(ctx.args))
+
+
+for _name in DELEGATES:
+    _add_delegate(_name)
+
+
 def main() -> None:
     from derm._cli import run_app
 

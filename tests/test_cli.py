@@ -123,3 +123,30 @@ def test_train_help_keeps_its_default_markers():
     text = " ".join(res.output.split())
     for phrase in ("bottleneck [default] or finetune", "three, nine [default], labels", "into the model [calibrate]"):
         assert phrase in text, phrase
+
+
+def test_one_derm_command_runs_every_tool_and_stays_light_until_asked():
+    """`derm train | cv | weights | reference | eval | export | bench` are the derm-* tools (kept as aliases); `derm
+    --help` lists them without importing TensorFlow, and each forwards its arguments to the tool's own parser."""
+    import subprocess
+    import sys
+
+    probe = (
+        "import sys; from typer.testing import CliRunner; from derm.cli import app; "
+        "r = CliRunner().invoke(app, ['--help'], env={'COLUMNS': '200'}); "
+        "print(r.output); print('TF', 'tensorflow' in sys.modules, 'keras' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout
+    for name in ("train", "cv", "weights", "reference", "eval", "export", "bench", "classify", "triage", "taxonomy"):
+        assert re.search(rf"│ {name} ", out), name
+    assert "The same as `derm-export`" in out
+    assert out.rstrip().endswith("TF False False")
+
+    own = CliRunner().invoke(__import__("derm.trainer.cli", fromlist=["app"]).app, ["cv", "--help"])
+    via = runner.invoke(app, ["cv", "--help"])
+    assert via.exit_code == 0 and own.exit_code == 0
+    assert "Usage: derm cv [OPTIONS]" in via.output
+    options = [set(re.findall(r"--[a-z][a-z-]+", r.output)) for r in (via, own)]
+    assert options[0] == options[1] and {"--data", "--folds", "--out"} <= options[0]
+    bad = runner.invoke(app, ["export", "--target", "nokia"])  # the tool's own parser answers, exit status 2
+    assert bad.exit_code == 2 and "Missing argument" in bad.output
