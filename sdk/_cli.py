@@ -4,9 +4,11 @@ finished results kept) with one line and exit status 130, never a traceback."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import sys
+from collections.abc import Iterator
 from typing import Any
 
 import typer
@@ -70,3 +72,19 @@ def _interrupted() -> None:
         file=sys.stderr,
     )
     sys.exit(EXIT_INTERRUPTED)
+
+
+@contextlib.contextmanager
+def user_errors() -> Iterator[None]:
+    """Turn the library's user errors into a one-paragraph message and exit code 2, never a traceback."""
+    from derm.errors import DermError
+
+    try:
+        yield
+    except (DermError, KeyError, ValueError, OSError) as exc:
+        msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)
+        if isinstance(exc, OSError) and exc.strerror:  # "[Errno 13] Permission denied: 'x'" -> what and where
+            where = f" {exc.filename!r}" if exc.filename else ""
+            msg = f"cannot use{where}: {exc.strerror.lower()}. Check the path and its permissions."
+        typer.secho(f"Error: {msg}", err=True, fg=typer.colors.RED)
+        raise typer.Exit(code=2) from None
