@@ -6,7 +6,7 @@ import pytest
 from PIL import Image
 
 from derm import metrics
-from derm.trainer import report
+from derm.trainer import report, report_html
 
 pytest.importorskip("matplotlib")
 pytest.importorskip("sklearn")
@@ -135,7 +135,7 @@ def test_read_reader_points_fractions_and_percent(tmp_path):
         "carcinoma_vs_sk,d1,1,0.5,\n",
         encoding="utf-8",
     )
-    pts = report.read_reader_points(frac)
+    pts = report_html.read_reader_points(frac)
     assert pts["melanoma_vs_nevus"] == [
         {"name": "d1", "sensitivity": 0.8, "specificity": 0.6},
         {"name": "d2", "sensitivity": 0.7, "specificity": 0.75},
@@ -144,7 +144,7 @@ def test_read_reader_points_fractions_and_percent(tmp_path):
 
     pct = tmp_path / "pct.csv"
     pct.write_text("task,name,sensitivity,specificity\nt,a,80,60\nt,b,70%,0\n", encoding="utf-8")
-    assert report.read_reader_points(pct)["t"] == [
+    assert report_html.read_reader_points(pct)["t"] == [
         {"name": "a", "sensitivity": 0.8, "specificity": 0.6},
         {"name": "b", "sensitivity": 0.7, "specificity": 0.0},
     ]
@@ -169,7 +169,7 @@ def test_read_reader_points_errors(tmp_path, text, match):
     p = tmp_path / "readers.csv"
     p.write_text(text, encoding="utf-8")
     with pytest.raises(ValueError, match=match) as info:
-        report.read_reader_points(p)
+        report_html.read_reader_points(p)
     assert str(p) in str(info.value)
 
 
@@ -178,7 +178,7 @@ def test_read_reader_points_errors(tmp_path, text, match):
 
 def test_write_html_report_embeds_and_escapes(tmp_path, task_result):
     png = report.plot_roc("t", {"m": task_result}, tmp_path / "roc.png")
-    out = report.write_html_report(
+    out = report_html.write_html_report(
         tmp_path / "out" / "report.html",
         "Run <script>alert(1)</script>",
         [
@@ -205,13 +205,13 @@ def test_write_html_report_embeds_and_escapes(tmp_path, task_result):
 def test_write_html_report_errors(tmp_path):
     target = tmp_path / "r.html"
     with pytest.raises(ValueError, match="with a 'title'"):
-        report.write_html_report(target, "t", [{"text": "no title"}])
+        report_html.write_html_report(target, "t", [{"text": "no title"}])
     with pytest.raises(ValueError, match=r"unknown keys \['imgs'\]"):
-        report.write_html_report(target, "t", [{"title": "a", "imgs": []}])
+        report_html.write_html_report(target, "t", [{"title": "a", "imgs": []}])
     with pytest.raises(ValueError, match="cannot read image"):
-        report.write_html_report(target, "t", [{"title": "a", "images": [tmp_path / "missing.png"]}])
+        report_html.write_html_report(target, "t", [{"title": "a", "images": [tmp_path / "missing.png"]}])
     not_png = tmp_path / "fake.png"
     not_png.write_bytes(b"GIF89a")
     with pytest.raises(ValueError, match="is not a PNG"):
-        report.write_html_report(target, "t", [{"title": "a", "images": [not_png]}])
+        report_html.write_html_report(target, "t", [{"title": "a", "images": [not_png]}])
     assert not target.exists()

@@ -178,7 +178,7 @@ def run_eval(
     from derm.datasets import readable_images
     from derm.evaluation import resolve_level
     from derm.preprocess import preprocess
-    from derm.trainer import report
+    from derm.trainer import report, report_html
 
     run_dir, out = Path(run_dir), Path(out)
     problem = unwritable(out / "metrics.json")
@@ -211,7 +211,7 @@ def run_eval(
             w.writerow([str(ds.paths[i]), ds.labels[i], ds.nodes[i], *(f"{p:.6g}" for p in row)])
     plots = out / "plots"
     sections: list[dict[str, Any]] = [{"title": "Summary", "text": format_summary(result)}]
-    reader_points = report.read_reader_points(readers) if readers else {}
+    reader_points = report_html.read_reader_points(readers) if readers else {}
     for task_id, res in result["tasks"].items():
         png = report.plot_roc(
             res["name"], {"model": res}, plots / f"roc_{task_id}.png", reader_points=reader_points.get(task_id)
@@ -288,7 +288,7 @@ def run_eval(
     with atomic_write(out / "metrics.json") as f:
         json.dump(result, f, indent=2)
         f.write("\n")
-    report.write_html_report(out / "report.html", f"derm-eval: {run_dir.name} on {Path(data).name}", sections)
+    report_html.write_html_report(out / "report.html", f"derm-eval: {run_dir.name} on {Path(data).name}", sections)
     return result
 
 
