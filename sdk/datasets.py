@@ -152,13 +152,44 @@ def read_dataset(
     if check_images not in ("none", "header", "decode"):
         raise ValueError(f"check_images must be 'none', 'header' or 'decode', received {check_images!r}.")
     csv_path = Path(csv_path)
+    tax = taxonomy or default_taxonomy()
+    base = Path(root) if root is not None else csv_path.parent
+    header, rows, group_column = _read_rows(csv_path, image_column, label_column, group_column)
+    paths, nodes, problems = _resolve_rows(rows, base, tax, image_column, label_column)
+    problems += _check_files(csv_path, rows, paths, image_column, check_images, workers)
+    bad_rows = {line - 2 for line, _, _ in problems}
+    if problems:
+        _report(csv_path, tax, problems, len(bad_rows), len(rows), on_error)
+    keep = [i for i in range(len(rows)) if i not in bad_rows]
+    if not keep:
+        raise DatasetError(f"{str(csv_path)!r}: no usable rows left after skipping {len(bad_rows)} bad ones.", problems)
+    groups = None
+    if group_column is not None:
+        groups = [(rows[i].get(group_column) or "").strip() for i in keep]
+    used = {image_column, label_column, *([group_column] if group_column else [])}
+    extras = {c: [rows[i].get(c, "") for i in keep] for c in header if c not in used}
+    return Dataset(
+        paths=[paths[i] for i in keep],
+        labels=[rows[i][label_column].strip() for i in keep],
+        nodes=[nodes[i] for i in keep],  # type: ignore[misc]
+        taxonomy=tax,
+        groups=groups,
+        group_column=group_column,
+        extras=extras,
+        source=csv_path.resolve(),
+        skipped=[p for p in problems] if on_error == "skip" else [],
+    )
+
+
+def _read_rows(
+    csv_path: Path, image_column: str, label_column: str, group_column: str | None
+) -> tuple[list[str], list[dict[str, str]], str | None]:
+    """The CSV's header and rows, its image and label columns checked; the group column resolved."""
     if not csv_path.is_file():
         raise DatasetError(
             f"Dataset CSV not found: {str(csv_path)!r}. Pass the path of a CSV with "
             f"'{image_column}' and '{label_column}' columns."
         )
-    tax = taxonomy or default_taxonomy()
-    base = Path(root) if root is not None else csv_path.parent
     try:
         with open(csv_path, newline="", encoding="utf-8-sig") as f:
             reader = csv.DictReader(f)
@@ -179,97 +210,91 @@ def read_dataset(
         raise DatasetError(f"{str(csv_path)!r} has no group column {group_column!r}; its columns are {header}.")
     if not rows:
         raise DatasetError(f"{str(csv_path)!r} has a header but no rows.")
+    return header, rows, group_column
 
+
+def _resolve_rows(
+    rows: list[dict[str, str]], base: Path, tax: Taxonomy, image_column: str, label_column: str
+) -> tuple[list[Path], list[str | None], list[tuple[int, str, str]]]:
+    """Each row's image path and taxonomy node; the problems (CSV line, image, reason) of empty or unknown ones."""
     problems: list[tuple[int, str, str]] = []
-    bad_rows: set[int] = set()
     paths: list[Path] = []
     nodes: list[str | None] = []
     for i, row in enumerate(rows):
         line = i + 2  # 1-based, after the header
         rel = (row.get(image_column) or "").strip()
         label = (row.get(label_column) or "").strip()
-        path = (base / rel).resolve() if rel else base
-        paths.append(path)
+        paths.append((base / rel).resolve() if rel else base)
         if not rel:
             problems.append((line, "", "empty image path"))
-            bad_rows.add(i)
         if not label:
             problems.append((line, rel, "empty label"))
-            bad_rows.add(i)
             nodes.append(None)
             continue
         nid = tax.try_resolve(label)
         nodes.append(nid)
         if nid is None:
             problems.append((line, rel, f"unknown label {label!r}"))
-            bad_rows.add(i)
+    return paths, nodes, problems
 
-    def check(i: int) -> str | None:
-        p = paths[i]
-        if not p.is_file():
-            return "file not found"
-        if check_images == "none":
-            return None
-        try:
-            with Image.open(p) as im:
-                if check_images == "decode":
-                    im.load()
-                elif im.width < 1 or im.height < 1:
-                    return "empty image"
-        except Exception as exc:
-            return f"unreadable image ({type(exc).__name__}: {exc})"
+
+def _check_image(path: Path, check_images: CheckImages) -> str | None:
+    if not path.is_file():
+        return "file not found"
+    if check_images == "none":
         return None
+    try:
+        with Image.open(path) as im:
+            if check_images == "decode":
+                im.load()
+            elif im.width < 1 or im.height < 1:
+                return "empty image"
+    except Exception as exc:
+        return f"unreadable image ({type(exc).__name__}: {exc})"
+    return None
 
+
+def _check_files(
+    csv_path: Path,
+    rows: list[dict[str, str]],
+    paths: list[Path],
+    image_column: str,
+    check_images: CheckImages,
+    workers: int | None,
+) -> list[tuple[int, str, str]]:
+    """Every named image exists (and opens or decodes, as asked), checked in threads with progress."""
     todo = [i for i in range(len(rows)) if rows[i].get(image_column, "").strip()]
     with ThreadPoolExecutor(workers or min(8, (os.cpu_count() or 2) * 2)) as pool:
-        results = list(track(pool.map(check, todo), f"Checking {csv_path.name}", total=len(todo)))
-    for i, reason in zip(todo, results, strict=True):
-        if reason:
-            problems.append((i + 2, rows[i][image_column].strip(), reason))
-            bad_rows.add(i)
+        checked = pool.map(lambda i: _check_image(paths[i], check_images), todo)
+        results = list(track(checked, f"Checking {csv_path.name}", total=len(todo)))
+    return [(i + 2, rows[i][image_column].strip(), r) for i, r in zip(todo, results, strict=True) if r]
 
-    if problems:
-        problems.sort()
-        kinds = Counter(_kind(r) for _, _, r in problems)
-        summary = ", ".join(f"{n} {k}" for k, n in kinds.most_common())
-        unknown = sorted({r.split("'")[1] for _, _, r in problems if r.startswith("unknown label")})
-        listing = "\n".join(f"  row {line}: {p or '-'}: {r}" for line, p, r in problems[:20])
-        more = f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else ""
-        hint = (
-            f"\nUnknown labels {unknown}: add them to a node's aliases in the taxonomy ({tax.source or tax.name})."
-            if unknown
-            else ""
-        )
-        if on_error == "raise":
-            raise DatasetError(
-                f"{str(csv_path)!r}: {len(bad_rows)} of {len(rows)} rows have problems ({summary}):\n"
-                f"{listing}{more}{hint}\nFix them (`derm data check {csv_path} --decode` lists them all), or skip "
-                "those rows with --skip-bad (Python: on_error='skip').",
-                problems,
-            )
-        msg = f"{str(csv_path)!r}: skipping {len(bad_rows)} of {len(rows)} rows ({summary})."
-        warnings.warn(msg, stacklevel=2)
-        log.warning("%s\n%s%s", msg, listing, more)
 
-    keep = [i for i in range(len(rows)) if i not in bad_rows]
-    if not keep:
-        raise DatasetError(f"{str(csv_path)!r}: no usable rows left after skipping {len(bad_rows)} bad ones.", problems)
-    groups = None
-    if group_column is not None:
-        groups = [(rows[i].get(group_column) or "").strip() for i in keep]
-    used = {image_column, label_column, *([group_column] if group_column else [])}
-    extras = {c: [rows[i].get(c, "") for i in keep] for c in header if c not in used}
-    return Dataset(
-        paths=[paths[i] for i in keep],
-        labels=[rows[i][label_column].strip() for i in keep],
-        nodes=[nodes[i] for i in keep],  # type: ignore[misc]
-        taxonomy=tax,
-        groups=groups,
-        group_column=group_column,
-        extras=extras,
-        source=csv_path.resolve(),
-        skipped=[p for p in problems] if on_error == "skip" else [],
+def _report(
+    csv_path: Path, tax: Taxonomy, problems: list[tuple[int, str, str]], n_bad: int, n_rows: int, on_error: str
+) -> None:
+    """Raise :class:`DatasetError` listing the problems, or (``on_error="skip"``) warn that those rows are skipped."""
+    problems.sort()
+    kinds = Counter(_kind(r) for _, _, r in problems)
+    summary = ", ".join(f"{n} {k}" for k, n in kinds.most_common())
+    unknown = sorted({r.split("'")[1] for _, _, r in problems if r.startswith("unknown label")})
+    listing = "\n".join(f"  row {line}: {p or '-'}: {r}" for line, p, r in problems[:20])
+    more = f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else ""
+    hint = (
+        f"\nUnknown labels {unknown}: add them to a node's aliases in the taxonomy ({tax.source or tax.name})."
+        if unknown
+        else ""
     )
+    if on_error == "raise":
+        raise DatasetError(
+            f"{str(csv_path)!r}: {n_bad} of {n_rows} rows have problems ({summary}):\n"
+            f"{listing}{more}{hint}\nFix them (`derm data check {csv_path} --decode` lists them all), or skip "
+            "those rows with --skip-bad (Python: on_error='skip').",
+            problems,
+        )
+    msg = f"{str(csv_path)!r}: skipping {n_bad} of {n_rows} rows ({summary})."
+    warnings.warn(msg, stacklevel=3)  # at the caller of read_dataset
+    log.warning("%s\n%s%s", msg, listing, more)
 
 
 def _kind(reason: str) -> str:
