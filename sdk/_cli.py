@@ -5,6 +5,7 @@ finished results kept) with one line and exit status 130, never a traceback."""
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import signal
 import sys
@@ -27,6 +28,15 @@ _received: list[str] = []  # the signals received while the command ran
 def _raise(signum: int, frame: Any) -> None:
     _received.append(signal.Signals(signum).name)
     raise Interrupted(_received[-1])
+
+
+def setup_logging(level: int = logging.INFO, *, verbose: int | None = None, timestamps: bool = False) -> None:
+    """The one logging set-up of every ``derm`` tool: to stderr, ``LEVEL logger: message`` (with the time for long
+    benchmarks). ``verbose`` (a count of ``-v``) overrides ``level``: 0 warnings, 1 info, 2 or more debug."""
+    if verbose is not None:
+        level = logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
+    fmt = ("%(asctime)s " if timestamps else "") + "%(levelname)s %(name)s: %(message)s"
+    logging.basicConfig(level=level, format=fmt, stream=sys.stderr)
 
 
 def cli_app(name: str, help: str) -> typer.Typer:

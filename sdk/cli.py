@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import json
-import logging
-import sys
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
-from derm._cli import cli_app
+from derm._cli import cli_app, setup_logging
 from derm._cli import user_errors as _user_errors
 from derm._version import __version__
 from derm.cli_data import data_app, taxonomy_app
@@ -37,8 +35,7 @@ def _main(
         bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")
     ] = False,
 ) -> None:
-    level = logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
-    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    setup_logging(verbose=verbose)
 
 
 # -------------------------------------------------------------------------------------------- classify / triage
