@@ -192,75 +192,132 @@ public struct Predictor {
     /// The prediction from one image's outputs. Throws `DermError.modelFile` when an output the manifest names is
     /// missing or shorter than its labels (`Manifest.outputProblems` says so before any image).
     public func predict(_ outputs: [String: [Float]]) throws -> Prediction {
-        func values(_ spec: OutputSpec, count: Int) throws -> [Float] {
-            guard let v = outputs[spec.name] else {
-                throw DermError.modelFile("The model gave no output \(spec.name), which its manifest names.")
+        let levels = try levelProbabilities(outputs)
+        let tasks = try taskProbabilities(outputs)
+        let training = try trainingResults(outputs, tasks: tasks)
+        let byId = tasksById()
+        let applies = taskApplies(tasks, conditions: training.conditions, byId: byId)
+        var decisions = OrderedMap<Decision>()
+        for (id, probability) in tasks {
+            if let task = byId[id] {
+                decisions[id] = decide(task, probability: probability, applies: applies[id] ?? true)
             }
-            guard v.count >= count else {
-                throw DermError.modelFile(
-                    "The model's output \(spec.name) has \(v.count) values, its manifest names \(count)."
-                )
-            }
-            return v
         }
+        return Prediction(
+            levels: levels, tasks: tasks, topClasses: training.top, decisions: decisions,
+            conditions: training.conditions, applies: applies
+        )
+    }
 
+    /// The values of the output `spec` names, at least `count` of them; `DermError.modelFile` when they are not there.
+    private func values(in outputs: [String: [Float]], for spec: OutputSpec, count: Int) throws -> [Float] {
+        guard let v = outputs[spec.name] else {
+            throw DermError.modelFile("The model gave no output \(spec.name), which its manifest names.")
+        }
+        guard v.count >= count else {
+            throw DermError.modelFile(
+                "The model's output \(spec.name) has \(v.count) values, its manifest names \(count)."
+            )
+        }
+        return v
+    }
+
+    /// Level -> inference class -> probability, from the level outputs, in the manifest's order.
+    private func levelProbabilities(_ outputs: [String: [Float]]) throws -> OrderedMap<OrderedMap<Double>> {
         var levels = OrderedMap<OrderedMap<Double>>()
         for output in manifest.outputs where output.kind == "level" {
             let level = Manifest.levelName(output.name)
             let spec = manifest.output(named: "probs_" + level) ?? output
-            let v = try values(spec, count: spec.labels.count)
+            let v = try values(in: outputs, for: spec, count: spec.labels.count)
             var probabilities = OrderedMap<Double>()
             for (i, label) in spec.labels.enumerated() {
                 probabilities[label] = Double(v[i])
             }
             levels[level] = probabilities
         }
+        return levels
+    }
 
+    /// Task id -> P(positive | positive or negative), from the task outputs.
+    private func taskProbabilities(_ outputs: [String: [Float]]) throws -> OrderedMap<Double> {
         var tasks = OrderedMap<Double>()
         for output in manifest.outputs where output.kind == "task" {
             guard let task = output.task else {
                 throw DermError.modelFile("The manifest's output \(output.name) is a task output without a task.")
             }
-            let v = try values(output, count: 1)
+            let v = try values(in: outputs, for: output, count: 1)
             tasks[task.id] = Double(v[0])
         }
+        return tasks
+    }
 
-        var top: [(label: String, probability: Double)] = []
-        var conditions = OrderedMap<Double>()
-        if let training = manifest.outputs.first(where: { $0.kind == "training" }) {
-            let p = try values(training, count: training.labels.count)
-            // most likely first; equal probabilities in the manifest's order
-            let order = (0..<training.labels.count).sorted { a, b in
-                if p[b] > p[a] {
-                    return false
-                }
-                if p[b] < p[a] {
-                    return true
-                }
-                return a < b
-            }
-            for i in order.prefix(max(0, topK)) {
-                top.append((label: training.labels[i], probability: Double(p[i])))
-            }
-            for task in manifest.tasks {
-                if !tasks.contains(key: task.id) || task.positiveClasses.isEmpty || task.negativeClasses.isEmpty {
-                    continue
-                }
-                var sum = 0.0
-                for c in task.positiveClasses + task.negativeClasses {
-                    // the manifest checked that every class is a training label
-                    if let i = training.labels.firstIndex(of: c) {
-                        sum += Double(p[i])
-                    }
-                }
-                conditions[task.id] = sum
-            }
+    /// The top classes and the tasks' condition probabilities, from the training output; none without one.
+    private func trainingResults(
+        _ outputs: [String: [Float]], tasks: OrderedMap<Double>
+    ) throws -> (top: [(label: String, probability: Double)], conditions: OrderedMap<Double>) {
+        guard let training = manifest.outputs.first(where: { $0.kind == "training" }) else {
+            return (top: [], conditions: OrderedMap<Double>())
         }
+        let p = try values(in: outputs, for: training, count: training.labels.count)
+        return (
+            top: topClasses(p, labels: training.labels),
+            conditions: conditionProbabilities(p, labels: training.labels, tasks: tasks)
+        )
+    }
 
+    /// The `topK` most likely training classes, most likely first; equal probabilities in the manifest's order.
+    private func topClasses(_ p: [Float], labels: [String]) -> [(label: String, probability: Double)] {
+        let order = (0..<labels.count).sorted { a, b in
+            if p[b] > p[a] {
+                return false
+            }
+            if p[b] < p[a] {
+                return true
+            }
+            return a < b
+        }
+        var top: [(label: String, probability: Double)] = []
+        for i in order.prefix(max(0, topK)) {
+            top.append((label: labels[i], probability: Double(p[i])))
+        }
+        return top
+    }
+
+    /// Task id -> P(the task's condition): the sum of its classes' training probabilities, for the tasks the model
+    /// gave a probability for whose condition names both positive and negative classes.
+    private func conditionProbabilities(
+        _ p: [Float], labels: [String], tasks: OrderedMap<Double>
+    ) -> OrderedMap<Double> {
+        var conditions = OrderedMap<Double>()
+        for task in manifest.tasks {
+            if !tasks.contains(key: task.id) || task.positiveClasses.isEmpty || task.negativeClasses.isEmpty {
+                continue
+            }
+            var sum = 0.0
+            for c in task.positiveClasses + task.negativeClasses {
+                // the manifest checked that every class is a training label
+                if let i = labels.firstIndex(of: c) {
+                    sum += Double(p[i])
+                }
+            }
+            conditions[task.id] = sum
+        }
+        return conditions
+    }
+
+    /// The manifest's tasks by id.
+    private func tasksById() -> [String: TaskSpec] {
         var byId: [String: TaskSpec] = [:]
         for task in manifest.tasks {
             byId[task.id] = task // the last wins, as Kotlin's associateBy
         }
+        return byId
+    }
+
+    /// Task id -> whether the task's condition holds for this image (true when there is no condition to check).
+    private func taskApplies(
+        _ tasks: OrderedMap<Double>, conditions: OrderedMap<Double>, byId: [String: TaskSpec]
+    ) -> OrderedMap<Bool> {
         var applies = OrderedMap<Bool>()
         for id in tasks.keys {
             if let condition = conditions[id], let task = byId[id] {
@@ -269,16 +326,7 @@ public struct Predictor {
                 applies[id] = true
             }
         }
-        var decisions = OrderedMap<Decision>()
-        for (id, probability) in tasks {
-            if let task = byId[id] {
-                decisions[id] = decide(task, probability: probability, applies: applies[id] ?? true)
-            }
-        }
-        return Prediction(
-            levels: levels, tasks: tasks, topClasses: top, decisions: decisions, conditions: conditions,
-            applies: applies
-        )
+        return applies
     }
 
     /// The call for one task's probability at this predictor's operating point.
