@@ -6,12 +6,19 @@ from __future__ import annotations
 import csv
 import json
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from derm._cli import user_errors as _user_errors
 from derm._version import __version__
+
+if TYPE_CHECKING:
+    import numpy as np
+
+    from derm.datasets import Dataset
+    from derm.partition import Partition
+    from derm.taxonomy import Taxonomy
 
 taxonomy_app = typer.Typer(help="Inspect, validate and partition disease taxonomies.", no_args_is_help=True)
 data_app = typer.Typer(help="Check labelled datasets and make group-aware folds.", no_args_is_help=True)
@@ -106,7 +113,6 @@ def taxonomy_partition(
     skip_bad: SkipBadOpt = False,
 ) -> None:
     """Partition the taxonomy into training classes and show the aggregation to inference classes."""
-    from derm._util import atomic_write
     from derm.aggregation import aggregation_matrix
     from derm.partition import partition
 
@@ -124,14 +130,7 @@ def taxonomy_partition(
             f"{len(part)} training classes from {len(ds):,} images of {data} "
             f"(max_class_size {max_class_size}, within level {within!r}); partition sha256 {part.sha256[:12]}"
         )
-        w = max(len("training class"), *(len(c.label) for c in part.classes))
-        lw = {n: max(len(n), *(len(u) for u in tax.level(n))) for n in level_names}
-        head = f"{'#':>4}  {'training class':<{w}}  {'images':>7}  " + "  ".join(f"{n:<{lw[n]}}" for n in level_names)
-        typer.echo(head.rstrip())
-        typer.echo("-" * len(head.rstrip()))
-        for c in part.classes:
-            cols = [f"{tax.level(n)[int(mats[n][c.index].argmax())]:<{lw[n]}}" for n in level_names]
-            typer.echo((f"{c.index:>4}  {c.label:<{w}}  {c.count:>7,}  " + "  ".join(cols)).rstrip())
+        _echo_classes(tax, part, mats, level_names)
         if part.unassigned:
             typer.secho(
                 f"Unassigned (labelled above or outside level {within!r}): "
@@ -139,32 +138,55 @@ def taxonomy_partition(
                 fg=typer.colors.YELLOW,
             )
         for name in level_names:
-            nodes = tax.level(name)
-            typer.echo(
-                f"\nAggregation to level {name!r} ({len(nodes)} inference classes): P(u) = sum of P(c) for c in u"
-            )
-            for j, u in enumerate(nodes):
-                members = [int(i) for i in mats[name][:, j].nonzero()[0]]
-                n_img = sum(part.classes[i].count for i in members)
-                typer.echo(f"  {u:<22} {n_img:>7,} images  <- classes {members if members else '(none: no data)'}")
-            if matrix:
-                typer.echo("  matrix (rows: training classes, columns: inference classes):")
-                for row in mats[name].astype(int):
-                    typer.echo("    " + " ".join(str(v) for v in row))
+            _echo_aggregation(tax, part, mats[name], name, matrix)
         if json_out is not None:
-            payload = {
-                "partition": part.to_dict(),
-                "partition_sha256": part.sha256,
-                "dataset": ds.describe(),
-                "aggregation": {
-                    name: {"nodes": list(tax.level(name)), "matrix": mats[name].astype(int).tolist()}
-                    for name in level_names
-                },
-                "derm_version": __version__,
-            }
-            with atomic_write(json_out) as f:
-                json.dump(payload, f, indent=2)
+            _write_partition_json(json_out, part, ds, tax, mats)
             typer.echo(f"\nWrote {json_out}")
+
+
+def _echo_classes(tax: Taxonomy, part: Partition, mats: dict[str, np.ndarray], level_names: list[str]) -> None:
+    """Print the table of training classes: index, label, images and the inference class of each level."""
+    w = max(len("training class"), *(len(c.label) for c in part.classes))
+    lw = {n: max(len(n), *(len(u) for u in tax.level(n))) for n in level_names}
+    head = f"{'#':>4}  {'training class':<{w}}  {'images':>7}  " + "  ".join(f"{n:<{lw[n]}}" for n in level_names)
+    typer.echo(head.rstrip())
+    typer.echo("-" * len(head.rstrip()))
+    for c in part.classes:
+        cols = [f"{tax.level(n)[int(mats[n][c.index].argmax())]:<{lw[n]}}" for n in level_names]
+        typer.echo((f"{c.index:>4}  {c.label:<{w}}  {c.count:>7,}  " + "  ".join(cols)).rstrip())
+
+
+def _echo_aggregation(tax: Taxonomy, part: Partition, mat: np.ndarray, name: str, matrix: bool) -> None:
+    """Print which training classes add up to each inference class of level ``name`` (and the 0/1 ``matrix``)."""
+    nodes = tax.level(name)
+    typer.echo(f"\nAggregation to level {name!r} ({len(nodes)} inference classes): P(u) = sum of P(c) for c in u")
+    for j, u in enumerate(nodes):
+        members = [int(i) for i in mat[:, j].nonzero()[0]]
+        n_img = sum(part.classes[i].count for i in members)
+        typer.echo(f"  {u:<22} {n_img:>7,} images  <- classes {members if members else '(none: no data)'}")
+    if matrix:
+        typer.echo("  matrix (rows: training classes, columns: inference classes):")
+        for row in mat.astype(int):
+            typer.echo("    " + " ".join(str(v) for v in row))
+
+
+def _write_partition_json(
+    json_out: Path, part: Partition, ds: Dataset, tax: Taxonomy, mats: dict[str, np.ndarray]
+) -> None:
+    """Write the partition, the dataset's description and the aggregation matrices as JSON."""
+    from derm._util import atomic_write
+
+    payload = {
+        "partition": part.to_dict(),
+        "partition_sha256": part.sha256,
+        "dataset": ds.describe(),
+        "aggregation": {
+            name: {"nodes": list(tax.level(name)), "matrix": mat.astype(int).tolist()} for name, mat in mats.items()
+        },
+        "derm_version": __version__,
+    }
+    with atomic_write(json_out) as f:
+        json.dump(payload, f, indent=2)
 
 
 # -------------------------------------------------------------------------------------------------------- data

@@ -22,7 +22,7 @@ import os
 import shutil
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from PIL import Image
@@ -30,6 +30,9 @@ from PIL import Image
 from derm._util import sha256_file
 from derm.errors import DermError
 from derm.preprocess import ImageError, _to_rgb, preprocess
+
+if TYPE_CHECKING:
+    from derm.classifier import Classifier
 
 GOLDEN_FORMAT = "derm-golden/1"
 ORIENTATION_TAG = 0x0112
@@ -70,6 +73,66 @@ def oriented(rgb: np.ndarray, orientation: int) -> np.ndarray:
     return np.asarray(im, dtype=np.uint8)
 
 
+def _case_names(images: Sequence[str | os.PathLike[str]], out: Path, overwrite: bool) -> list[str]:
+    """Check the request (``out`` free or ``overwrite``, images given, distinct file names); the images' names."""
+    if out.exists() and not overwrite:
+        raise GoldenError(f"{str(out)!r} exists; pass --overwrite to replace it.")
+    if not images:
+        raise GoldenError("Give at least one image.")
+    names = [Path(p).name for p in images]
+    if len(set(names)) != len(names):
+        raise GoldenError(f"Image file names must be distinct (they name the golden files): {sorted(names)}.")
+    return names
+
+
+def _write_case(work: Path, path: str | os.PathLike[str], name: str, clf: Classifier, top_k: int) -> dict[str, Any]:
+    """Write one image's files (image, decoded pixels, input tensor) into ``work``; return its ``golden.json`` case."""
+    rgb, orientation = decoded_pixels(path)
+    tensor = preprocess(path, clf.input_size)
+    if not np.array_equal(preprocess(oriented(rgb, orientation), clf.input_size), tensor):
+        raise GoldenError(f"{str(path)!r}: its decoded pixels and orientation do not give the SDK's tensor.")
+    raw = clf.run(tensor[None])
+    prediction = clf._results([name], raw, top_k)[0].to_dict()
+    shutil.copyfile(path, work / "images" / name)
+    (work / "decoded" / f"{name}.rgb").write_bytes(np.ascontiguousarray(rgb).tobytes())
+    (work / "inputs" / f"{name}.rgb").write_bytes(tensor.tobytes())
+    return {
+        "name": name,
+        "image": f"images/{name}",
+        "decoded": {
+            "file": f"decoded/{name}.rgb",
+            "width": int(rgb.shape[1]),
+            "height": int(rgb.shape[0]),
+            "orientation": orientation,
+        },
+        "input": f"inputs/{name}.rgb",
+        "outputs": {k: np.asarray(v[0], dtype=np.float64).reshape(-1).tolist() for k, v in raw.items()},
+        "prediction": prediction,
+    }
+
+
+def _golden_doc(
+    model: str | os.PathLike[str], out: Path, clf: Classifier, top_k: int, cases: list[dict[str, Any]]
+) -> dict[str, Any]:
+    """The ``golden.json`` document: the model, the settings, the tolerances an app is held to, the cases."""
+    return {
+        "format": GOLDEN_FORMAT,
+        # the model's path relative to this folder (the default folder lies beside the model)
+        "model": {"file": os.path.relpath(Path(model).resolve(), out.resolve()), "sha256": sha256_file(model)},
+        "input_size": clf.input_size,
+        "operating_point": clf.operating_point,
+        "top_k": top_k,
+        "tolerance": {
+            "input_levels": 0,
+            "input_levels_why": "integer arithmetic end to end (box reduction, then Pillow's fixed-point "
+            "bilinear filter): an app that follows the rules reproduces every byte",
+            "outputs": 1e-6,
+            "outputs_why": "the raw outputs are given; the prediction is sums and comparisons of them",
+        },
+        "cases": cases,
+    }
+
+
 def write_golden(
     model: str | os.PathLike[str],
     images: Sequence[str | os.PathLike[str]],
@@ -83,60 +146,14 @@ def write_golden(
 
     clf = Classifier.load(model)
     out = Path(out) if out is not None else Path(model).parent / "golden"
-    if out.exists() and not overwrite:
-        raise GoldenError(f"{str(out)!r} exists; pass --overwrite to replace it.")
-    if not images:
-        raise GoldenError("Give at least one image.")
-    names = [Path(p).name for p in images]
-    if len(set(names)) != len(names):
-        raise GoldenError(f"Image file names must be distinct (they name the golden files): {sorted(names)}.")
+    names = _case_names(images, out, overwrite)
     work = out.with_name(out.name + ".partial")
     shutil.rmtree(work, ignore_errors=True)
     try:
         for sub in ("images", "decoded", "inputs"):
             (work / sub).mkdir(parents=True)
-        cases = []
-        for path, name in zip(images, names, strict=True):
-            rgb, orientation = decoded_pixels(path)
-            tensor = preprocess(path, clf.input_size)
-            if not np.array_equal(preprocess(oriented(rgb, orientation), clf.input_size), tensor):
-                raise GoldenError(f"{str(path)!r}: its decoded pixels and orientation do not give the SDK's tensor.")
-            raw = clf.run(tensor[None])
-            prediction = clf._results([name], raw, top_k)[0].to_dict()
-            shutil.copyfile(path, work / "images" / name)
-            (work / "decoded" / f"{name}.rgb").write_bytes(np.ascontiguousarray(rgb).tobytes())
-            (work / "inputs" / f"{name}.rgb").write_bytes(tensor.tobytes())
-            cases.append(
-                {
-                    "name": name,
-                    "image": f"images/{name}",
-                    "decoded": {
-                        "file": f"decoded/{name}.rgb",
-                        "width": int(rgb.shape[1]),
-                        "height": int(rgb.shape[0]),
-                        "orientation": orientation,
-                    },
-                    "input": f"inputs/{name}.rgb",
-                    "outputs": {k: np.asarray(v[0], dtype=np.float64).reshape(-1).tolist() for k, v in raw.items()},
-                    "prediction": prediction,
-                }
-            )
-        doc: dict[str, Any] = {
-            "format": GOLDEN_FORMAT,
-            # the model's path relative to this folder (the default folder lies beside the model)
-            "model": {"file": os.path.relpath(Path(model).resolve(), out.resolve()), "sha256": sha256_file(model)},
-            "input_size": clf.input_size,
-            "operating_point": clf.operating_point,
-            "top_k": top_k,
-            "tolerance": {
-                "input_levels": 0,
-                "input_levels_why": "integer arithmetic end to end (box reduction, then Pillow's fixed-point "
-                "bilinear filter): an app that follows the rules reproduces every byte",
-                "outputs": 1e-6,
-                "outputs_why": "the raw outputs are given; the prediction is sums and comparisons of them",
-            },
-            "cases": cases,
-        }
+        cases = [_write_case(work, path, name, clf, top_k) for path, name in zip(images, names, strict=True)]
+        doc = _golden_doc(model, out, clf, top_k, cases)
         (work / "golden.json").write_text(json.dumps(doc, indent=1) + "\n", encoding="utf-8")
         # the file's manifest as JSON, for a runtime whose test cannot read it from the model file (iOS reads it
         # from Core ML metadata, which a .tflite does not have)

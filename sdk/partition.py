@@ -122,21 +122,8 @@ class Partition:
         )
 
 
-def partition(
-    taxonomy: Taxonomy,
-    counts: Mapping[str, int],
-    max_class_size: int,
-    within: str | Sequence[str] | None = None,
-) -> Partition:
-    """Partition the taxonomy into training classes.
-
-    Args:
-        taxonomy: the disease tree.
-        counts: images labelled exactly at each node id (nodes absent count 0).
-        max_class_size: the paper's maxClassSize (1,000 in the paper); a positive integer.
-        within: inference nodes (a level name such as ``"nine"``, or node ids) each training class must lie
-            under; default the roots.
-    """
+def _check_inputs(taxonomy: Taxonomy, counts: Mapping[str, int], max_class_size: int) -> None:
+    """Refuse a bad ``max_class_size``, negative or non-integer counts, and counts of nodes not in the taxonomy."""
     if isinstance(max_class_size, bool) or not isinstance(max_class_size, int) or max_class_size < 1:
         raise PartitionError(f"max_class_size must be a positive integer, received {max_class_size!r}.")
     bad = {k: v for k, v in counts.items() if isinstance(v, bool) or not isinstance(v, int) or v < 0}
@@ -145,16 +132,25 @@ def partition(
     unknown = sorted(set(counts) - set(taxonomy.nodes))
     if unknown:
         raise PartitionError(f"Counts name nodes that are not in taxonomy {taxonomy.name!r}: {unknown}.")
-    within_ids = taxonomy.roots if within is None else taxonomy.level(within)
 
-    totals = taxonomy.subtree_counts(counts)
-    forced: set[str] = set()  # strict ancestors of inference nodes: they must split
+
+def _forced_and_covered(taxonomy: Taxonomy, within_ids: Sequence[str]) -> tuple[set[str], set[str]]:
+    """The strict ancestors of the inference nodes (they must split) and every node under one of them."""
+    forced: set[str] = set()
     for nid in within_ids:
         forced.update(taxonomy.ancestors(nid))
     covered: set[str] = set()
     for nid in within_ids:
         covered.update(taxonomy.descendants(nid))
+    return forced, covered
 
+
+def _walk(
+    taxonomy: Taxonomy, counts: Mapping[str, int], max_class_size: int, within_ids: Sequence[str]
+) -> tuple[list[TrainingClass], dict[str, int]]:
+    """The training classes in depth-first order, and the images that fit none (node id -> count)."""
+    totals = taxonomy.subtree_counts(counts)
+    forced, covered = _forced_and_covered(taxonomy, within_ids)
     classes: list[TrainingClass] = []
     unassigned: dict[str, int] = {}
 
@@ -188,7 +184,27 @@ def partition(
             else:
                 add(nid, True, own)
         stack.extend(reversed(children))
+    return classes, unassigned
 
+
+def partition(
+    taxonomy: Taxonomy,
+    counts: Mapping[str, int],
+    max_class_size: int,
+    within: str | Sequence[str] | None = None,
+) -> Partition:
+    """Partition the taxonomy into training classes.
+
+    Args:
+        taxonomy: the disease tree.
+        counts: images labelled exactly at each node id (nodes absent count 0).
+        max_class_size: the paper's maxClassSize (1,000 in the paper); a positive integer.
+        within: inference nodes (a level name such as ``"nine"``, or node ids) each training class must lie
+            under; default the roots.
+    """
+    _check_inputs(taxonomy, counts, max_class_size)
+    within_ids = taxonomy.roots if within is None else taxonomy.level(within)
+    classes, unassigned = _walk(taxonomy, counts, max_class_size, within_ids)
     return Partition(
         classes=tuple(classes),
         max_class_size=max_class_size,

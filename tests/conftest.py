@@ -123,6 +123,19 @@ def small_tflite(small_run, tmp_path_factory) -> str:
 
 
 @pytest.fixture(scope="session")
+def sdk_files(small_run, small_tflite, tmp_path_factory) -> tuple[Path, Path, list[str]]:
+    """For the SDK tests: the session's TFLite float16 file of the small run (not written to), an ONNX float32 file of
+    it through derm-export's own pipeline, and six of the run's images."""
+    from derm.exporter.export import ExportConfig, export
+
+    _, run = small_run
+    out = tmp_path_factory.mktemp("sdk_models")
+    cfg = ExportConfig(run=str(run), target="onnx", quantize="fp32", out=str(out / "m.onnx"), validation_size=8)
+    images = [r["image"] for r in read_rows(run / "split.csv")[:6]]
+    return Path(small_tflite), Path(export(cfg).path), images
+
+
+@pytest.fixture(scope="session")
 def small_export(small_run) -> dict:
     """The small run's export graph, 24 of its real images (uint8, SMALL_SIZE) and the graph's outputs on them:
     built once for every exporter test."""

@@ -1,18 +1,18 @@
 """The SDK on real exported files (made here from the small real run) in ai-edge-litert and onnxruntime: the
-manifest, predictions from every kind of input, operating points, bad files, and `derm classify` / `derm triage`."""
+manifest, predictions from every kind of input, operating points, test-time views, bad and damaged files.
+
+`derm classify` / `derm triage` are in test_sdk_triage.py, the tasks' conditions in test_sdk_tasks.py."""
 
 from __future__ import annotations
 
 import io
-import json
-import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from tests.conftest import SMALL_SIZE, read_rows
+from tests.conftest import SMALL_SIZE
 
 pytest.importorskip("tensorflow")
 
@@ -20,27 +20,9 @@ cli = CliRunner()
 
 
 @pytest.fixture(scope="module")
-def files(small_run, small_tflite, tmp_path_factory):
-    """A TFLite float16 (the session's, not written to) and an ONNX float32 file of the small run, through
-    derm-export's own pipeline."""
-    from derm.exporter.export import ExportConfig, export
-
-    _, run = small_run
-    out = tmp_path_factory.mktemp("sdk_models")
-    onx = export(ExportConfig(run=str(run), target="onnx", quantize="fp32", out=str(out / "m.onnx"), validation_size=8))
-    images = [r["image"] for r in read_rows(run / "split.csv")[:6]]
-    return Path(small_tflite), Path(onx.path), images
-
-
-@pytest.fixture(scope="module")
-def folder(files, tmp_path_factory):
-    root = tmp_path_factory.mktemp("folder")
-    for i, p in enumerate(files[2]):
-        (root / ("sub" if i % 2 else "")).mkdir(exist_ok=True)
-        shutil.copy(p, root / ("sub" if i % 2 else "") / Path(p).name)
-    (root / "broken.jpg").write_bytes(b"\xff\xd8 not really a jpeg")
-    (root / "notes.txt").write_text("not an image, not picked up")
-    return root
+def files(sdk_files):
+    """(TFLite float16 file, ONNX float32 file, six images): conftest's ``sdk_files``."""
+    return sdk_files
 
 
 def test_both_backends_give_the_manifest_and_agree(files):
@@ -167,69 +149,6 @@ def test_files_without_a_usable_manifest_are_refused(files, tmp_path):
         Classifier.load(fake)
 
 
-def test_cli_classify_and_triage_with_resume(files, folder, tmp_path):
-    from derm.cli import app
-
-    tfl, onx, images = files
-    res = cli.invoke(app, ["classify", images[0], "--model", str(tfl), "--json"])
-    assert res.exit_code == 0, res.output
-    out = json.loads(res.output)
-    assert set(out["levels"]) == {"three", "nine"} and "melanoma_vs_nevus" in out["decisions"]
-    res = cli.invoke(app, ["classify", str(folder / "broken.jpg"), "--model", str(tfl)])
-    assert res.exit_code == 2 and "broken.jpg" in res.output
-
-    dest = tmp_path / "triage"
-    res = cli.invoke(app, ["triage", str(folder), "--model", str(tfl), "--out", str(dest)])
-    assert res.exit_code == 3, res.output  # finished, but a file could not be read: said, and a distinct status
-    assert f"{len(images) + 1} images: {len(images)} classified, 1 unreadable" in res.output
-    rows = read_rows(dest / "results.csv")
-    assert len(rows) == len(images) + 1 and sum(r["status"] == "unreadable" for r in rows) == 1
-    assert any(r["image"].startswith("sub/") for r in rows)
-    report = (dest / "report.html").read_text()
-    assert "not a diagnostic device" in report and "Unreadable files (1)" in report and "broken.jpg" in report
-    risks = [float(r["p_malignant"]) for r in rows if r["status"] == "ok"]
-    order = [report.index(r["image"]) for r in sorted(rows, key=lambda r: -float(r["p_malignant"] or -1))[:-1]]
-    assert order == sorted(order) and len(risks) == len(images)  # thumbnails ordered by risk
-    before = (dest / "results.csv").read_bytes()
-    # the same model by another path is the same model (identified by content): it resumes
-    copy = tmp_path / "elsewhere" / "same.tflite"
-    copy.parent.mkdir()
-    shutil.copyfile(tfl, copy)
-    res = cli.invoke(app, ["triage", str(folder), "--model", str(copy), "--out", str(dest)])
-    assert res.exit_code == 3 and f"{len(images) + 1} from the previous run" in res.output
-    assert (dest / "results.csv").read_bytes() == before
-    res = cli.invoke(app, ["triage", str(folder), "--model", str(onx), "--out", str(dest)])
-    assert res.exit_code == 2 and "another model" in res.output
-
-
-def test_triage_lists_what_it_cannot_read_and_never_writes_a_formula(files, folder, tmp_path):
-    """Nothing vanishes: a folder or a broken link named like an image is listed as unreadable, other files are
-    counted; a file name a spreadsheet would run as a formula is written inert and read back on resume."""
-    from derm.cli import app
-
-    tfl, _, images = files
-    root = tmp_path / "photos"
-    shutil.copytree(folder, root)
-    (root / "album.jpg").mkdir()
-    (root / "gone.png").symlink_to(root / "no-such-file.png")
-    (root / "notes.txt").write_text("not an image")
-    (root / "IMG_0001.heic").write_bytes(b"\0" * 16)
-    shutil.copyfile(images[0], root / "=HYPERLINK(1).jpg")
-    dest = tmp_path / "triage"
-    res = cli.invoke(app, ["triage", str(root), "--model", str(tfl), "--out", str(dest)])
-    assert res.exit_code == 3, res.output
-    assert "3 unreadable" in res.output and "2 other files ignored" in res.output
-    rows = {r["image"]: r for r in read_rows(dest / "results.csv")}
-    assert rows["album.jpg"]["status"] == "unreadable" and "folder" in rows["album.jpg"]["error"]
-    assert rows["gone.png"]["status"] == "unreadable" and "broken symbolic link" in rows["gone.png"]["error"]
-    assert "'=HYPERLINK(1).jpg" in rows and rows["'=HYPERLINK(1).jpg"]["status"] == "ok"  # inert in a spreadsheet
-    report = (dest / "report.html").read_text()
-    assert "Other files (2)" in report and ".heic 1" in report and "Unreadable files (3)" in report
-    res = cli.invoke(app, ["triage", str(root), "--model", str(tfl), "--out", str(dest)])
-    assert res.exit_code == 3 and "from the previous run" in res.output  # the escaped name was matched on resume
-    assert len(read_rows(dest / "results.csv")) == len(rows)
-
-
 @pytest.mark.skipif(__import__("platform").system() == "Darwin", reason="off macOS only: on a Mac the file runs")
 def test_core_ml_files_are_read_and_refused_off_macos_with_the_reason(small_run, tmp_path):
     pytest.importorskip("coremltools")
@@ -244,218 +163,6 @@ def test_core_ml_files_are_read_and_refused_off_macos_with_the_reason(small_run,
     assert manifest["export"]["target"] == "coreml" and manifest["input"]["shape"][1] == SMALL_SIZE
     with pytest.raises(ModelFileError, match="macOS only"):
         Classifier.load(res.path)
-
-
-# --------------------------------------------------------------------------- conditional tasks, summary, disclaimer
-@pytest.fixture(scope="module")
-def labelled(files, small_run, tmp_path_factory):
-    """Three real images of each of the small run's diagnoses (mel, nv, bkl, bcc) in a folder with one broken file,
-    and their labels by file name."""
-    _, run = small_run
-    root = tmp_path_factory.mktemp("labelled")
-    labels: dict[str, str] = {}
-    for r in read_rows(run / "split.csv"):
-        if sum(v == r["label"] for v in labels.values()) < 3:
-            shutil.copy(r["image"], root / Path(r["image"]).name)
-            labels[Path(r["image"]).name] = r["label"]
-    (root / "broken.jpg").write_bytes(b"\xff\xd8 not really a jpeg")
-    return root, labels
-
-
-def test_manifest_says_each_tasks_condition(files, small_run):
-    from derm.classifier import CONDITION_THRESHOLD
-    from derm.manifest import read_manifest
-    from derm.trainer.rundir import load_partition
-
-    _, run = small_run
-    tax, part = load_partition(run)
-    for path in files[:2]:
-        manifest = read_manifest(path)
-        tasks = [o["task"] for o in manifest["outputs"] if o["kind"] == "task"]
-        assert {t["id"] for t in tasks} == {"melanoma_vs_nevus", "carcinoma_vs_seborrheic_keratosis"}
-        for t in tasks:
-            under = {
-                side: [c.label for c in part.classes if any(tax.is_under(c.node, u) for u in t[side])]
-                for side in ("positive", "negative")
-            }
-            assert t["positive_classes"] == under["positive"] and t["negative_classes"] == under["negative"]
-            assert t["positive_classes"] and t["negative_classes"]
-            assert not set(t["positive_classes"]) & set(t["negative_classes"])
-            assert set(t["positive_classes"]) | set(t["negative_classes"]) <= set(manifest["partition"]["classes"])
-            # short words from the task's name ("Melanoma vs nevus"): its two sides
-            assert t["condition"] == " or ".join(h[:1].lower() + h[1:] for h in t["name"].split(" vs "))
-            assert t["condition_threshold"] == CONDITION_THRESHOLD == 0.5
-    mvn = next(t for t in tasks if t["id"] == "melanoma_vs_nevus")
-    assert mvn["condition"] == "melanoma or nevus"
-    assert mvn["positive_name"] == "melanoma"
-
-
-def test_conditions_are_the_training_probabilities_of_the_tasks_classes(files, labelled):
-    from derm.classifier import Classifier
-
-    root, labels = labelled
-    clf = Classifier.load(files[0])
-    paths = [str(root / name) for name in labels]
-    preds = clf.predict(paths)
-    raw = clf.run(np.stack([clf.prepare(p) for p in paths]))["training_probs"].astype(np.float64)
-    names = clf.outputs["training_probs"]["labels"]
-    for pred, p in zip(preds, raw, strict=True):
-        assert set(pred.conditions) == set(pred.applies) == set(clf.tasks)
-        for t in clf.tasks:
-            info = clf.task_info[t]
-            expected = sum(p[names.index(c)] for c in info["positive_classes"] + info["negative_classes"])
-            assert pred.conditions[t] == pytest.approx(expected, abs=1e-6)
-            assert pred.applies[t] == (expected >= 0.5) == pred.decisions[t].applies
-        d = json.loads(json.dumps(pred.to_dict()))
-        assert d["conditions"] == pytest.approx(pred.conditions) and d["applies"] == pred.applies
-        assert all(d["decisions"][t]["applies"] == pred.applies[t] for t in clf.tasks)
-    # on real images of the classes it was trained on: melanoma vs nevus applies to some (melanocytic) images and
-    # not to others (keratinocytic)
-    mvn = {labels[Path(p.source).name]: p.applies["melanoma_vs_nevus"] for p in preds}
-    assert any(not p.applies["melanoma_vs_nevus"] for p in preds) and any(
-        p.applies["melanoma_vs_nevus"] for p in preds
-    ), mvn
-
-
-def test_classify_and_triage_show_a_task_only_where_it_applies(files, labelled, tmp_path):
-    import html
-    import re
-
-    from derm.classifier import Classifier
-    from derm.cli import app
-
-    root, labels = labelled
-    tfl = files[0]
-    clf = Classifier.load(tfl)
-    cond = clf.condition_name("melanoma_vs_nevus")
-    preds = {Path(p.source).name: p for p in clf.predict([str(root / n) for n in labels])}
-    off = next(n for n, p in preds.items() if not p.applies["melanoma_vs_nevus"])
-    on = next(n for n, p in preds.items() if p.applies["melanoma_vs_nevus"])
-
-    res = cli.invoke(app, ["classify", str(root / off), "--model", str(tfl)])
-    assert res.exit_code == 0, res.output
-    p_off = preds[off].conditions["melanoma_vs_nevus"]
-    assert f"melanoma_vs_nevus: not applicable: P({cond}) {p_off:.2f}" in res.output
-    assert res.output.count(clf.disclaimer) == 1 and res.output.splitlines()[0] == clf.disclaimer
-    assert "melanoma_vs_nevus: 0." not in res.output
-    res = cli.invoke(app, ["classify", str(root / on), "--model", str(tfl)])
-    d = preds[on].decisions["melanoma_vs_nevus"]
-    assert (
-        f"melanoma_vs_nevus: P(melanoma | {cond}) {d.probability:.2f}: "
-        f"{'POSITIVE' if d.positive else 'negative'} at the 90%-sensitivity operating point (threshold "
-        f"{d.threshold:.3f}, sensitivity {d.sensitivity:.2f}, specificity {d.specificity:.2f} on held-out images)"
-    ) in res.output
-
-    dest = tmp_path / "triage"
-    res = cli.invoke(app, ["triage", str(root), "--model", str(tfl), "--out", str(dest)])
-    assert res.exit_code == 3, res.output  # one unreadable file
-    rows = read_rows(dest / "results.csv")
-    ok = [r for r in rows if r["status"] == "ok"]
-    assert len(ok) == len(labels) and len(rows) == len(labels) + 1
-    for r in ok:
-        for t in clf.tasks:
-            assert r[f"applies_{t}"] == ("yes" if float(r[f"p_condition_{t}"]) >= 0.5 else "no")
-            assert r[f"call_{t}"] == ("" if r[f"applies_{t}"] == "no" else r[f"call_{t}"])
-            assert r[f"applies_{t}"] == "no" or r[f"call_{t}"] in ("positive", "negative")
-    assert next(r for r in ok if r["image"] == off)["call_melanoma_vs_nevus"] == ""
-
-    report = (dest / "report.html").read_text(encoding="utf-8")
-    # the disclaimer once, at the top, without alarm styling
-    assert report.count(html.escape(clf.disclaimer)) == 1 and report.count("not a diagnostic device") == 1
-    assert report.index(html.escape(clf.disclaimer)) < report.index("<h1>") and "warn" not in report
-    # one self-contained file
-    assert "<script" not in report and not re.search(r"""(src|href)=['"]?https?:""", report)
-    # the summary: counts, every operating point of every task counted over the images where the task applies
-    assert f"{len(ok)} images classified, 1 unreadable" in report
-    counted = {
-        (t, key, float(th)): int(n)
-        for t, key, th, n in re.findall(
-            r"<tr data-task='([^']+)' data-point='([^']+)' data-threshold='([^']+)'[^>]*>.*?<td class='above'>(\d+)<",
-            report,
-        )
-    }
-    expected = {
-        (t, key, float(v["threshold"])): sum(
-            r[f"applies_{t}"] == "yes" and float(r[f"p_{t}"]) >= float(v["threshold"]) for r in ok
-        )
-        for t in clf.tasks
-        # the manifest's operating points; the default 0.5 where the run had none (here carcinoma vs seborrheic
-        # keratosis: the small run holds no seborrheic keratosis images to measure it on)
-        for key, v in (
-            clf.manifest["operating_points"].get(t, {}).get("by_sensitivity") or {"default": {"threshold": 0.5}}
-        ).items()
-    }
-    assert counted == expected and {k for t, k, _ in expected if t == "melanoma_vs_nevus"} == {"0.8", "0.9", "0.95"}
-    # the histogram of P(malignant): one bar per tenth, adding up to the classified images
-    svg = report[report.index("<svg") : report.index("</svg>")]
-    bars = [int(n) for n in re.findall(r"<rect class='bar' data-count='(\d+)'", svg)]
-    assert len(bars) == 10 and sum(bars) == len(ok)
-    assert bars == [sum(min(9, int(float(r["p_malignant"]) * 10)) == i for r in ok) for i in range(10)]
-    # the task that does not apply is said so, in neutral styling, on that image's card
-    card = report[report.index(f"<b>{off}</b>") :].split("</div></div>", 1)[0]
-    off_row = next(r for r in ok if r["image"] == off)
-    line = f"melanoma_vs_nevus: not applicable: P({cond}) {float(off_row['p_condition_melanoma_vs_nevus']):.2f}"
-    assert f"<div class='na'>{html.escape(line)}</div>" in card
-    order = [report.index(f"<b>{r['image']}</b>") for r in sorted(ok, key=lambda r: -float(r["p_malignant"]))]
-    assert order == sorted(order) and "broken.jpg" in report
-
-
-def test_files_without_conditions_keep_every_task(files, labelled, tmp_path):
-    """A file exported before the manifest named the tasks' conditions: every task applies and is shown."""
-    import onnx
-
-    from derm.classifier import Classifier
-    from derm.cli import app
-
-    root, labels = labelled
-    model = onnx.load(str(files[1]))
-    for prop in model.metadata_props:
-        if prop.key == "derm_manifest":
-            manifest = json.loads(prop.value)
-            for o in manifest["outputs"]:
-                for key in (
-                    "positive_classes",
-                    "negative_classes",
-                    "positive_name",
-                    "condition",
-                    "condition_threshold",
-                ):
-                    o.get("task", {}).pop(key, None)
-            manifest.pop("integrity", None)  # files of that time recorded no digest either
-            prop.value = json.dumps(manifest)
-    onnx.save(model, str(tmp_path / "old.onnx"))
-    clf = Classifier.load(tmp_path / "old.onnx")
-    preds = clf.predict([str(root / n) for n in labels])
-    assert all(p.conditions == {} and all(p.applies.values()) for p in preds)
-    res = cli.invoke(app, ["classify", preds[0].source, "--model", str(tmp_path / "old.onnx")])
-    assert res.exit_code == 0 and "not applicable" not in res.output
-    assert all(f"  {t}: {clf.task_info[t]['name']}, conditional probability " in res.output for t in clf.tasks)
-
-
-def test_triage_interrupted_keeps_finished_results_and_resumes(files, folder, tmp_path, monkeypatch):
-    """Ctrl-C in the middle of a triage: the results so far are written (not lost up to the next checkpoint), the
-    command says so and exits 130, and the same command finishes the rest."""
-    from derm.classifier import Classifier
-    from derm.cli import app
-
-    tfl, _, images = files
-    real = Classifier.predict_many
-
-    def interrupted_after_two(self, sources, **kw):
-        for i, item in enumerate(real(self, sources, **kw)):
-            if i == 2:
-                raise KeyboardInterrupt
-            yield item
-
-    dest = tmp_path / "triage"
-    monkeypatch.setattr(Classifier, "predict_many", interrupted_after_two)
-    res = cli.invoke(app, ["triage", str(folder), "--model", str(tfl), "--out", str(dest)])
-    assert res.exit_code == 130 and "Interrupted: 2 of" in res.output and "resumes" in res.output
-    assert len(read_rows(dest / "results.csv")) == 2 and "Traceback" not in res.output
-    monkeypatch.setattr(Classifier, "predict_many", real)
-    res = cli.invoke(app, ["triage", str(folder), "--model", str(tfl), "--out", str(dest)])
-    assert res.exit_code == 3 and "2 from the previous run" in res.output
-    assert len(read_rows(dest / "results.csv")) == len(images) + 1
 
 
 def test_damaged_or_misnamed_files_never_give_an_answer(files, tmp_path):
