@@ -4,13 +4,12 @@
 from __future__ import annotations
 
 import logging
-import sys
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 
-from derm._cli import cli_app
+from derm._cli import cli_app, setup_logging
 from derm.errors import DermError
 from derm.trainer.reference_cli import reference_app
 from derm.trainer.weights_cli import weights_app
@@ -25,7 +24,7 @@ app.add_typer(reference_app, name="reference")
 
 @app.callback()
 def _main() -> None:
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    setup_logging(logging.INFO)
 
 
 def _markup(help: str) -> str:

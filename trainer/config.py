@@ -97,9 +97,21 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
     def check(self) -> None:
-        def bad(name: str, want: str) -> TrainError:
-            return TrainError(f"{name} must be {want}; received {getattr(self, name)!r}.")
+        """Refuse a configuration that cannot run, with the first problem found (types first, then each group)."""
+        self._check_types()
+        self._check_choices()
+        self._check_numbers()
+        self._check_top_blocks()
+        self._check_split()
+        if self.steps_per_epoch is not None and (not isinstance(self.steps_per_epoch, int) or self.steps_per_epoch < 1):
+            raise self._bad("steps_per_epoch", "a positive integer or None")
+        self._check_source_weights()
 
+    def _bad(self, name: str, want: str) -> TrainError:
+        return TrainError(f"{name} must be {want}; received {getattr(self, name)!r}.")
+
+    def _check_types(self) -> None:
+        """Every option of its annotated type (path objects turned into the strings runs store)."""
         hints = typing.get_type_hints(type(self))
         for f in dataclasses.fields(self):  # paths may be given as Path objects from Python; runs store strings
             if isinstance(getattr(self, f.name), os.PathLike) and _has_type("", hints[f.name]):
@@ -111,37 +123,49 @@ class TrainConfig:
                     f"{f.name} must be {_type_words(hints[f.name])}; received {v!r} ({type(v).__name__}). Fix it in "
                     "the config file or the command line."
                 )
+
+    def _check_choices(self) -> None:
+        """The options that name one of a few choices."""
         if self.mode not in MODES:
-            raise bad("mode", f"one of {', '.join(MODES)}")
+            raise self._bad("mode", f"one of {', '.join(MODES)}")
         if self.class_weighting not in CLASS_WEIGHTING:
-            raise bad("class_weighting", f"one of {', '.join(CLASS_WEIGHTING)}")
+            raise self._bad("class_weighting", f"one of {', '.join(CLASS_WEIGHTING)}")
         if self.strategy not in STRATEGIES:
-            raise bad("strategy", f"one of {', '.join(STRATEGIES)}")
+            raise self._bad("strategy", f"one of {', '.join(STRATEGIES)}")
+
+    def _check_numbers(self) -> None:
+        """Counts, fractions and learning rates in their ranges."""
         for name in ("max_class_size", "input_size", "batch_size", "head_epochs", "epochs", "lr_drop_every"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise bad(name, "a positive integer")
+                raise self._bad(name, "a positive integer")
         for name in ("views", "unfreeze_top", "seed", "patience"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 0:
-                raise bad(name, "a non-negative integer")
+                raise self._bad(name, "a non-negative integer")
         if self.mode == "bottleneck" and self.views < 1:
-            raise bad("views", "at least 1 in bottleneck mode")
+            raise self._bad("views", "at least 1 in bottleneck mode")
         if not 0 < self.val_fraction < 0.5:
-            raise bad("val_fraction", "between 0 and 0.5")
+            raise self._bad("val_fraction", "between 0 and 0.5")
         if not 0 <= self.blurry_quantile < 0.5:
-            raise bad("blurry_quantile", "in [0, 0.5)")
+            raise self._bad("blurry_quantile", "in [0, 0.5)")
         for name in ("head_lr", "lr", "lr_drop_factor"):
             if not (isinstance(getattr(self, name), (int, float)) and getattr(self, name) > 0):
-                raise bad(name, "a positive number")
+                raise self._bad(name, "a positive number")
+
+    def _check_top_blocks(self) -> None:
+        """``unfreeze_top``: bottleneck mode only, and at most the three blocks above mixed7."""
         if self.unfreeze_top and self.mode != "bottleneck":
             raise TrainError("unfreeze_top applies to bottleneck mode (finetune mode trains every layer already).")
         if self.unfreeze_top > 3:
-            raise bad(
+            raise self._bad(
                 "unfreeze_top",
                 "at most 3 (mixed8..mixed10 train on the cached output of mixed7; below it the cache outgrows a disk), "
                 "or use mode finetune to train every layer (a GPU)",
             )
+
+    def _check_split(self) -> None:
+        """The test set: folds and fold together and in range, or a holdout ``COLUMN=VALUE``, not both."""
         if (self.folds is None) != (self.fold is None):
             raise TrainError(
                 f"Give both folds and fold (held-out fold index), or neither; received {self.folds!r}, {self.fold!r}."
@@ -156,22 +180,24 @@ class TrainConfig:
                 f"folds must be >= 2 and 0 <= fold < folds; received folds={self.folds!r}, fold={self.fold!r}."
             )
         if self.holdout is not None and (not isinstance(self.holdout, str) or "=" not in self.holdout):
-            raise bad("holdout", "of the form COLUMN=VALUE (e.g. split=validation)")
+            raise self._bad("holdout", "of the form COLUMN=VALUE (e.g. split=validation)")
         if self.holdout is not None and self.folds is not None:
             raise TrainError("Give either holdout (a fixed test set) or folds/fold, not both.")
-        if self.steps_per_epoch is not None and (not isinstance(self.steps_per_epoch, int) or self.steps_per_epoch < 1):
-            raise bad("steps_per_epoch", "a positive integer or None")
-        if self.source_weights is not None:
-            if not isinstance(self.source_weights, dict) or not all(
-                isinstance(k, str) and isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0
-                for k, v in self.source_weights.items()
-            ):
-                raise bad("source_weights", f"a mapping of {self.source_column} values to positive weights")
-            if self.mode != "bottleneck":
-                raise TrainError(
-                    "source_weights weigh the training images of the cached modes; they are not implemented for "
-                    f"mode={self.mode!r}. Leave them out there."
-                )
+
+    def _check_source_weights(self) -> None:
+        """``source_weights``: positive weights, in bottleneck mode only."""
+        if self.source_weights is None:
+            return
+        if not isinstance(self.source_weights, dict) or not all(
+            isinstance(k, str) and isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0
+            for k, v in self.source_weights.items()
+        ):
+            raise self._bad("source_weights", f"a mapping of {self.source_column} values to positive weights")
+        if self.mode != "bottleneck":
+            raise TrainError(
+                "source_weights weigh the training images of the cached modes; they are not implemented for "
+                f"mode={self.mode!r}. Leave them out there."
+            )
 
 
 def _has_type(value: Any, hint: Any) -> bool:

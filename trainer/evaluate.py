@@ -10,18 +10,20 @@ from __future__ import annotations
 import csv
 import json
 import logging
-import sys
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any
 
 import numpy as np
 import typer
 
+from derm._cli import setup_logging
 from derm._util import atomic_write, unwritable
 from derm.datasets import Dataset, read_dataset
 from derm.errors import DermError
 from derm.evaluation import evaluate, format_summary
+from derm.trainer.evaluate_sections import level_sections, task_sections
 from derm.trainer.rundir import load_run
 
 log = logging.getLogger(__name__)
@@ -156,6 +158,113 @@ def _sample_per_class(y: np.ndarray, k: int, seed: int) -> np.ndarray:
     return np.asarray(picks, dtype=np.int64)
 
 
+def _load_data(
+    run_dir: Path, data: str | Path, tax: Any, cfg: dict[str, Any], role: str | None, skip_bad: bool
+) -> Dataset:
+    """The labelled dataset read with the run's columns, narrowed to ``role`` in the run's split when one is given."""
+    ds = read_dataset(
+        data,
+        tax,
+        image_column=cfg.get("image_column", "image"),
+        label_column=cfg.get("label_column", "label"),
+        group_column=cfg.get("group_column", "auto"),
+        on_error="skip" if skip_bad else "raise",
+        check_images="decode" if skip_bad else "header",
+    )
+    return ds.subset(_select_rows(ds, run_dir, role))
+
+
+def _write_predictions(path: Path, ds: Dataset, part: Any, probs: np.ndarray) -> None:
+    """``predictions.csv``: image, label, node and the probability of each training class."""
+    with atomic_write(path, newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["image", "label", "node", *part.labels])
+        for i, row in enumerate(probs):
+            w.writerow([str(ds.paths[i]), ds.labels[i], ds.nodes[i], *(f"{p:.6g}" for p in row)])
+
+
+@dataclass(frozen=True)
+class _Evaluated:
+    """What the optional sections of an evaluation share: the run's model and partition, the data and its size."""
+
+    model: Any
+    tax: Any
+    part: Any
+    cfg: Any
+    ds: Dataset
+    data: str | Path
+    size: int
+
+
+def _tsne_section(
+    result: dict[str, Any],
+    ctx: _Evaluated,
+    emb: np.ndarray,
+    plots: Path,
+    tsne: int,
+    batch_size: int,
+    seed: int,
+) -> dict[str, Any]:
+    """The t-SNE plot of the embedding (beside the frozen backbone's when the run trained it) and the 5-NN mean
+    per-class accuracy of each, which is recorded in ``result["embedding_knn5_mpca"]``."""
+    from derm.aggregation import inference_targets
+    from derm.datasets import readable_images
+    from derm.evaluation import resolve_level
+    from derm.trainer import report
+
+    ds, tax, part, cfg = ctx.ds, ctx.tax, ctx.part, ctx.cfg
+    nodes = resolve_level(part, "nine", ds.nodes) if "nine" in result["levels"] else tax.roots
+    y = inference_targets(tax, ds.nodes, list(nodes))
+    rng = np.random.default_rng(seed)
+    pick = np.sort(rng.choice(len(ds), size=min(tsne, len(ds)), replace=False))
+    embeddings = {"this model": emb[pick]}
+    if backbone_trained(cfg):  # the paper's Fig. 4 point: what fine-tuning did to the embedding
+        with readable_images(ctx.data):
+            embeddings["frozen ImageNet backbone"] = frozen_embedding(
+                cfg, [ds.paths[i] for i in pick], ctx.size, batch_size
+            )
+    pngs, knn = [], {}
+    for name, e in embeddings.items():
+        png = plots / ("tsne.png" if name == "this model" else "tsne_frozen.png")
+        report.plot_tsne(e, y[pick], [tax[u].name for u in nodes], png, seed=seed, title=name)
+        pngs.append(png)
+        knn[name] = knn_mpca(e, y[pick], len(nodes))
+    result["embedding_knn5_mpca"] = knn
+    return {
+        "title": "t-SNE of the 2048-d embedding" + (" (fine-tuned beside frozen)" if len(pngs) > 1 else ""),
+        "text": f"{len(pick)} images, coloured by class. How well the embedding separates the classes: "
+        "mean per-class accuracy of a leave-one-out 5-nearest-neighbour vote (cosine) "
+        + ", ".join(f"{k} {v:.3f}" for k, v in knn.items())
+        + ".",
+        "images": pngs,
+    }
+
+
+def _saliency_section(
+    ctx: _Evaluated, probs: np.ndarray, plots: Path, n_images: int, samples: int, seed: int
+) -> dict[str, Any] | None:
+    """SmoothGrad maps of up to ``n_images`` images, a few of each class; None when no image has a class."""
+    from derm.preprocess import preprocess
+    from derm.trainer import report
+
+    ds, part, size = ctx.ds, ctx.part, ctx.size
+    y = np.asarray([-1 if (c := part.class_of(n)) is None else c for n in ds.nodes])
+    pick = _sample_per_class(y, n_images, seed)
+    if not len(pick):
+        return None
+    imgs = np.stack([preprocess(ds.paths[i], size) for i in pick])
+    sal = saliency(ctx.model, imgs, samples=samples, seed=seed)
+    titles = [f"true {ds.labels[i]}\npred {part.labels[int(probs[i].argmax())]}" for i in pick]
+    png = report.plot_saliency(list(imgs), list(sal), titles, plots / "saliency.png")
+    return {
+        "title": "Saliency maps",
+        "text": f"SmoothGrad: the input gradient of the predicted class probability, averaged over "
+        f"{samples} copies with noise (15% of the pixel range), L1 over RGB, overlaid on the "
+        "image (99th percentile at full colour). Titles: true label, then the prediction.",
+        "images": [png],
+    }
+
+
 def run_eval(
     run_dir: str | Path,
     data: str | Path,
@@ -174,11 +283,8 @@ def run_eval(
 ) -> dict[str, Any]:
     """Evaluate a run on a labelled CSV and write metrics, predictions, plots and report.html into ``out``.
     ``skip_bad`` leaves out rows with unknown labels or missing / unreadable images (else the CSV is refused)."""
-    from derm.aggregation import inference_targets
     from derm.datasets import readable_images
-    from derm.evaluation import resolve_level
-    from derm.preprocess import preprocess
-    from derm.trainer import report, report_html
+    from derm.trainer import report_html
 
     run_dir, out = Path(run_dir), Path(out)
     problem = unwritable(out / "metrics.json")
@@ -186,16 +292,7 @@ def run_eval(
         raise EvalError(f"--out {str(out)!r}: {problem}; choose another --out.")
     model, tax, part, cfg = load_run(run_dir)
     size = int(model.input_shape[1])
-    ds = read_dataset(
-        data,
-        tax,
-        image_column=cfg.get("image_column", "image"),
-        label_column=cfg.get("label_column", "label"),
-        group_column=cfg.get("group_column", "auto"),
-        on_error="skip" if skip_bad else "raise",
-        check_images="decode" if skip_bad else "header",
-    )
-    ds = ds.subset(_select_rows(ds, run_dir, role))
+    ds = _load_data(run_dir, data, tax, cfg, role, skip_bad)
     with readable_images(data):
         probs, emb = predict(model, ds.paths, size, batch_size, tta)
     result = evaluate(probs, ds.nodes, part, levels=("three", "nine", "labels"), n_boot=n_boot, seed=seed)
@@ -204,87 +301,18 @@ def run_eval(
     result["data"] = ds.describe()
     result["role"] = role
     out.mkdir(parents=True, exist_ok=True)
-    with atomic_write(out / "predictions.csv", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["image", "label", "node", *part.labels])
-        for i, row in enumerate(probs):
-            w.writerow([str(ds.paths[i]), ds.labels[i], ds.nodes[i], *(f"{p:.6g}" for p in row)])
+    _write_predictions(out / "predictions.csv", ds, part, probs)
     plots = out / "plots"
+    ctx = _Evaluated(model=model, tax=tax, part=part, cfg=cfg, ds=ds, data=data, size=size)
     sections: list[dict[str, Any]] = [{"title": "Summary", "text": format_summary(result)}]
-    reader_points = report_html.read_reader_points(readers) if readers else {}
-    for task_id, res in result["tasks"].items():
-        png = report.plot_roc(
-            res["name"], {"model": res}, plots / f"roc_{task_id}.png", reader_points=reader_points.get(task_id)
-        )
-        rows = [{"specificity": k, **v} for k, v in res["sens_at_spec"].items()]
-        sections.append(
-            {
-                "title": f"{res['name']}: AUC {res['auc']:.3f} ({res['auc_ci'][0]:.3f}-{res['auc_ci'][1]:.3f})",
-                "text": f"{res['n_positive']} positive, {res['n_negative']} negative images; "
-                f"calibration error (ECE) {res['ece']:.3f}.",
-                "table": rows,
-                "images": [png],
-            }
-        )
-    for name, res in result["levels"].items():
-        png = report.plot_confusion(
-            np.asarray(res["confusion"]),
-            res["labels"],
-            plots / f"confusion_{name}.png",
-            title=f"{name}: mean per-class accuracy {res['mean_per_class_accuracy']:.3f}",
-        )
-        sections.append(
-            {
-                "title": f"{name} ({len(res['labels'])}-way)",
-                "text": f"mean per-class accuracy {res['mean_per_class_accuracy']:.3f}, accuracy {res['accuracy']:.3f}",
-                "images": [png],
-            }
-        )
+    sections += task_sections(result, plots, readers)
+    sections += level_sections(result, plots)
     if tsne and len(ds) >= 10:
-        nodes = resolve_level(part, "nine", ds.nodes) if "nine" in result["levels"] else tax.roots
-        y = inference_targets(tax, ds.nodes, list(nodes))
-        rng = np.random.default_rng(seed)
-        pick = np.sort(rng.choice(len(ds), size=min(tsne, len(ds)), replace=False))
-        embeddings = {"this model": emb[pick]}
-        if backbone_trained(cfg):  # the paper's Fig. 4 point: what fine-tuning did to the embedding
-            with readable_images(data):
-                embeddings["frozen ImageNet backbone"] = frozen_embedding(
-                    cfg, [ds.paths[i] for i in pick], size, batch_size
-                )
-        pngs, knn = [], {}
-        for name, e in embeddings.items():
-            png = plots / ("tsne.png" if name == "this model" else "tsne_frozen.png")
-            report.plot_tsne(e, y[pick], [tax[u].name for u in nodes], png, seed=seed, title=name)
-            pngs.append(png)
-            knn[name] = knn_mpca(e, y[pick], len(nodes))
-        result["embedding_knn5_mpca"] = knn
-        sections.append(
-            {
-                "title": "t-SNE of the 2048-d embedding" + (" (fine-tuned beside frozen)" if len(pngs) > 1 else ""),
-                "text": f"{len(pick)} images, coloured by class. How well the embedding separates the classes: "
-                "mean per-class accuracy of a leave-one-out 5-nearest-neighbour vote (cosine) "
-                + ", ".join(f"{k} {v:.3f}" for k, v in knn.items())
-                + ".",
-                "images": pngs,
-            }
-        )
+        sections.append(_tsne_section(result, ctx, emb, plots, tsne, batch_size, seed))
     if saliency_images:
-        y = np.asarray([-1 if (c := part.class_of(n)) is None else c for n in ds.nodes])
-        pick = _sample_per_class(y, saliency_images, seed)
-        if len(pick):
-            imgs = np.stack([preprocess(ds.paths[i], size) for i in pick])
-            sal = saliency(model, imgs, samples=saliency_samples, seed=seed)
-            titles = [f"true {ds.labels[i]}\npred {part.labels[int(probs[i].argmax())]}" for i in pick]
-            png = report.plot_saliency(list(imgs), list(sal), titles, plots / "saliency.png")
-            sections.append(
-                {
-                    "title": "Saliency maps",
-                    "text": f"SmoothGrad: the input gradient of the predicted class probability, averaged over "
-                    f"{saliency_samples} copies with noise (15% of the pixel range), L1 over RGB, overlaid on the "
-                    "image (99th percentile at full colour). Titles: true label, then the prediction.",
-                    "images": [png],
-                }
-            )
+        section = _saliency_section(ctx, probs, plots, saliency_images, saliency_samples, seed)
+        if section is not None:
+            sections.append(section)
     with atomic_write(out / "metrics.json") as f:
         json.dump(result, f, indent=2)
         f.write("\n")
@@ -318,7 +346,7 @@ def eval_command(
     ] = 1,
 ) -> None:
     """Evaluate a trained run the paper's way: 3-way and 9-way mean per-class accuracy, binary-task ROC/AUC."""
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    setup_logging(logging.INFO)
     try:
         result = run_eval(
             run,

@@ -246,6 +246,56 @@ def activation_key(features: CacheKey, block: str, shape: Sequence[int]) -> Cach
     return dataclasses.replace(features, layers=(block,), activation=block, shape=tuple(int(d) for d in shape))
 
 
+def _same_backbone(caches: list[FeatureCache]) -> None:
+    """Refuse caches of different backbones or seeds: one extraction fills them all."""
+    first = caches[0].key
+    for c in caches[1:]:
+        if (c.key.weights_sha256, c.key.input_size, c.key.seed) != (first.weights_sha256, first.input_size, first.seed):
+            raise FeatureCacheError(
+                f"{str(c.path)!r} belongs to another backbone or seed than {str(caches[0].path)!r}."
+            )
+
+
+def _missing(caches: list[FeatureCache], digests: Sequence[str], views: Sequence[int]) -> list[tuple[int, int]]:
+    """``(image index, view)`` of the pairs missing from any cache, each image content once (duplicates share a row)."""
+    have = set.intersection(*(c.have() for c in caches))
+    todo: list[tuple[int, int]] = []
+    seen: set[tuple[str, int]] = set()
+    for v in views:
+        for i, d in enumerate(digests):
+            if (d, int(v)) not in have and (d, int(v)) not in seen:
+                seen.add((d, int(v)))
+                todo.append((i, int(v)))
+    return todo
+
+
+def _view_dataset(
+    todo: list[tuple[int, int]],
+    paths: Sequence[str],
+    digests: Sequence[str],
+    key: CacheKey,
+    batch_size: int,
+    parallel: int | None,
+) -> Any:
+    """A tf.data pipeline of ``(images, image indices, views)`` batches: decoding and augmentation in a parallel map,
+    prefetched so that they overlap the backbone."""
+    import tensorflow as tf
+
+    size, seed = int(key.input_size), int(key.seed)
+
+    def load(i: np.int64, v: np.int64) -> np.ndarray:
+        return view_image(paths[int(i)], size, digests[int(i)], int(v), seed)
+
+    def one(i, v):
+        img = tf.numpy_function(load, [i, v], tf.uint8, stateful=False)
+        return tf.cast(tf.ensure_shape(img, (size, size, 3)), tf.float32), i, v
+
+    pairs = np.asarray(todo, dtype=np.int64)
+    ds = tf.data.Dataset.from_tensor_slices((pairs[:, 0], pairs[:, 1]))
+    ds = ds.map(one, num_parallel_calls=parallel or tf.data.AUTOTUNE, deterministic=True)
+    return ds.batch(batch_size).prefetch(2)
+
+
 def extract(
     extractor: Any,
     cache: FeatureCache | Sequence[FeatureCache],
@@ -266,39 +316,13 @@ def extract(
     import tensorflow as tf
 
     caches = [cache] if isinstance(cache, FeatureCache) else list(cache)
-    first = caches[0].key
-    for c in caches[1:]:
-        if (c.key.weights_sha256, c.key.input_size, c.key.seed) != (first.weights_sha256, first.input_size, first.seed):
-            raise FeatureCacheError(
-                f"{str(c.path)!r} belongs to another backbone or seed than {str(caches[0].path)!r}."
-            )
-    size = int(first.input_size)
-    seed = int(first.seed)
-    have = set.intersection(*(c.have() for c in caches))
-    todo: list[tuple[int, int]] = []
-    seen: set[tuple[str, int]] = set()
-    for v in views:
-        for i, d in enumerate(digests):
-            if (d, int(v)) not in have and (d, int(v)) not in seen:
-                seen.add((d, int(v)))
-                todo.append((i, int(v)))
+    _same_backbone(caches)
+    todo = _missing(caches, digests, views)
     reused = len(paths) * len(views) - len(todo)
     t0 = time.perf_counter()
     if not todo:
         return ExtractStats(0, reused, 0.0)
-    str_paths = [str(p) for p in paths]
-
-    def load(i: np.int64, v: np.int64) -> np.ndarray:
-        return view_image(str_paths[int(i)], size, digests[int(i)], int(v), seed)
-
-    def one(i, v):
-        img = tf.numpy_function(load, [i, v], tf.uint8, stateful=False)
-        return tf.cast(tf.ensure_shape(img, (size, size, 3)), tf.float32), i, v
-
-    pairs = np.asarray(todo, dtype=np.int64)
-    ds = tf.data.Dataset.from_tensor_slices((pairs[:, 0], pairs[:, 1]))
-    ds = ds.map(one, num_parallel_calls=parallel or tf.data.AUTOTUNE, deterministic=True)
-    ds = ds.batch(batch_size).prefetch(2)
+    ds = _view_dataset(todo, [str(p) for p in paths], digests, caches[0].key, batch_size, parallel)
 
     @tf.function(reduce_retracing=True)
     def run(x):

@@ -100,6 +100,19 @@ def prepare(cfg: TrainConfig) -> Prepared:
         )
     fp = image_fingerprints(ds.paths) if cfg.near_duplicates else None
     comps = group_components(len(ds), ds.groups, fp)
+    roles = _split_roles(cfg, ds, comps)
+    roles[targets < 0] = "excluded"
+    sharp = _drop_blurry(cfg, ds, roles) if cfg.blurry_quantile > 0 else None
+    for role in ("train", "val"):
+        present = set(targets[roles == role].tolist())
+        if role == "train" and len(present) < 2:
+            raise TrainError(f"The training split holds {len(present)} training class(es); a classifier needs 2+.")
+    return Prepared(ds, tax, part, targets, roles.astype(str), comps, sharp)
+
+
+def _split_roles(cfg: TrainConfig, ds: Dataset, comps: np.ndarray) -> np.ndarray:
+    """Train, val and test roles (an object array), whole group components at a time: the test set is the holdout
+    rows, or fold ``cfg.fold`` of ``cfg.folds``, or none; validation is drawn from the rest."""
     roles = np.full(len(ds), "train", dtype=object)
     labels = np.asarray(ds.nodes)
     if cfg.holdout is not None:
@@ -126,22 +139,21 @@ def prepare(cfg: TrainConfig) -> Prepared:
     else:
         val = train_val_split(labels, comps, cfg.val_fraction, seed=cfg.seed)
         roles[val] = "val"
-    roles[targets < 0] = "excluded"
-    sharp = None
-    if cfg.blurry_quantile > 0:
-        from derm.quality import sharpness_many, sharpness_threshold
+    return roles
 
-        sharp = sharpness_many(ds.paths)
-        thr = sharpness_threshold(sharp, cfg.blurry_quantile)
-        held_out = np.isin(roles, ["val", "test"])
-        blurry = held_out & (sharp < thr)
-        roles[blurry] = np.char.add("blurry_", roles[blurry].astype(str))  # blurry_val, blurry_test
-        log.info("Dropped %d blurry images (sharpness < %.1f) from validation/test.", int(blurry.sum()), thr)
-    for role in ("train", "val"):
-        present = set(targets[roles == role].tolist())
-        if role == "train" and len(present) < 2:
-            raise TrainError(f"The training split holds {len(present)} training class(es); a classifier needs 2+.")
-    return Prepared(ds, tax, part, targets, roles.astype(str), comps, sharp)
+
+def _drop_blurry(cfg: TrainConfig, ds: Dataset, roles: np.ndarray) -> np.ndarray:
+    """Mark the validation and test images below the ``cfg.blurry_quantile`` sharpness as ``blurry_val`` /
+    ``blurry_test`` (in ``roles``, in place); returns the sharpness of every image."""
+    from derm.quality import sharpness_many, sharpness_threshold
+
+    sharp = sharpness_many(ds.paths)
+    thr = sharpness_threshold(sharp, cfg.blurry_quantile)
+    held_out = np.isin(roles, ["val", "test"])
+    blurry = held_out & (sharp < thr)
+    roles[blurry] = np.char.add("blurry_", roles[blurry].astype(str))  # blurry_val, blurry_test
+    log.info("Dropped %d blurry images (sharpness < %.1f) from validation/test.", int(blurry.sum()), thr)
+    return sharp
 
 
 def class_weights_for(targets: np.ndarray, num_classes: int, how: str) -> dict[int, float] | None:

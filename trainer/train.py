@@ -65,36 +65,26 @@ def _predict_images(model: Any, prep: Prepared, idx: np.ndarray, size: int, batc
     return model.predict(ds, verbose=0)
 
 
-def _finetune(
-    model: Any, cfg: TrainConfig, prep: Prepared, work: Path, history: EpochLog, trainable_from: int | None
-) -> None:
-    """Train with the paper's optimizer and schedule on augmented images (all layers, or from a layer on)."""
+def _paper_optimizer(model: Any, cfg: TrainConfig, steps: int) -> Any:
+    """Compile ``model`` with the paper's RMSProp and its stepwise learning-rate drop; returns the schedule."""
     import keras
 
-    from derm.trainer.data import image_dataset
-
-    tr, va = prep.indices("train"), prep.indices("val")
-    for i, layer in enumerate(model.layers):
-        layer.trainable = trainable_from is None or i >= trainable_from
-    steps = cfg.steps_per_epoch or math.ceil(len(tr) / cfg.batch_size)
     schedule = keras.optimizers.schedules.ExponentialDecay(
         cfg.lr, decay_steps=cfg.lr_drop_every * steps, decay_rate=1.0 / cfg.lr_drop_factor, staircase=True
     )
     opt = keras.optimizers.RMSprop(learning_rate=schedule, rho=0.9, momentum=0.9, epsilon=0.1)
     model.compile(optimizer=opt, loss="sparse_categorical_crossentropy")
-    train_ds = image_dataset(
-        [prep.dataset.paths[i] for i in tr],
-        cfg.input_size,
-        targets=prep.targets[tr],
-        augment=True,
-        seed=cfg.seed,
-        batch_size=cfg.batch_size,
-        shuffle=True,
-        repeat=True,
-    )
+    return schedule
+
+
+def _best_val_mpca(cfg: TrainConfig, prep: Prepared, history: EpochLog, lr_at: Any, steps: int, best_path: Path) -> Any:
+    """A Keras callback that scores the validation images after each epoch, adds the epoch to ``history`` and saves
+    the weights of the best validation mean per-class accuracy to ``best_path``."""
+    import keras
+
+    va = prep.indices("val")
     y_val = prep.targets[va]
     n_cls = len(prep.partition.classes)
-    best_path = work / "best.weights.h5"
 
     class ValMPCA(keras.callbacks.Callback):
         def __init__(self) -> None:
@@ -104,7 +94,7 @@ def _finetune(
         def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
             p = _predict_images(self.model, prep, va, cfg.input_size, cfg.batch_size)
             mpca, _ = metrics.mean_per_class_accuracy(y_val, p.argmax(1), n_cls)
-            lr = float(schedule(epoch * steps))
+            lr = float(lr_at(epoch * steps))
             history.add(
                 stage="finetune",
                 epoch=epoch + 1,
@@ -118,7 +108,38 @@ def _finetune(
                 self.model.save_weights(tmp, overwrite=True)
                 os.replace(tmp, best_path)
 
-    callbacks = [keras.callbacks.BackupAndRestore(str(work / "backup"), delete_checkpoint=True), ValMPCA()]
+    return ValMPCA()
+
+
+def _finetune(
+    model: Any, cfg: TrainConfig, prep: Prepared, work: Path, history: EpochLog, trainable_from: int | None
+) -> None:
+    """Train with the paper's optimizer and schedule on augmented images (all layers, or from a layer on)."""
+    import keras
+
+    from derm.trainer.data import image_dataset
+
+    tr = prep.indices("train")
+    for i, layer in enumerate(model.layers):
+        layer.trainable = trainable_from is None or i >= trainable_from
+    steps = cfg.steps_per_epoch or math.ceil(len(tr) / cfg.batch_size)
+    schedule = _paper_optimizer(model, cfg, steps)
+    train_ds = image_dataset(
+        [prep.dataset.paths[i] for i in tr],
+        cfg.input_size,
+        targets=prep.targets[tr],
+        augment=True,
+        seed=cfg.seed,
+        batch_size=cfg.batch_size,
+        shuffle=True,
+        repeat=True,
+    )
+    n_cls = len(prep.partition.classes)
+    best_path = work / "best.weights.h5"
+    callbacks = [
+        keras.callbacks.BackupAndRestore(str(work / "backup"), delete_checkpoint=True),
+        _best_val_mpca(cfg, prep, history, schedule, steps, best_path),
+    ]
     keras.utils.set_random_seed(cfg.seed)
     model.fit(
         train_ds,

