@@ -6,16 +6,18 @@ from __future__ import annotations
 
 import json
 import logging
-import sys
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
 
-from derm._cli import cli_app
+from derm._cli import cli_app, setup_logging
 from derm._util import atomic_write
 from derm.errors import DermError
 from derm.exporter.targets import TARGETS
+
+if TYPE_CHECKING:
+    from derm.exporter.config import ExportConfig, ExportResult
 
 app = cli_app(
     "derm-export",
@@ -90,10 +92,9 @@ def export_command(
 ) -> None:
     """Convert RUN's model into one file an app can embed: uint8 RGB image in; training-class, inference-class and
     conditional task probabilities out, with labels, operating points and provenance inside the file."""
-    from derm.exporter.export import ExportConfig, export
-    from derm.exporter.parity import format_parity
+    from derm.exporter.export import ExportConfig
 
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    setup_logging(logging.WARNING)
     cfg = ExportConfig(
         run=str(run),
         target=target,
@@ -118,6 +119,14 @@ def export_command(
         equalize_alpha=equalize_alpha,
         float_head=float_head,
     )
+    result = _run_export(cfg, report)
+    _print_result(result, quiet)
+
+
+def _run_export(cfg: ExportConfig, report: Path | None) -> ExportResult:
+    """Export (the report path checked first), exit 2 on a derm error, write the report if asked."""
+    from derm.exporter.export import export
+
     try:
         if report is not None:  # checked before minutes of conversion, not after
             _check_writable(report, "--report")
@@ -128,6 +137,13 @@ def export_command(
     if report:
         with atomic_write(report) as f:
             json.dump(result.to_dict(), f, indent=1)
+    return result
+
+
+def _print_result(result: ExportResult, quiet: bool) -> None:
+    """The output path (only that with ``--quiet``), size, timings, structure checks and the parity table."""
+    from derm.exporter.parity import format_parity
+
     if quiet:
         typer.echo(result.path)
         return

@@ -228,26 +228,50 @@ def check_structure(
     spec = _load_spec(path)
     size = manifest["input"]["shape"][1]
     quantize = manifest.get("export", {}).get("quantize")
-    problems: list[str] = []
     if spec.WhichOneof("Type") != "mlProgram":
         raise ExportError(f"{str(path)!r} is a Core ML {spec.WhichOneof('Type')}, not an ML program.")
     main = spec.mlProgram.functions["main"]
     block = main.block_specializations[main.opset]
+    outputs = {o.name: o for o in spec.description.output}
+    producer = {o.name: op for op in block.operations for o in op.outputs}
+    problems = _input_problems(ct, spec, main, size)
+    problems += _output_problems(ct, outputs, specs)
+    problems += metadata_problems(spec.description.metadata.userDefined, manifest, specs, "user-defined metadata")
+    problems += _aggregation_problems(ct, path, producer, outputs, specs)
+    kinds = _weight_kinds(ct, block, producer)
+    problems += _precision_problems(kinds, block, quantize)
+    if problems:
+        raise ExportError(f"{str(path)!r} failed its structural checks: " + "; ".join(problems))
+    summary = ", ".join(f"{n} {k.lower()}" for k, n in sorted(kinds.items()))
+    return [
+        f"input 'image': RGB image {size}x{size} (float program input)",
+        f"{len(specs)} named float32 outputs with their widths",
+        f"user-defined metadata: {MANIFEST_KEY} equal, labels of each output",
+        f"{sum(s.kind != 'training' for s in specs)} aggregation matmuls hold their matrices",
+        f"ML program ({main.opset}), weights: {summary}",
+    ]
 
+
+def _input_problems(ct: Any, spec: Any, main: Any, size: int) -> list[str]:
+    """One input, ``image``: an RGB image of the manifest's size, a float32 tensor in the program."""
     inputs = list(spec.description.input)
     if [i.name for i in inputs] != ["image"]:
-        problems.append(f"inputs are {[i.name for i in inputs]}, expected ['image']")
-    else:
-        kind = inputs[0].type.WhichOneof("Type")
-        img = inputs[0].type.imageType
-        color = ct.proto.FeatureTypes_pb2.ImageFeatureType.ColorSpace.Name(img.colorSpace)
-        if kind != "imageType" or (img.width, img.height, color) != (size, size, "RGB"):
-            problems.append(f"input is {kind} {img.width}x{img.height} {color}, expected an RGB image {size}x{size}")
-        (program_input,) = [i for i in main.inputs if i.name == "image"] or [None]
-        if program_input is None or _dtype(ct, program_input.type) != "FLOAT32":
-            problems.append("the program's image input is not float32 (Core ML compiles image inputs only to float)")
+        return [f"inputs are {[i.name for i in inputs]}, expected ['image']"]
+    problems = []
+    kind = inputs[0].type.WhichOneof("Type")
+    img = inputs[0].type.imageType
+    color = ct.proto.FeatureTypes_pb2.ImageFeatureType.ColorSpace.Name(img.colorSpace)
+    if kind != "imageType" or (img.width, img.height, color) != (size, size, "RGB"):
+        problems.append(f"input is {kind} {img.width}x{img.height} {color}, expected an RGB image {size}x{size}")
+    (program_input,) = [i for i in main.inputs if i.name == "image"] or [None]
+    if program_input is None or _dtype(ct, program_input.type) != "FLOAT32":
+        problems.append("the program's image input is not float32 (Core ML compiles image inputs only to float)")
+    return problems
 
-    outputs = {o.name: o for o in spec.description.output}
+
+def _output_problems(ct: Any, outputs: Mapping[str, Any], specs: Sequence[OutputSpec]) -> list[str]:
+    """Every spec's output present, float32, one value per label; no other outputs."""
+    problems = []
     for s in specs:
         if s.name not in outputs:
             problems.append(f"output {s.name!r} missing")
@@ -261,33 +285,43 @@ def check_structure(
     extra = set(outputs) - {s.name for s in specs}
     if extra:
         problems.append(f"unexpected outputs {sorted(extra)}")
+    return problems
 
-    meta = spec.description.metadata.userDefined
-    problems += metadata_problems(meta, manifest, specs, "user-defined metadata")
 
-    producer = {o.name: op for op in block.operations for o in op.outputs}
+def _arg(op: Any, name: str) -> str | None:
+    """The name of the tensor an op takes as its argument ``name`` (None if it has none)."""
+    args = op.inputs[name].arguments if name in op.inputs else []
+    return args[0].name if args and args[0].name else None
 
-    def arg(op: Any, name: str) -> str | None:
-        args = op.inputs[name].arguments if name in op.inputs else []
-        return args[0].name if args and args[0].name else None
 
-    def immediate_bool(name: str | None) -> bool:
-        op = producer.get(name) if name else None
-        if op is None or op.type != "const":
-            return False
-        return bool(op.attributes["val"].immediateValue.tensor.bools.values[0])
+def _immediate_bool(producer: Mapping[str, Any], name: str | None) -> bool:
+    """The value of a constant boolean tensor (False when ``name`` is not a constant)."""
+    op = producer.get(name) if name else None
+    if op is None or op.type != "const":
+        return False
+    return bool(op.attributes["val"].immediateValue.tensor.bools.values[0])
 
+
+def _aggregation_problems(
+    ct: Any,
+    path: str | os.PathLike[str],
+    producer: Mapping[str, Any],
+    outputs: Mapping[str, Any],
+    specs: Sequence[OutputSpec],
+) -> list[str]:
+    """Each level and task output made by a matmul (or linear) whose constant weight is its aggregation matrix."""
+    problems = []
     weights: dict[str, Any] | None = None
     for s in specs:
         if s.kind == "training" or s.name not in outputs:
             continue
         op = producer.get(s.name)
         while op is not None and op.type in ("cast", "identity"):
-            op = producer.get(arg(op, "x") or "")
+            op = producer.get(_arg(op, "x") or "")
         if op is None or op.type not in ("matmul", "linear"):
             problems.append(f"output {s.name!r} is not made by a matmul (found {op.type if op else None})")
             continue
-        name = arg(op, "y" if op.type == "matmul" else "weight")
+        name = _arg(op, "y" if op.type == "matmul" else "weight")
         const = producer.get(name) if name else None
         if const is None or const.type != "const":
             problems.append(f"the matmul of {s.name!r} has no constant matrix ({const.type if const else None})")
@@ -301,17 +335,21 @@ def check_structure(
             keys.insert(0, const.attributes["name"].immediateValue.tensor.strings.values[0])
         key = next((k for k in keys if k in weights), None)
         got = np.asarray(weights[key].val, np.float32) if key is not None else None
-        if got is not None and (op.type == "linear" or immediate_bool(arg(op, "transpose_y"))):
+        if got is not None and (op.type == "linear" or _immediate_bool(producer, _arg(op, "transpose_y"))):
             got = got.T
         want = expected_matrix(s)
         if got is None or got.shape != want.shape or not np.array_equal(got, want):
             problems.append(f"the matmul of {s.name!r} does not hold its aggregation matrix")
+    return problems
 
+
+def _weight_kinds(ct: Any, block: Any, producer: Mapping[str, Any]) -> dict[str, int]:
+    """How many weight-carrying ops hold their weights in each data type (or how else they get them)."""
     kinds: dict[str, int] = {}
     for op in block.operations:
         if op.type not in _WEIGHT_OPS:
             continue
-        source = producer.get(arg(op, "weight") or "")
+        source = producer.get(_arg(op, "weight") or "")
         if source is None:
             kind = "computed"
         elif source.type == "const":
@@ -322,18 +360,15 @@ def check_structure(
         else:
             kind = source.type
         kinds[kind] = kinds.get(kind, 0) + 1
+    return kinds
+
+
+def _precision_problems(kinds: Mapping[str, int], block: Any, quantize: str | None) -> list[str]:
+    """The weights in the precision asked for: all float16 for fp16; every convolution int8 (the rest float16) for
+    int8."""
     convs = sum(op.type == "conv" for op in block.operations)
     if quantize == "fp16" and set(kinds) != {"FLOAT16"}:
-        problems.append(f"fp16 was asked for but the weights are {kinds}")
+        return [f"fp16 was asked for but the weights are {kinds}"]
     if quantize == "int8" and (kinds.get("INT8", 0) < convs or not set(kinds) <= {"INT8", "FLOAT16"}):
-        problems.append(f"int8 was asked for but the weights are {kinds} ({convs} convolutions)")
-    if problems:
-        raise ExportError(f"{str(path)!r} failed its structural checks: " + "; ".join(problems))
-    summary = ", ".join(f"{n} {k.lower()}" for k, n in sorted(kinds.items()))
-    return [
-        f"input 'image': RGB image {size}x{size} (float program input)",
-        f"{len(specs)} named float32 outputs with their widths",
-        f"user-defined metadata: {MANIFEST_KEY} equal, labels of each output",
-        f"{sum(s.kind != 'training' for s in specs)} aggregation matmuls hold their matrices",
-        f"ML program ({main.opset}), weights: {summary}",
-    ]
+        return [f"int8 was asked for but the weights are {kinds} ({convs} convolutions)"]
+    return []

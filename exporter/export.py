@@ -182,14 +182,6 @@ def _prepare(cfg: ExportConfig, target: Target, quantize: str) -> _Job:
     cal_images = load_images(
         [r[cfg.image_column if cfg.calibration else "image"] for r in cal_rows], size, "calibration"
     )
-    calibration_info: dict[str, Any] = {}
-    if cal_rows:
-        calibration_info = {
-            "n": len(cal_rows),
-            "source": cal_source,
-            "seed": cfg.seed,
-            "csv_sha256": sha256_file(cfg.calibration) if cfg.calibration else None,
-        }
     manifest = build_manifest(
         run,
         part,
@@ -197,7 +189,7 @@ def _prepare(cfg: ExportConfig, target: Target, quantize: str) -> _Job:
         target=target.name,
         quantize=quantize,
         input_size=size,
-        calibration=calibration_info,
+        calibration=_calibration_info(cfg, cal_rows, cal_source),
         versions=_converter_versions(target),
     )
     if target.name == "tflite" and quantize == "int8":
@@ -219,6 +211,18 @@ def _prepare(cfg: ExportConfig, target: Target, quantize: str) -> _Job:
     )
     job.seconds["prepare"] = time.perf_counter() - t0
     return job
+
+
+def _calibration_info(cfg: ExportConfig, cal_rows: list[dict[str, str]], cal_source: str) -> dict[str, Any]:
+    """The manifest's record of the calibration images (empty when none were read)."""
+    if not cal_rows:
+        return {}
+    return {
+        "n": len(cal_rows),
+        "source": cal_source,
+        "seed": cfg.seed,
+        "csv_sha256": sha256_file(cfg.calibration) if cfg.calibration else None,
+    }
 
 
 def _convert(cfg: ExportConfig, target: Target, quantize: str, job: _Job, module: Any, tmp: Path) -> None:

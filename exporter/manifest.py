@@ -89,55 +89,13 @@ def build_manifest(
     metrics = _read_json(run / "metrics.json")
     config = _read_json(run / "config.json")
     preprocess = _read_json(run / "preprocess.json")
-    outputs = []
-    for s in specs:
-        entry: dict[str, Any] = {"name": s.name, "kind": s.kind, "labels": list(s.labels)}
-        if s.kind == "training":
-            entry["description"] = "probability of each fine training class (softmax)"
-            entry["names"] = [c.name for c in partition.classes]
-            entry["node_ids"] = [c.node for c in partition.classes]
-            entry["own_only"] = [c.own_only for c in partition.classes]
-        elif s.kind == "level":
-            entry["description"] = "probability of each inference class: the sum of its training classes' probabilities"
-            entry["names"] = [tax.nodes[n].name for n in s.labels]
-        else:
-            task = tax.task(s.labels[0])
-            entry["description"] = (
-                f"{task.name}: P(positive | positive or negative), the paper's conditional probability; one column"
-            )
-            # the task's condition: the training classes under its positive / negative nodes (the columns of its
-            # aggregation matrix); the SDK and the apps sum their probabilities and show the task only where that sum
-            # reaches condition_threshold (a carcinoma photo gets no melanoma-vs-nevus number)
-            sides = s.matrix if s.matrix is not None else task_matrix(partition, task.id)
-            positive_name, negative_name = _sides(tax, task)
-            entry["task"] = {
-                "id": task.id,
-                "name": task.name,
-                "positive": list(task.positive),
-                "negative": list(task.negative),
-                "positive_classes": [c.label for c in partition.classes if sides[c.index, 1]],
-                "negative_classes": [c.label for c in partition.classes if sides[c.index, 0]],
-                "positive_name": positive_name,
-                "condition": f"{positive_name} or {negative_name}",
-                "condition_threshold": CONDITION_THRESHOLD,
-            }
-        outputs.append(entry)
+    outputs = [_output_entry(s, partition) for s in specs]
     return {
         "format": MANIFEST_FORMAT,
         "name": "derm-classifier",
         "disclaimer": DISCLAIMER,
         "created": _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat(),
-        "input": {
-            "name": "image",
-            "shape": [1, input_size, input_size, 3],
-            "dtype": "uint8",
-            "layout": "NHWC",
-            "color": "RGB",
-            "range": [0, 255],
-            "preprocess": preprocess
-            or {"size": input_size, "color": "RGB", "dtype": "uint8", "scaling_in_model": "x / 127.5 - 1"},
-            "app_does": f"decode, apply EXIF orientation, convert to RGB, resize to {input_size}x{input_size}",
-        },
+        "input": _input_entry(input_size, preprocess),
         "outputs": outputs,
         "levels": [s.name.removeprefix("probs_") for s in specs if s.kind == "level"],
         "taxonomy": {"name": tax.name, "sha256": tax.sha256},
@@ -147,18 +105,82 @@ def build_manifest(
             "classes": list(partition.labels),
         },
         "operating_points": operating_points(metrics),
-        "training": {
-            "data": metrics.get("data") or {"source": config.get("data")},
-            "mode": config.get("mode"),
-            "weights": config.get("weights"),
-            "run_created": run_info.get("created"),
-            "run_json_sha256": sha256_file(run / "run.json") if (run / "run.json").is_file() else None,
-            "model_sha256": (run_info.get("files") or {}).get("model.keras"),
-            # temperature scaling folded into the weights by the trainer (None: a run made before it, or without)
-            "calibration": metrics.get("calibration"),
-        },
+        "training": _training_entry(run, run_info, metrics, config),
         "export": {"target": target, "quantize": quantize, "calibration": dict(calibration or {})},
         "versions": dict(versions or {}),
+    }
+
+
+def _output_entry(s: OutputSpec, partition: Partition) -> dict[str, Any]:
+    """One output's manifest entry: its name, kind, labels and description, with the class names (training, level)
+    or the task and its condition (task)."""
+    tax = partition.taxonomy
+    entry: dict[str, Any] = {"name": s.name, "kind": s.kind, "labels": list(s.labels)}
+    if s.kind == "training":
+        entry["description"] = "probability of each fine training class (softmax)"
+        entry["names"] = [c.name for c in partition.classes]
+        entry["node_ids"] = [c.node for c in partition.classes]
+        entry["own_only"] = [c.own_only for c in partition.classes]
+    elif s.kind == "level":
+        entry["description"] = "probability of each inference class: the sum of its training classes' probabilities"
+        entry["names"] = [tax.nodes[n].name for n in s.labels]
+    else:
+        task = tax.task(s.labels[0])
+        entry["description"] = (
+            f"{task.name}: P(positive | positive or negative), the paper's conditional probability; one column"
+        )
+        entry["task"] = _task_entry(s, partition, task)
+    return entry
+
+
+def _task_entry(s: OutputSpec, partition: Partition, task: Any) -> dict[str, Any]:
+    """A task output's task: its sides as taxonomy nodes and as training classes, their names, the condition."""
+    # the task's condition: the training classes under its positive / negative nodes (the columns of its
+    # aggregation matrix); the SDK and the apps sum their probabilities and show the task only where that sum
+    # reaches condition_threshold (a carcinoma photo gets no melanoma-vs-nevus number)
+    sides = s.matrix if s.matrix is not None else task_matrix(partition, task.id)
+    positive_name, negative_name = _sides(partition.taxonomy, task)
+    return {
+        "id": task.id,
+        "name": task.name,
+        "positive": list(task.positive),
+        "negative": list(task.negative),
+        "positive_classes": [c.label for c in partition.classes if sides[c.index, 1]],
+        "negative_classes": [c.label for c in partition.classes if sides[c.index, 0]],
+        "positive_name": positive_name,
+        "condition": f"{positive_name} or {negative_name}",
+        "condition_threshold": CONDITION_THRESHOLD,
+    }
+
+
+def _input_entry(input_size: int, preprocess: Mapping[str, Any]) -> dict[str, Any]:
+    """The input: a uint8 RGB image of ``input_size`` pixels square, and what the app does before it."""
+    return {
+        "name": "image",
+        "shape": [1, input_size, input_size, 3],
+        "dtype": "uint8",
+        "layout": "NHWC",
+        "color": "RGB",
+        "range": [0, 255],
+        "preprocess": preprocess
+        or {"size": input_size, "color": "RGB", "dtype": "uint8", "scaling_in_model": "x / 127.5 - 1"},
+        "app_does": f"decode, apply EXIF orientation, convert to RGB, resize to {input_size}x{input_size}",
+    }
+
+
+def _training_entry(
+    run: Path, run_info: Mapping[str, Any], metrics: Mapping[str, Any], config: Mapping[str, Any]
+) -> dict[str, Any]:
+    """Where the model came from: its data, mode, weights, the run's files and the folded temperature scaling."""
+    return {
+        "data": metrics.get("data") or {"source": config.get("data")},
+        "mode": config.get("mode"),
+        "weights": config.get("weights"),
+        "run_created": run_info.get("created"),
+        "run_json_sha256": sha256_file(run / "run.json") if (run / "run.json").is_file() else None,
+        "model_sha256": (run_info.get("files") or {}).get("model.keras"),
+        # temperature scaling folded into the weights by the trainer (None: a run made before it, or without)
+        "calibration": metrics.get("calibration"),
     }
 
 

@@ -56,9 +56,6 @@ def parity(
     confident call should not); on the labelled images, the loss of mean per-class accuracy with a paired bootstrap
     interval. Per binary task, on the images labelled for it: the loss of AUC with a paired bootstrap interval.
     """
-    from derm.aggregation import inference_targets
-    from derm.metrics import paired_auc_difference, paired_mpca_difference
-
     rows: list[ParityRow] = []
     known = [i for i, n in enumerate(nodes) if n is not None]
     for s in specs:
@@ -66,74 +63,98 @@ def parity(
         if ref.shape != out.shape:
             raise ExportError(f"Output {s.name!r}: the file gives shape {out.shape}, the Keras model {ref.shape}.")
         if s.kind == "level":
-            diff = np.abs(ref - out)
-            n = len(ref)
-            rows.append(ParityRow(s.name, "max_abs", float(diff.max()), thresholds.max_abs, False, n))
-            rows.append(ParityRow(s.name, "mean_abs", float(diff.mean()), thresholds.mean_abs, False, n))
-            differs = ref.argmax(1) != out.argmax(1)
-            top2 = np.sort(ref, axis=1)[:, -2:]
-            margin = float((top2[:, 1] - top2[:, 0])[differs].max()) if differs.any() else None
-            k = int(differs.sum())
-            note = f"{k} of {n} images differ" + (f"; largest float margin among them {margin:.3f}" if k else "")
-            rows.append(
-                ParityRow(
-                    s.name,
-                    "top1",
-                    (n - k) / n,
-                    thresholds.top1,
-                    False,
-                    n,
-                    proportion_interval(n - k, n),
-                    k,
-                    margin,
-                    note,
-                )
-            )
+            rows += _level_rows(s, ref, out, thresholds)
             if known:
-                y = np.full(n, -1, np.int64)
-                y[known] = inference_targets(taxonomy, [nodes[i] for i in known], list(s.labels))
-                if (y >= 0).any():
-                    d, lo, hi = paired_mpca_difference(y, ref.argmax(1), out.argmax(1), len(s.labels), seed=seed)
-                    classes = len(np.unique(y[y >= 0]))
-                    rows.append(
-                        ParityRow(
-                            s.name,
-                            "mpca_diff",
-                            d,
-                            thresholds.mpca,
-                            False,
-                            int((y >= 0).sum()),
-                            (lo, hi),
-                            detail=f"{int((y >= 0).sum())} labelled images in {classes} classes",
-                        )
-                    )
+                rows += _mpca_rows(s, ref, out, thresholds, taxonomy, nodes, known, seed)
         elif s.kind == "task" and known:
-            y = np.full(len(nodes), -1, np.int8)
-            y[known] = task_targets(taxonomy, [nodes[i] for i in known], s.labels[0])
-            keep = y >= 0
-            pos = int(y[keep].sum())
-            if keep.sum() and 0 < pos < keep.sum():
-                d, lo, hi = paired_auc_difference(y[keep], ref[keep, 0], out[keep, 0], seed=seed)
-                rows.append(
-                    ParityRow(
-                        s.name,
-                        "auc_diff",
-                        d,
-                        thresholds.auc,
-                        False,
-                        int(keep.sum()),
-                        (lo, hi),
-                        detail=f"{pos} positive, {int(keep.sum()) - pos} negative",
-                    )
-                )
+            rows += _auc_rows(s, ref, out, thresholds, taxonomy, nodes, known, seed)
     for r in rows:
-        if r.metric == "top1":
-            r.ok = r.interval is not None and r.interval[1] >= r.threshold
-        elif r.metric in ("auc_diff", "mpca_diff"):
-            r.ok = r.interval is not None and r.interval[0] <= r.threshold
-        else:
-            r.ok = r.value <= r.threshold
+        r.ok = _passes(r)
     return rows
+
+
+def _passes(r: ParityRow) -> bool:
+    """Whether a row meets its threshold by its rule (see :attr:`ParityRow.rule`)."""
+    if r.metric == "top1":
+        return r.interval is not None and r.interval[1] >= r.threshold
+    if r.metric in ("auc_diff", "mpca_diff"):
+        return r.interval is not None and r.interval[0] <= r.threshold
+    return r.value <= r.threshold
+
+
+def _level_rows(s: OutputSpec, ref: np.ndarray, out: np.ndarray, thresholds: Parity) -> list[ParityRow]:
+    """A level's max and mean absolute difference, and its top-1 agreement (with the images that differ and the
+    largest float-model margin among them)."""
+    diff = np.abs(ref - out)
+    n = len(ref)
+    rows = [
+        ParityRow(s.name, "max_abs", float(diff.max()), thresholds.max_abs, False, n),
+        ParityRow(s.name, "mean_abs", float(diff.mean()), thresholds.mean_abs, False, n),
+    ]
+    differs = ref.argmax(1) != out.argmax(1)
+    top2 = np.sort(ref, axis=1)[:, -2:]
+    margin = float((top2[:, 1] - top2[:, 0])[differs].max()) if differs.any() else None
+    k = int(differs.sum())
+    note = f"{k} of {n} images differ" + (f"; largest float margin among them {margin:.3f}" if k else "")
+    rows.append(
+        ParityRow(
+            s.name, "top1", (n - k) / n, thresholds.top1, False, n, proportion_interval(n - k, n), k, margin, note
+        )
+    )
+    return rows
+
+
+def _mpca_rows(
+    s: OutputSpec,
+    ref: np.ndarray,
+    out: np.ndarray,
+    thresholds: Parity,
+    taxonomy: Taxonomy,
+    nodes: Sequence[str | None],
+    known: list[int],
+    seed: int,
+) -> list[ParityRow]:
+    """A level's loss of mean per-class accuracy on the labelled images (none if no image has a class there)."""
+    from derm.aggregation import inference_targets
+    from derm.metrics import paired_mpca_difference
+
+    y = np.full(len(ref), -1, np.int64)
+    y[known] = inference_targets(taxonomy, [nodes[i] for i in known], list(s.labels))
+    if not (y >= 0).any():
+        return []
+    d, lo, hi = paired_mpca_difference(y, ref.argmax(1), out.argmax(1), len(s.labels), seed=seed)
+    classes = len(np.unique(y[y >= 0]))
+    labelled = int((y >= 0).sum())
+    detail = f"{labelled} labelled images in {classes} classes"
+    return [ParityRow(s.name, "mpca_diff", d, thresholds.mpca, False, labelled, (lo, hi), detail=detail)]
+
+
+def _auc_rows(
+    s: OutputSpec,
+    ref: np.ndarray,
+    out: np.ndarray,
+    thresholds: Parity,
+    taxonomy: Taxonomy,
+    nodes: Sequence[str | None],
+    known: list[int],
+    seed: int,
+) -> list[ParityRow]:
+    """A task's loss of AUC on the images labelled for it (none unless both sides are there)."""
+    from derm.metrics import paired_auc_difference
+
+    y = np.full(len(nodes), -1, np.int8)
+    y[known] = task_targets(taxonomy, [nodes[i] for i in known], s.labels[0])
+    keep = y >= 0
+    pos = int(y[keep].sum())
+    if not (keep.sum() and 0 < pos < keep.sum()):
+        return []
+    d, lo, hi = paired_auc_difference(y[keep], ref[keep, 0], out[keep, 0], seed=seed)
+    n = int(keep.sum())
+    return [
+        ParityRow(
+            s.name, "auc_diff", d, thresholds.auc, False, n, (lo, hi), detail=f"{pos} positive, {n - pos} negative"
+        )
+    ]
 
 
 def format_parity(rows: Sequence[ParityRow]) -> str:

@@ -129,6 +129,42 @@ def add_metadata(model: bytes, manifest: Mapping[str, Any], specs: Sequence[Outp
     metadata writers (tflite-support's need protobuf<4).
     """
     ensure_registered()
+    from mediapipe.tasks.python.metadata.metadata_writers import metadata_writer as mw
+
+    writer_class = _manifest_writer_class(manifest)
+    by_name = {s.name: s for s in specs}
+    order = output_order(model)
+    if set(order) != set(by_name):
+        raise ExportError(f"The TFLite outputs {sorted(order)} are not the export graph's {sorted(by_name)}.")
+    size = manifest["input"]["shape"][1]
+    writer = writer_class.create(bytearray(model))
+    writer.add_image_input(
+        norm_mean=[0.0],
+        norm_std=[1.0],
+        color_space_type=mw.metadata_fb.ColorSpaceType.RGB,
+        name="image",
+        description=f"RGB image, uint8 0..255, resized to {size}x{size} by the app; scaling is inside the model.",
+    )
+    for name in order:
+        spec = by_name[name]
+        described = next(o for o in manifest["outputs"] if o["name"] == name)
+        writer.add_classification_output(
+            mw.Labels().add(list(spec.labels), exported_filename=f"labels_{name}.txt"),
+            name=name,
+            description=described["description"],
+        )
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, MANIFEST_FILE)
+        Path(path).write_text(manifest_json(manifest), encoding="utf-8")
+        writer.add_manifest(path)
+        content, _ = writer.populate()
+        del writer  # its temporary folder goes now, not at interpreter exit
+    return bytes(content)
+
+
+def _manifest_writer_class(manifest: Mapping[str, Any]) -> Any:
+    """MediaPipe's metadata writer class with the general metadata naming the model and ``add_manifest``, which
+    attaches the manifest as the associated file ``manifest.json``."""
     from mediapipe.tasks.python.metadata.metadata_writers import metadata_info as mi
     from mediapipe.tasks.python.metadata.metadata_writers import metadata_writer as mw
 
@@ -153,34 +189,7 @@ def add_metadata(model: bytes, manifest: Mapping[str, Any], specs: Sequence[Outp
             )
             self._associated_files.append(path)
 
-    by_name = {s.name: s for s in specs}
-    order = output_order(model)
-    if set(order) != set(by_name):
-        raise ExportError(f"The TFLite outputs {sorted(order)} are not the export graph's {sorted(by_name)}.")
-    size = manifest["input"]["shape"][1]
-    writer = Writer.create(bytearray(model))
-    writer.add_image_input(
-        norm_mean=[0.0],
-        norm_std=[1.0],
-        color_space_type=mw.metadata_fb.ColorSpaceType.RGB,
-        name="image",
-        description=f"RGB image, uint8 0..255, resized to {size}x{size} by the app; scaling is inside the model.",
-    )
-    for name in order:
-        spec = by_name[name]
-        described = next(o for o in manifest["outputs"] if o["name"] == name)
-        writer.add_classification_output(
-            mw.Labels().add(list(spec.labels), exported_filename=f"labels_{name}.txt"),
-            name=name,
-            description=described["description"],
-        )
-    with tempfile.TemporaryDirectory() as tmp:
-        path = os.path.join(tmp, MANIFEST_FILE)
-        Path(path).write_text(manifest_json(manifest), encoding="utf-8")
-        writer.add_manifest(path)
-        content, _ = writer.populate()
-        del writer  # its temporary folder goes now, not at interpreter exit
-    return bytes(content)
+    return Writer
 
 
 def write(
