@@ -15,21 +15,21 @@ and exits 1 when a file misses its parity thresholds (a CI gate), 2 on bad input
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
-import resource
-import statistics
-import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
 import numpy as np
 import typer
 
-from derm._cli import cli_app
+from derm._cli import cli_app, setup_logging
 from derm._util import atomic_write
+from derm.benchmarks._bench_markdown import markdown
+from derm.benchmarks._bench_measure import accuracy, measure, measure_in_child
+from derm.benchmarks._bench_measure import peak_rss_mb as peak_rss_mb  # re-exported: derm.benchmarks.sdk uses it
 from derm.errors import DermError
 
 app = cli_app(
@@ -37,96 +37,6 @@ app = cli_app(
     "Latency, memory and accuracy parity of every exported file. A research aid, not a diagnostic device.",
 )
 log = logging.getLogger("derm.benchmarks.bench")
-
-
-def peak_rss_mb() -> float:
-    """This process's peak resident memory (VmHWM: unlike getrusage's maxrss it does not carry the parent's peak
-    across fork and exec)."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (1024 * (1024 if sys.platform == "darwin" else 1))
-
-
-def measure(path: str, threads: int | None, runs: int, warmup: int) -> dict[str, Any]:
-    """Load time, first inference, latency percentiles and peak RSS of one file, in this (fresh) process."""
-    from derm.classifier import Classifier
-
-    rss0 = peak_rss_mb()
-    t0 = time.perf_counter()
-    clf = Classifier.load(path, threads=threads)
-    load_s = time.perf_counter() - t0
-    s = clf.input_size
-    image = np.random.default_rng(0).integers(0, 256, (1, s, s, 3), dtype=np.uint8)
-    t0 = time.perf_counter()
-    clf.run(image)
-    first_ms = (time.perf_counter() - t0) * 1e3
-    for _ in range(warmup):
-        clf.run(image)
-    times = []
-    for _ in range(runs):
-        t0 = time.perf_counter()
-        clf.run(image)
-        times.append((time.perf_counter() - t0) * 1e3)
-    q = np.percentile(times, [50, 90, 99])
-    return {
-        "backend": clf.backend.name,
-        "load_s": load_s,
-        "first_ms": first_ms,
-        "mean_ms": statistics.fmean(times),
-        "p50_ms": float(q[0]),
-        "p90_ms": float(q[1]),
-        "p99_ms": float(q[2]),
-        "runs": runs,
-        "threads": threads,
-        "peak_rss_mb": peak_rss_mb(),
-        "rss_before_load_mb": rss0,
-        "tensorflow_loaded": "tensorflow" in sys.modules,  # the SDK alone: memory is the app's, not TensorFlow's
-    }
-
-
-def measure_in_child(path: str, threads: int | None, runs: int, warmup: int) -> dict[str, Any]:
-    cmd = [
-        sys.executable,
-        "-m",
-        "derm.benchmarks.bench",
-        "_measure",
-        path,
-        "--runs",
-        str(runs),
-        "--warmup",
-        str(warmup),
-    ]
-    if threads:
-        cmd += ["--threads", str(threads)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
-    if proc.returncode != 0:
-        return {"error": (proc.stderr or proc.stdout).strip().splitlines()[-1:]}
-    return json.loads(proc.stdout.strip().splitlines()[-1])
-
-
-def accuracy(
-    outputs: dict[str, np.ndarray], manifest: dict[str, Any], taxonomy: Any, nodes: list[str], n_boot: int, seed: int
-) -> dict[str, Any]:
-    from derm.aggregation import inference_targets, task_targets
-    from derm.metrics import bootstrap_auc, multiclass_metrics
-
-    out: dict[str, Any] = {}
-    for o in manifest["outputs"]:
-        if o["kind"] == "level":
-            y = inference_targets(taxonomy, nodes, o["labels"])
-            m = multiclass_metrics(y, outputs[o["name"]], o["labels"])
-            out[o["name"]] = {"mean_per_class_accuracy": m["mean_per_class_accuracy"], "accuracy": m["accuracy"]}
-        elif o["kind"] == "task":
-            y = task_targets(taxonomy, nodes, o["task"]["id"])
-            keep = y >= 0
-            if keep.sum() and 0 < y[keep].sum() < keep.sum():
-                a, lo, hi = bootstrap_auc(y[keep], outputs[o["name"]][keep, 0], n_boot=n_boot, seed=seed)
-                out[o["name"]] = {"auc": a, "auc_ci": [lo, hi], "n_positive": int(y[keep].sum()), "n": int(keep.sum())}
-    return out
 
 
 def _labelled_images(
@@ -146,6 +56,17 @@ def _labelled_images(
     return [str(ds.paths[i]) for i in idx], [ds.nodes[i] for i in idx], str(data)
 
 
+@dataclasses.dataclass(frozen=True)
+class _Labelled:
+    """The labelled images with their taxonomy nodes, and the float Keras model's outputs on them (the reference)."""
+
+    images: np.ndarray
+    nodes: list[str]
+    taxonomy: Any
+    specs: Any
+    reference: dict[str, np.ndarray]
+
+
 def bench(
     run: Path,
     data: Path | None,
@@ -160,35 +81,79 @@ def bench(
     n_boot: int,
     device: dict[str, Any] | None,
 ) -> dict[str, Any]:
-    from derm._util import unwritable
-    from derm.classifier import Classifier
-    from derm.datasets import readable_images
-    from derm.exporter.export import ExportConfig, export
-    from derm.exporter.graph import build_export_model, output_specs
-    from derm.exporter.parity import parity
-    from derm.exporter.targets import check_quantize, get_target
-    from derm.manifest import read_manifest
-    from derm.preprocess import preprocess
-    from derm.runtimes import RuntimeUnavailable
+    """Export the targets, then measure them and the given files against the float model; the report."""
     from derm.trainer.rundir import load_run
 
     # everything that can be wrong with the inputs is found before minutes of exporting
+    manifests = _check_files(out, files, threads)
+    jobs = _check_targets(targets)
+    model, tax, part, _ = load_run(run)
+    paths, nodes, source = _labelled_images(run, data, limit, seed, tax)
+    images = _load_images(data or run / "split.csv", paths, int(model.input_shape[1]))
+    made = _export(run, out, jobs, manifests)
+    labelled = _reference(model, part, tax, nodes, images)
+    rows: list[dict[str, Any]] = [
+        {
+            "file": "keras float (reference)",
+            "accuracy": accuracy(labelled.reference, _manifest_like(labelled.specs), tax, nodes, n_boot, seed),
+        }
+    ]
+    for path in [*made, *files]:
+        rows.append(_file_row(path, manifests[str(path)], labelled, threads, runs, warmup, n_boot, seed))
+    report: dict[str, Any] = {
+        "run": str(run),
+        "images": len(images),
+        "source": source,
+        "threads": threads,
+        "rows": rows,
+    }
+    if device is not None:
+        report["device"] = _device_report(device, [*made, *files], runs)
+    return report
+
+
+def _check_files(out: Path, files: list[str], threads: int | None) -> dict[str, dict[str, Any]]:
+    """Refuse an unwritable --out and a damaged or inconsistent file; the given files' manifests."""
+    from derm._util import unwritable
+    from derm.classifier import Classifier
+    from derm.manifest import read_manifest
+    from derm.runtimes import RuntimeUnavailable
+
     if problem := unwritable(out / "bench.json"):
         raise DermError(f"--out {str(out)!r}: {problem}; choose another --out.")
     manifests = {str(path): read_manifest(path) for path in files}
     for path in files:  # a damaged or inconsistent file is refused now (one that cannot run here is measured later)
         with contextlib.suppress(RuntimeUnavailable):
             Classifier.load(path, threads=threads)
+    return manifests
+
+
+def _check_targets(targets: list[str]) -> list[tuple[str, Any, str]]:
+    """Each ``target:quantize`` as (name, target, quantize); an unknown target or quantization is refused."""
+    from derm.exporter.targets import check_quantize, get_target
+
     jobs = []
     for spec in targets:
         name, _, quantize = spec.partition(":")
         target = get_target(name)
         jobs.append((name, target, check_quantize(target, quantize or target.default_quantize)))
-    model, tax, part, _ = load_run(run)
-    size = int(model.input_shape[1])
-    paths, nodes, source = _labelled_images(run, data, limit, seed, tax)
-    with readable_images(data or run / "split.csv"):
-        images = np.stack([preprocess(p, size) for p in paths])
+    return jobs
+
+
+def _load_images(source: Path, paths: list[str], size: int) -> np.ndarray:
+    """The images decoded and resized as the SDK does, an unreadable one reported against its source."""
+    from derm.datasets import readable_images
+    from derm.preprocess import preprocess
+
+    with readable_images(source):
+        return np.stack([preprocess(p, size) for p in paths])
+
+
+def _export(run: Path, out: Path, jobs: list[tuple[str, Any, str]], manifests: dict[str, dict[str, Any]]) -> list[Any]:
+    """Export each target with derm-export's pipeline into ``out``; their manifests are added to ``manifests``."""
+    from derm.exporter.export import ExportConfig, export
+    from derm.manifest import read_manifest
+
     made = []
     for name, target, quantize in jobs:
         res = export(
@@ -204,53 +169,68 @@ def bench(
         )
         made.append(res.path)
         manifests[str(res.path)] = read_manifest(res.path)
+    return made
+
+
+def _reference(model: Any, part: Any, tax: Any, nodes: list[str], images: np.ndarray) -> _Labelled:
+    """The float Keras model's outputs on the images, under the exported files' output names."""
+    from derm.exporter.graph import build_export_model, output_specs
+
     specs = output_specs(part)
     reference = build_export_model(model, part, specs).predict(images, batch_size=16, verbose=0)
-    rows: list[dict[str, Any]] = [
-        {
-            "file": "keras float (reference)",
-            "accuracy": accuracy(reference, _manifest_like(specs), tax, nodes, n_boot, seed),
-        }
-    ]
-    for path in [*made, *files]:
-        manifest = manifests[str(path)]
-        target = get_target(manifest["export"]["target"])
-        quantize = manifest["export"]["quantize"]
-        row: dict[str, Any] = {"file": str(path), "target": target.name, "quantize": quantize}
-        row["size_mb"] = (
-            sum(p.stat().st_size for p in Path(path).rglob("*")) / 1e6
-            if Path(path).is_dir()
-            else (Path(path).stat().st_size / 1e6)
-        )
-        try:
-            clf = Classifier.load(path, threads=threads)
-        except RuntimeUnavailable as exc:  # e.g. Core ML off macOS; a damaged file is an error, not a skip
-            row["skipped"] = str(exc)
-            rows.append(row)
-            continue
-        row["latency"] = measure_in_child(str(path), threads, runs, warmup)
-        got = clf.run(images)
-        row["accuracy"] = accuracy(got, manifest, tax, nodes, n_boot, seed)
-        row["parity"] = [vars(r) for r in parity(reference, got, specs, target.parity[quantize], tax, nodes)]
-        row["ok"] = all(r["ok"] for r in row["parity"])
-        rows.append(row)
-    report: dict[str, Any] = {
-        "run": str(run),
-        "images": len(images),
-        "source": source,
-        "threads": threads,
-        "rows": rows,
-    }
-    if device is not None:
-        from derm.benchmarks import adb
+    return _Labelled(images, nodes, tax, specs, reference)
 
-        dev = adb.choose_device(adb.find_adb(device.get("adb")), device.get("serial"))
-        binary = adb.benchmark_binary(dev.abi, device.get("benchmark_model"))
-        report["device"] = {"serial": dev.serial, "model": dev.model, "abi": dev.abi, "rows": []}
-        for path in [*made, *files]:
-            if str(path).endswith(".tflite"):
-                for r in adb.run_on_device(dev, path, binary, device["delegates"], device["threads"], runs):
-                    report["device"]["rows"].append({"file": str(path), **r})
+
+def _file_row(
+    path: Any,
+    manifest: dict[str, Any],
+    labelled: _Labelled,
+    threads: int | None,
+    runs: int,
+    warmup: int,
+    n_boot: int,
+    seed: int,
+) -> dict[str, Any]:
+    """One file's row: size, latency in a fresh process, accuracy, and parity with the reference (or why skipped)."""
+    from derm.classifier import Classifier
+    from derm.exporter.parity import parity
+    from derm.exporter.targets import get_target
+    from derm.runtimes import RuntimeUnavailable
+
+    target = get_target(manifest["export"]["target"])
+    quantize = manifest["export"]["quantize"]
+    row: dict[str, Any] = {"file": str(path), "target": target.name, "quantize": quantize}
+    row["size_mb"] = (
+        sum(p.stat().st_size for p in Path(path).rglob("*")) / 1e6
+        if Path(path).is_dir()
+        else (Path(path).stat().st_size / 1e6)
+    )
+    try:
+        clf = Classifier.load(path, threads=threads)
+    except RuntimeUnavailable as exc:  # e.g. Core ML off macOS; a damaged file is an error, not a skip
+        row["skipped"] = str(exc)
+        return row
+    row["latency"] = measure_in_child(str(path), threads, runs, warmup)
+    got = clf.run(labelled.images)
+    tax, nodes = labelled.taxonomy, labelled.nodes
+    row["accuracy"] = accuracy(got, manifest, tax, nodes, n_boot, seed)
+    thresholds = target.parity[quantize]
+    row["parity"] = [vars(r) for r in parity(labelled.reference, got, labelled.specs, thresholds, tax, nodes)]
+    row["ok"] = all(r["ok"] for r in row["parity"])
+    return row
+
+
+def _device_report(device: dict[str, Any], paths: list[Any], runs: int) -> dict[str, Any]:
+    """Each .tflite on the phone through adb's benchmark_model, one row per delegate."""
+    from derm.benchmarks import adb
+
+    dev = adb.choose_device(adb.find_adb(device.get("adb")), device.get("serial"))
+    binary = adb.benchmark_binary(dev.abi, device.get("benchmark_model"))
+    report: dict[str, Any] = {"serial": dev.serial, "model": dev.model, "abi": dev.abi, "rows": []}
+    for path in paths:
+        if str(path).endswith(".tflite"):
+            for r in adb.run_on_device(dev, path, binary, device["delegates"], device["threads"], runs):
+                report["rows"].append({"file": str(path), **r})
     return report
 
 
@@ -263,64 +243,6 @@ def _manifest_like(specs: Any) -> dict[str, Any]:
             entry["task"] = {"id": s.labels[0]}
         outs.append(entry)
     return {"outputs": outs}
-
-
-def markdown(report: dict[str, Any]) -> str:
-    lines = [
-        f"# derm-bench: {report['run']} on {report['images']} labelled images ({report['source']})",
-        "",
-        "| file | MB | load s | first ms | mean / p50 / p90 / p99 ms | peak RSS MB | 3-way MPCA | 9-way MPCA "
-        "| MvN AUC (95% CI) | carc-vs-SK AUC | top-1 agree (3 / 9) | AUC diff | parity |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
-    ]
-    for r in report["rows"]:
-        acc = r.get("accuracy", {})
-        lat = r.get("latency", {})
-
-        def auc(name: str, acc: dict = acc) -> str:
-            a = acc.get(name)
-            return f"{a['auc']:.3f} ({a['auc_ci'][0]:.3f}-{a['auc_ci'][1]:.3f})" if a else "-"
-
-        par = {(p["output"], p["metric"]): p["value"] for p in r.get("parity", [])}
-        top1 = " / ".join(
-            f"{par[(f'probs_{lv}', 'top1')]:.3f}" for lv in ("three", "nine") if (f"probs_{lv}", "top1") in par
-        )
-        aucd = par.get(("task_melanoma_vs_nevus", "auc_diff"))
-        status = (r.get("skipped", "") and "not run here") or ("yes" if r.get("ok", True) else "**NO**")
-        lat_s = (
-            f"{lat['mean_ms']:.1f} / {lat['p50_ms']:.1f} / {lat['p90_ms']:.1f} / {lat['p99_ms']:.1f}"
-            if "mean_ms" in lat
-            else "-"
-        )
-
-        def num(value: Any, fmt: str) -> str:
-            return "-" if value is None else format(value, fmt)
-
-        three = acc.get("probs_three", {}).get("mean_per_class_accuracy")
-        nine = acc.get("probs_nine", {}).get("mean_per_class_accuracy")
-        lines.append(
-            f"| {Path(r['file']).name if 'target' in r else r['file']} | {num(r.get('size_mb'), '.1f')} | "
-            f"{num(lat.get('load_s'), '.2f')} | {num(lat.get('first_ms'), '.0f')} | {lat_s} | "
-            f"{num(lat.get('peak_rss_mb'), '.0f')} | {num(three, '.3f')} | {num(nine, '.3f')} | "
-            f"{auc('task_melanoma_vs_nevus')} | {auc('task_carcinoma_vs_seborrheic_keratosis')} | {top1 or '-'} | "
-            f"{num(aucd, '.4f')} | {status} |"
-        )
-    if "device" in report:
-        d = report["device"]
-        lines += [
-            "",
-            f"On {d['model']} ({d['serial']}, {d['abi']}) via adb, TFLite benchmark_model:",
-            "",
-            "| file | delegate | threads | init ms | first ms | avg ms | peak MB | error |",
-            "|---|---|---|---|---|---|---|---|",
-        ]
-        for r in d["rows"]:
-            lines.append(
-                f"| {Path(r['file']).name} | {r['delegate']} | {r['threads']} | {r.get('init_ms', '-')} | "
-                f"{r.get('first_ms', '-')} | {r.get('avg_ms', '-')} | {r.get('peak_memory_mb', '-')} | "
-                f"{r.get('error', '')} |"
-            )
-    return "\n".join(lines) + "\n"
 
 
 @app.command()
@@ -348,16 +270,8 @@ def main_command(
     ] = True,
 ) -> None:
     """Measure every exported file: latency, memory, accuracy, parity with the float model."""
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-    dev = None
-    if device is not None:
-        dev = {
-            "serial": None if device == "auto" else device,
-            "adb": adb_path,
-            "benchmark_model": benchmark_model,
-            "delegates": [d for d in delegates.split(",") if d],
-            "threads": device_threads,
-        }
+    setup_logging(logging.WARNING)
+    dev = None if device is None else _device_options(device, adb_path, benchmark_model, delegates, device_threads)
     try:
         report = bench(
             run,
@@ -376,16 +290,34 @@ def main_command(
     except DermError as exc:
         typer.secho(f"Error: {exc}", err=True, fg=typer.colors.RED)
         raise typer.Exit(code=2) from None
+    _write_report(out, report)
+    failed = [r["file"] for r in report["rows"] if r.get("ok") is False]
+    if failed and fail:
+        typer.secho(f"Parity thresholds missed by: {', '.join(failed)}", err=True, fg=typer.colors.RED)
+        raise typer.Exit(code=1)
+
+
+def _device_options(
+    device: str, adb_path: str | None, benchmark_model: str | None, delegates: str, device_threads: int
+) -> dict[str, Any]:
+    """The phone options of the command line, as :func:`bench` takes them."""
+    return {
+        "serial": None if device == "auto" else device,
+        "adb": adb_path,
+        "benchmark_model": benchmark_model,
+        "delegates": [d for d in delegates.split(",") if d],
+        "threads": device_threads,
+    }
+
+
+def _write_report(out: Path, report: dict[str, Any]) -> None:
+    """bench.json and bench.md, each atomically; the table printed."""
     with atomic_write(out / "bench.json") as f:
         json.dump(report, f, indent=1)
     md = markdown(report)
     with atomic_write(out / "bench.md") as f:
         f.write(md)
     typer.echo(md)
-    failed = [r["file"] for r in report["rows"] if r.get("ok") is False]
-    if failed and fail:
-        typer.secho(f"Parity thresholds missed by: {', '.join(failed)}", err=True, fg=typer.colors.RED)
-        raise typer.Exit(code=1)
 
 
 def main() -> None:

@@ -55,21 +55,31 @@ def _rates(y: np.ndarray, call: np.ndarray) -> dict[str, Any]:
 
 
 def decisions(run: Path) -> dict[str, Any]:
-    from derm import metrics
-    from derm.aggregation import (
-        aggregation_matrix,
-        conditional_probability,
-        inference_targets,
-        task_matrix,
-        task_targets,
-    )
     from derm.partition import Partition
     from derm.taxonomy import Taxonomy
 
     tax = Taxonomy.from_dict(json.loads((run / "taxonomy.json").read_text(encoding="utf-8")))
     part = Partition.from_dict(json.loads((run / "partition.json").read_text(encoding="utf-8")), tax)
     run_metrics = json.loads((run / "metrics.json").read_text(encoding="utf-8"))
-    (p_val, n_val), (p_test, n_test) = _read(run, "val"), _read(run, "test")
+    val, test = _read(run, "val"), _read(run, "test")
+    three, n_test = _three_way(tax, part, val, test)
+    out: dict[str, Any] = {"run": str(run), "n_val": len(val[1]), "n_test": n_test, "three": three, "tasks": {}}
+    for task in tax.tasks.values():
+        entry = _task(part, tax, task.id, val, test, run_metrics["test"]["tasks"])
+        if entry is not None:
+            out["tasks"][task.id] = entry
+    return out
+
+
+def _three_way(
+    tax: Any, part: Any, val: tuple[np.ndarray, list[str]], test: tuple[np.ndarray, list[str]]
+) -> tuple[dict[str, Any], int]:
+    """The 3-way argmax's confusion and malignant call against P(malignant) at validation-chosen thresholds; the
+    number of test images with a 3-way label."""
+    from derm import metrics
+    from derm.aggregation import aggregation_matrix, inference_targets
+
+    (p_val, n_val), (p_test, n_test) = val, test
     three = tax.level("three")
     mal = three.index("malignant")
     agg = aggregation_matrix(part, "three", dtype=np.float64)
@@ -80,43 +90,52 @@ def decisions(run: Path) -> dict[str, Any]:
     y_mal_test = (y3 == mal).astype(int)[keep]
     y_mal_val = (inference_targets(tax, n_val, "three") == mal).astype(int)
     out: dict[str, Any] = {
-        "run": str(run),
-        "n_val": len(n_val),
-        "n_test": int(keep.sum()),
-        "three": {
-            "labels": list(three),
-            "argmax_confusion": conf.tolist(),
-            "argmax_accuracy": float(np.trace(conf) / conf.sum()),
-            "argmax_malignant": _rates(y_mal_test, q_test[keep].argmax(1) == mal),
-            "p_malignant": {},
-        },
-        "tasks": {},
+        "labels": list(three),
+        "argmax_confusion": conf.tolist(),
+        "argmax_accuracy": float(np.trace(conf) / conf.sum()),
+        "argmax_malignant": _rates(y_mal_test, q_test[keep].argmax(1) == mal),
+        "p_malignant": {},
     }
     for s in SENSITIVITIES:
         t = metrics.operating_point(y_mal_val, q_val[:, mal], float(s))["threshold"]
-        out["three"]["p_malignant"][s] = {"threshold": t, **_rates(y_mal_test, q_test[keep, mal] >= t)}
-    for task in tax.tasks.values():
-        m = task_matrix(part, task.id, dtype=np.float64)
-        yv, yt = task_targets(tax, n_val, task.id), task_targets(tax, n_test, task.id)
-        if len(set(yv[yv >= 0])) < 2 or len(set(yt[yt >= 0])) < 2:
-            continue
-        sv = conditional_probability(p_val[yv >= 0], m)
-        st = conditional_probability(p_test[yt >= 0], m)
-        yv, yt = yv[yv >= 0], yt[yt >= 0]
-        recorded = run_metrics["test"]["tasks"][task.id]["operating_points"]
-        entry: dict[str, Any] = {
-            "n_positive": int(yt.sum()),
-            "n_negative": int((yt == 0).sum()),
-            "argmax": _rates(yt, st >= 0.5),
-            "val_chosen": {},
-            "manifest": {},
-        }
-        for s in SENSITIVITIES:
-            t = metrics.operating_point(yv, sv, float(s))["threshold"]
-            entry["val_chosen"][s] = {"threshold": t, **_rates(yt, st >= t)}
-            entry["manifest"][s] = {"threshold": recorded[s]["threshold"], **_rates(yt, st >= recorded[s]["threshold"])}
-        out["tasks"][task.id] = entry
-    return out
+        out["p_malignant"][s] = {"threshold": t, **_rates(y_mal_test, q_test[keep, mal] >= t)}
+    return out, int(keep.sum())
+
+
+def _task(
+    part: Any,
+    tax: Any,
+    task_id: str,
+    val: tuple[np.ndarray, list[str]],
+    test: tuple[np.ndarray, list[str]],
+    recorded_tasks: dict[str, Any],
+) -> dict[str, Any] | None:
+    """One binary task's calls: argmax, validation-chosen and manifest (test-chosen) thresholds; None when either
+    split lacks one of its sides."""
+    from derm import metrics
+    from derm.aggregation import conditional_probability, task_matrix, task_targets
+
+    (p_val, n_val), (p_test, n_test) = val, test
+    m = task_matrix(part, task_id, dtype=np.float64)
+    yv, yt = task_targets(tax, n_val, task_id), task_targets(tax, n_test, task_id)
+    if len(set(yv[yv >= 0])) < 2 or len(set(yt[yt >= 0])) < 2:
+        return None
+    sv = conditional_probability(p_val[yv >= 0], m)
+    st = conditional_probability(p_test[yt >= 0], m)
+    yv, yt = yv[yv >= 0], yt[yt >= 0]
+    recorded = recorded_tasks[task_id]["operating_points"]
+    entry: dict[str, Any] = {
+        "n_positive": int(yt.sum()),
+        "n_negative": int((yt == 0).sum()),
+        "argmax": _rates(yt, st >= 0.5),
+        "val_chosen": {},
+        "manifest": {},
+    }
+    for s in SENSITIVITIES:
+        t = metrics.operating_point(yv, sv, float(s))["threshold"]
+        entry["val_chosen"][s] = {"threshold": t, **_rates(yt, st >= t)}
+        entry["manifest"][s] = {"threshold": recorded[s]["threshold"], **_rates(yt, st >= recorded[s]["threshold"])}
+    return entry
 
 
 def _pct(r: dict[str, Any]) -> str:

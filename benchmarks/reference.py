@@ -16,10 +16,11 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import sys
 import time
 from pathlib import Path
 from typing import Any
+
+from derm._cli import setup_logging
 
 RESULTS = Path(__file__).resolve().parent / "results"
 log = logging.getLogger("derm.benchmarks.reference")
@@ -48,7 +49,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--weights", default="1,4,12", help="weights of a PAD-UFES-20 photo to compare")
     ap.add_argument("--save", action="store_true", help="write reference/ and its model card from the chosen run")
     args = ap.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    setup_logging(logging.INFO, timestamps=True)
     data = reference_csv(args.shared or shared_dir(), args.runs / "data.csv")
     rows = []
     for w in (float(x) for x in args.weights.split(",")):

@@ -35,7 +35,7 @@ def _rss_mb() -> float:
     return peak_rss_mb()
 
 
-def main(argv: list[str] | None = None) -> int:
+def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="runs/bench/export/model-int8.tflite")
     ap.add_argument(
@@ -46,7 +46,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--triage-limit", type=int, default=0, help="triage only the first N images (0: the whole folder)")
     ap.add_argument("--results", default=str(RESULTS))
-    args = ap.parse_args(argv)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
 
     from derm.classifier import Classifier
     from derm.preprocess import preprocess
@@ -54,14 +58,27 @@ def main(argv: list[str] | None = None) -> int:
     paths = sorted(str(p) for p in Path(args.images).glob("*.jpg"))
     sample = paths[: args.n]
     clf = Classifier.load(args.model, threads=args.threads)
-    s = clf.input_size
     report: dict[str, Any] = {"model": args.model, "threads": args.threads, "workers": args.workers, "n": len(sample)}
+    arrays = np.stack([preprocess(p, clf.input_size) for p in sample])
+    raw = _raw_invoke_rate(args.model, args.threads, arrays)
+    # end to end: paths in, predictions out (decode overlapping inference)
+    clf2 = Classifier.load(args.model, threads=args.threads)
+    list(clf2.predict_many(sample[:3]))
+    t0 = time.perf_counter()
+    preds = list(clf2.predict_many(sample, workers=args.workers))
+    e2e = len(preds) / (time.perf_counter() - t0)
+    report["throughput"] = {"raw_invoke_img_s": raw, "end_to_end_img_s": e2e, "ratio": e2e / raw, "target": 0.9}
+    report["mediapipe"] = _mediapipe(args.model, clf, arrays)
+    report["triage"] = _triage(Path(args.images), paths, args.triage_limit, clf2, args.workers)
+    write_results(args.results, "sdk", report, markdown(report))
+    return 0
 
-    # raw interpreter rate on pre-decoded inputs
-    arrays = np.stack([preprocess(p, s) for p in sample])
+
+def _raw_invoke_rate(model: str, threads: int, arrays: np.ndarray) -> float:
+    """Images per second of the bare interpreter's invoke on pre-decoded inputs."""
     from ai_edge_litert.interpreter import Interpreter
 
-    interp = Interpreter(model_path=args.model, num_threads=args.threads)
+    interp = Interpreter(model_path=model, num_threads=threads)
     interp.allocate_tensors()
     inp = interp.get_input_details()[0]
     for a in arrays[:3]:
@@ -71,20 +88,15 @@ def main(argv: list[str] | None = None) -> int:
     for a in arrays:
         interp.set_tensor(inp["index"], a[None])
         interp.invoke()
-    raw = len(arrays) / (time.perf_counter() - t0)
-    # end to end: paths in, predictions out (decode overlapping inference)
-    clf2 = Classifier.load(args.model, threads=args.threads)
-    list(clf2.predict_many(sample[:3]))
-    t0 = time.perf_counter()
-    preds = list(clf2.predict_many(sample, workers=args.workers))
-    e2e = len(preds) / (time.perf_counter() - t0)
-    report["throughput"] = {"raw_invoke_img_s": raw, "end_to_end_img_s": e2e, "ratio": e2e / raw, "target": 0.9}
+    return len(arrays) / (time.perf_counter() - t0)
 
-    # MediaPipe Tasks ImageClassifier, same file, same resized images
+
+def _mediapipe(model: str, clf: Any, arrays: np.ndarray) -> dict[str, Any]:
+    """MediaPipe Tasks' ImageClassifier on the same file and resized images: top-1 agreement and time per image."""
     import mediapipe as mp
     from mediapipe.tasks.python import BaseOptions, vision
 
-    options = vision.ImageClassifierOptions(base_options=BaseOptions(model_asset_path=args.model), max_results=-1)
+    options = vision.ImageClassifierOptions(base_options=BaseOptions(model_asset_path=model), max_results=-1)
     mp_times, ours_times, agree = [], [], {}
     with vision.ImageClassifier.create_from_options(options) as mpc:
         for a in arrays:
@@ -102,17 +114,17 @@ def main(argv: list[str] | None = None) -> int:
                 mp_top = max(head.categories, key=lambda c: c.score).category_name
                 ours = labels[int(np.argmax(out[head.head_name][0]))]
                 agree.setdefault(head.head_name, []).append(mp_top == ours)
-    report["mediapipe"] = {
+    return {
         "top1_agreement": {k: float(np.mean(v)) for k, v in agree.items()},
         "ms_per_image_mediapipe": 1e3 * statistics.median(mp_times),
         "ms_per_image_sdk": 1e3 * statistics.median(ours_times),
     }
 
-    # triage over a whole folder: rate and peak memory
+
+def _triage(folder: Path, paths: list[str], limit: int, clf: Any, workers: int) -> dict[str, Any]:
+    """``derm triage`` over the whole folder (or its first ``limit`` images) in this process: rate and peak memory."""
     from derm.triage import triage
 
-    folder = Path(args.images)
-    limit = args.triage_limit
     with tempfile.TemporaryDirectory() as tmp:
         if limit:
             folder = Path(tmp) / "images"
@@ -121,9 +133,9 @@ def main(argv: list[str] | None = None) -> int:
                 os.symlink(p, folder / Path(p).name)
         rss0 = _rss_mb()
         t0 = time.perf_counter()
-        summary = triage(folder, clf2, Path(tmp) / "out", workers=args.workers, progress=False)
+        summary = triage(folder, clf, Path(tmp) / "out", workers=workers, progress=False)
         seconds = time.perf_counter() - t0
-    report["triage"] = {
+    return {
         "images": summary.images,
         "classified": summary.classified,
         "unreadable": summary.unreadable,
@@ -132,8 +144,6 @@ def main(argv: list[str] | None = None) -> int:
         "peak_rss_mb_before": rss0,
         "peak_rss_mb_after": _rss_mb(),
     }
-    write_results(args.results, "sdk", report, markdown(report))
-    return 0
 
 
 def markdown(r: dict[str, Any]) -> str:

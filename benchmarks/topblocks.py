@@ -36,6 +36,7 @@ from typing import Any
 
 import numpy as np
 
+from derm._cli import setup_logging
 from derm.benchmarks._results import write_results
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -220,7 +221,7 @@ def main(argv: list[str] | None = None) -> int:
     folds = [int(k) for k in args.folds.split(",")]
     if any(not 0 <= k < HAM_FOLDS for k in folds):
         ap.error(f"--folds {args.folds!r}: folds are 0..{HAM_FOLDS - 1}")
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    setup_logging(logging.INFO)
     base = TrainConfig(
         data="",
         out="",

@@ -24,7 +24,10 @@ import csv
 import dataclasses
 import json
 import logging
+import os
+import platform
 import resource
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -32,6 +35,8 @@ from typing import Any
 import numpy as np
 
 from derm import metrics
+from derm._cli import setup_logging
+from derm.benchmarks._trainer_markdown import markdown
 
 RESULTS = Path(__file__).resolve().parent / "results"
 log = logging.getLogger("derm.benchmarks.trainer")
@@ -264,80 +269,7 @@ def throughput(base: Any, shared: Path, n: int = 256) -> dict[str, Any]:
     }
 
 
-def _fmt(e: dict[str, Any]) -> str:
-    return f"{e['auc']:.3f} ({e['lo']:.3f}-{e['hi']:.3f})"
-
-
-def markdown(res: dict[str, Any]) -> str:
-    c = res["config"]
-    lines = [
-        "# Trainer benchmark (bottleneck mode, inception-2015 weights)",
-        "",
-        f"Run `{res['command']}` on {res['machine']}, {res['date']}. Input {c['input_size']}x{c['input_size']}, "
-        f"head on pooled {', '.join(c['pool_layers'])}, {c['views']} augmented views per training image, "
-        f"{c['head_epochs']} head epochs, class weighting {c['class_weighting']}, seed {c['seed']}.",
-        "",
-    ]
-    if "ham" in res:
-        h = res["ham"]
-        s = h["summary"]
-
-        def ms(k: str) -> str:
-            return f"{s[k]['mean']:.3f} ± {s[k]['sd']:.3f}" if k in s else "n/a"
-
-        lines += [
-            "## HAM10000, lesion-grouped 5-fold cross-validation",
-            "",
-            "| metric | this model (mean ± sd over folds) | logistic regression baseline |",
-            "|---|---|---|",
-            f"| 7-diagnosis mean per-class accuracy | {ms('train_classes_mpca')} | "
-            f"{res.get('baseline', {}).get('labels_mpca_mean', float('nan')):.3f} |",
-            f"| 3-way accuracy | {ms('three_accuracy')} | |",
-            f"| 3-way mean per-class accuracy | {ms('three_mpca')} | |",
-            f"| melanoma vs nevus AUC (per fold) | {ms('melanoma_vs_nevus_auc')} | |",
-            f"| melanoma vs nevus AUC (pooled, 95% CI) | {_fmt(h['pooled_melanoma_vs_nevus'])} | "
-            f"{_fmt(res['baseline']['pooled_melanoma_vs_nevus']) if 'baseline' in res else ''} |",
-            "",
-        ]
-    if "isic2017" in res:
-        i = res["isic2017"]
-        lines += [
-            "## ISIC 2017 (train split -> validation split)",
-            "",
-            f"- melanoma vs nevus AUC {_fmt(i['melanoma_vs_nevus'])}",
-            f"- seborrheic keratosis vs rest AUC {_fmt(i['seborrheic_keratosis_vs_rest'])}",
-            f"- 3-diagnosis mean per-class accuracy {i['labels_mpca']:.3f} ({i['n_test_images']} images)",
-            "",
-        ]
-    if "pad" in res:
-        p = res["pad"]
-        lines += [
-            "## PAD-UFES-20 smartphone photos, patient-grouped 5-fold",
-            "",
-            f"- carcinoma vs seborrheic keratosis AUC, trained with dermoscopy + other PAD folds: "
-            f"{_fmt(p['mixed_training'])}",
-            f"- same, trained on dermoscopy only: {_fmt(p['dermoscopy_only'])}",
-            "",
-        ]
-    if "throughput" in res:
-        t = res["throughput"]
-        lines += [
-            "## Throughput (feature cache vs raw model.predict)",
-            "",
-            f"- feature cache, plain views: {t['cache_plain_images_per_s']:.1f} images/s; augmented views: "
-            f"{t['cache_augmented_images_per_s']:.1f} images/s (decode, resize, augmentation included)",
-            f"- raw `model.predict` on pre-decoded arrays: {t['raw_predict_images_per_s']:.1f} images/s; "
-            f"ratio {t['ratio_plain']:.2f} (plain), {t['ratio_augmented']:.2f} (augmented)",
-            f"- single image: {t['single_image_ms_median']:.0f} ms; peak RSS {t['peak_rss_mib']:.0f} MiB",
-            "",
-        ]
-    lines += ["## What limits these numbers", "", res.get("limits", ""), ""]
-    return "\n".join(lines)
-
-
-def main(argv: list[str] | None = None) -> None:
-    from derm.trainer.config import TrainConfig
-
+def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--shared", type=Path, default=Path("../shared"))
     ap.add_argument("--runs", type=Path, default=Path("runs/bench"))
@@ -352,9 +284,14 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--only", default="ham,baseline,isic,pad,throughput")
     ap.add_argument("--out", type=Path, default=RESULTS)
     ap.add_argument("--tag", default="trainer")
-    args = ap.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    base = TrainConfig(
+    return ap
+
+
+def _base_config(args: argparse.Namespace) -> Any:
+    """The training configuration every part starts from (each sets its own data, out and holdout)."""
+    from derm.trainer.config import TrainConfig
+
+    return TrainConfig(
         data="",
         out="",
         views=args.views,
@@ -365,13 +302,13 @@ def main(argv: list[str] | None = None) -> None:
         patience=args.patience,
         feature_cache=str(args.feature_cache) if args.feature_cache else None,
     )
-    only = set(args.only.split(","))
-    import platform
 
-    res: dict[str, Any] = {
-        "command": "python -m derm.benchmarks.trainer "
-        + " ".join(argv if argv is not None else __import__("sys").argv[1:]),
-        "machine": f"{platform.machine()}, {__import__('os').cpu_count()} CPU cores, no GPU",
+
+def _header(argv: list[str] | None, base: Any) -> dict[str, Any]:
+    """The command, machine, date, configuration and limits at the top of the results."""
+    return {
+        "command": "python -m derm.benchmarks.trainer " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, no GPU",
         "date": time.strftime("%Y-%m-%d"),
         "config": dataclasses.asdict(base),
         "limits": "The images here are small: HAM10000 200x150 (originals 600x450), ISIC 2017 256x256 (resized by a "
@@ -380,15 +317,25 @@ def main(argv: list[str] | None = None) -> None:
         "299x299 is out of reach of this 2-core CPU, so the head sees ImageNet features only. The augmented views "
         "per image are few (see above) for the same reason.",
     }
-    t0 = time.perf_counter()
+
+
+def _baseline_cache(runs: Path, base: Any) -> Path | None:
+    """The feature cache of the HAM cross-validation runs: the one given, or the one their first fold used."""
+    cache = Path(base.feature_cache) if base.feature_cache else None
+    if cache is None:
+        cfg0 = json.loads((runs / "ham_cv" / "fold_0" / "config.json").read_text())
+        cache = Path(cfg0["feature_cache"]) if cfg0.get("feature_cache") else None
+    return cache
+
+
+def _run_parts(args: argparse.Namespace, base: Any, only: set[str]) -> dict[str, Any]:
+    """Each part named in ``--only``, in order; their results by part."""
+    res: dict[str, Any] = {}
     runs = args.runs
     if "ham" in only:
         res["ham"] = ham_cv(base, args.shared / "data/ham10000/labels.csv", runs, args.folds)
     if "baseline" in only and (runs / "ham_cv").is_dir():
-        cache = Path(base.feature_cache) if base.feature_cache else None
-        if cache is None:
-            cfg0 = json.loads((runs / "ham_cv" / "fold_0" / "config.json").read_text())
-            cache = Path(cfg0["feature_cache"]) if cfg0.get("feature_cache") else None
+        cache = _baseline_cache(runs, base)
         if cache is not None:
             res["baseline"] = logistic_baseline(runs / "ham_cv", cache)
     if "isic" in only:
@@ -397,6 +344,17 @@ def main(argv: list[str] | None = None) -> None:
         res["pad"] = pad_phone(base, args.shared, runs, args.folds)
     if "throughput" in only:
         res["throughput"] = throughput(base, args.shared)
+    return res
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = _parser().parse_args(argv)
+    setup_logging(logging.INFO)
+    base = _base_config(args)
+    only = set(args.only.split(","))
+    res = _header(argv, base)
+    t0 = time.perf_counter()
+    res.update(_run_parts(args, base, only))
     res["seconds"] = time.perf_counter() - t0
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / f"{args.tag}.json").write_text(json.dumps(res, indent=2, default=float) + "\n")

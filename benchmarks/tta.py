@@ -27,7 +27,7 @@ from derm.benchmarks._results import write_results
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
-def main(argv: list[str] | None = None) -> int:
+def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="runs/reference/export/model-int8.tflite")
     ap.add_argument("--split", default="runs/reference_cal/split.csv", help="a run's split.csv (its test rows)")
@@ -35,31 +35,20 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--results", default=str(RESULTS))
-    args = ap.parse_args(argv)
+    return ap
 
-    from derm import metrics
-    from derm.aggregation import task_targets
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+
     from derm.classifier import Classifier
-    from derm.evaluation import evaluate
-    from derm.preprocess import TTA_VIEWS, tta_views
     from derm.taxonomy import default_taxonomy
 
-    with open(args.split, newline="", encoding="utf-8") as f:
-        rows = [r for r in csv.DictReader(f) if r["role"] == "test"]
-    rng = np.random.default_rng(args.seed)
-    rows = [rows[i] for i in sorted(rng.choice(len(rows), size=min(args.n, len(rows)), replace=False))]
+    rows = _test_rows(args.split, args.n, args.seed)
     clf = Classifier.load(args.model, threads=args.threads)
     tax = default_taxonomy()
     nodes = [r["node"] for r in rows]
-    per_view: dict[str, list[np.ndarray]] = {}
-    t0 = time.perf_counter()
-    for i, r in enumerate(rows):
-        out = clf.run(tta_views(clf.prepare(r["image"]), len(TTA_VIEWS)))
-        for k, v in out.items():
-            per_view.setdefault(k, []).append(v)
-        if (i + 1) % 50 == 0:
-            print(f"{i + 1}/{len(rows)} images, {time.perf_counter() - t0:.0f} s", flush=True)
-    outs = {k: np.stack(v) for k, v in per_view.items()}  # (images, views, values)
+    outs = _every_view(clf, rows)
     from derm.trainer.rundir import load_partition
 
     _, partition = load_partition(Path(args.split).parent)
@@ -68,32 +57,74 @@ def main(argv: list[str] | None = None) -> int:
     image = clf.prepare(rows[0]["image"])
     for n in (1, 2, 4, 8):
         mean = {k: v[:, :n].mean(axis=1) for k, v in outs.items()}
-        res = evaluate(mean["training_probs"], nodes, partition, levels=["three"], tasks=[], seed=args.seed)
-        row: dict[str, Any] = {}
-        three = res["levels"]["three"]
-        row["three_accuracy"] = three.get("accuracy")
-        row["three_mpca"] = three.get("mean_per_class_accuracy")
-        for task in clf.tasks:
-            y = task_targets(tax, nodes, task)
-            keep = y >= 0
-            if (y[keep] == 1).any() and (y[keep] == 0).any():
-                m = metrics.binary_task_metrics(y[keep], mean[f"task_{task}"][keep, 0], n_boot=1000, seed=args.seed)
-                row[task] = {"auc": m["auc"], "auc_ci": m["auc_ci"], "n_pos": m["n_positive"], "n_neg": m["n_negative"]}
-        mal = np.asarray([tax.is_under(x, "malignant") if x in tax else False for x in nodes], dtype=np.int64)
-        m = metrics.binary_task_metrics(mal, mean["probs_three"][:, 1], n_boot=1000, seed=args.seed)
-        row["malignant_auc"] = {"auc": m["auc"], "auc_ci": m["auc_ci"]}
-        timed = Classifier.load(args.model, threads=args.threads, tta=n)
-        for _ in range(2):
-            timed.infer(image[None])
-        ms = []
-        for _ in range(10):
-            t = time.perf_counter()
-            timed.infer(image[None])
-            ms.append(1000 * (time.perf_counter() - t))
-        row["ms_per_image"] = statistics.median(ms)
+        row = _accuracy(mean, nodes, partition, clf.tasks, tax, args.seed)
+        row["ms_per_image"] = _latency_ms(args.model, args.threads, n, image)
         report["by_n"][str(n)] = row
     write_results(args.results, "tta", report, markdown(report, clf.tasks))
     return 0
+
+
+def _test_rows(split: str, n: int, seed: int) -> list[dict[str, str]]:
+    """A seeded sample of the split's test rows, in file order."""
+    with open(split, newline="", encoding="utf-8") as f:
+        rows = [r for r in csv.DictReader(f) if r["role"] == "test"]
+    rng = np.random.default_rng(seed)
+    return [rows[i] for i in sorted(rng.choice(len(rows), size=min(n, len(rows)), replace=False))]
+
+
+def _every_view(clf: Any, rows: list[dict[str, str]]) -> dict[str, np.ndarray]:
+    """Each output on every view of every image: (images, views, values), with progress every 50 images."""
+    from derm.preprocess import TTA_VIEWS, tta_views
+
+    per_view: dict[str, list[np.ndarray]] = {}
+    t0 = time.perf_counter()
+    for i, r in enumerate(rows):
+        out = clf.run(tta_views(clf.prepare(r["image"]), len(TTA_VIEWS)))
+        for k, v in out.items():
+            per_view.setdefault(k, []).append(v)
+        if (i + 1) % 50 == 0:
+            print(f"{i + 1}/{len(rows)} images, {time.perf_counter() - t0:.0f} s", flush=True)
+    return {k: np.stack(v) for k, v in per_view.items()}
+
+
+def _accuracy(
+    mean: dict[str, np.ndarray], nodes: list[str], partition: Any, tasks: list[str], tax: Any, seed: int
+) -> dict[str, Any]:
+    """3-way accuracy, each task's AUC and P(malignant)'s AUC of the outputs averaged over the first N views."""
+    from derm import metrics
+    from derm.aggregation import task_targets
+    from derm.evaluation import evaluate
+
+    res = evaluate(mean["training_probs"], nodes, partition, levels=["three"], tasks=[], seed=seed)
+    row: dict[str, Any] = {}
+    three = res["levels"]["three"]
+    row["three_accuracy"] = three.get("accuracy")
+    row["three_mpca"] = three.get("mean_per_class_accuracy")
+    for task in tasks:
+        y = task_targets(tax, nodes, task)
+        keep = y >= 0
+        if (y[keep] == 1).any() and (y[keep] == 0).any():
+            m = metrics.binary_task_metrics(y[keep], mean[f"task_{task}"][keep, 0], n_boot=1000, seed=seed)
+            row[task] = {"auc": m["auc"], "auc_ci": m["auc_ci"], "n_pos": m["n_positive"], "n_neg": m["n_negative"]}
+    mal = np.asarray([tax.is_under(x, "malignant") if x in tax else False for x in nodes], dtype=np.int64)
+    m = metrics.binary_task_metrics(mal, mean["probs_three"][:, 1], n_boot=1000, seed=seed)
+    row["malignant_auc"] = {"auc": m["auc"], "auc_ci": m["auc_ci"]}
+    return row
+
+
+def _latency_ms(model: str, threads: int, n: int, image: np.ndarray) -> float:
+    """Median ms of ``infer`` on one decoded image with ``--tta n``."""
+    from derm.classifier import Classifier
+
+    timed = Classifier.load(model, threads=threads, tta=n)
+    for _ in range(2):
+        timed.infer(image[None])
+    ms = []
+    for _ in range(10):
+        t = time.perf_counter()
+        timed.infer(image[None])
+        ms.append(1000 * (time.perf_counter() - t))
+    return statistics.median(ms)
 
 
 def markdown(r: dict[str, Any], tasks: list[str]) -> str:

@@ -186,42 +186,8 @@ def markdown(r: dict[str, Any]) -> str:
         "| runtime | median ms | min ms | vs SDK 1 thread |",
         "|---|---|---|---|",
     ]
-    for s in r["sdk"]:
-        lines.append(
-            f"| Python SDK, ai-edge-litert, {s['threads']} thread(s) | {s['median_ms']:.1f} | {s['min_ms']:.1f} | "
-            f"{s['median_ms'] / one['median_ms']:.2f}x |"
-        )
-    for name, b in r["browser"].items():
-        if "median_ms" not in b:
-            lines.append(f"| browser, MediaPipe {name} delegate | - | - | cannot run this file (below) |")
-            continue
-        lines.append(
-            f"| browser, MediaPipe {name}{' (WASM, SIMD, 1 thread)' if name == 'CPU' else ''} | "
-            f"{b['median_ms']:.1f} | {b['min_ms']:.1f} | "
-            f"{b['median_ms'] / one['median_ms']:.2f}x |"
-        )
-    lit = r["litert_js"]
-    for row in lit["runs"]:
-        if "error" in row:
-            lines.append(f"| browser, LiteRT.js {lit['version']} | - | - | failed: {row['error'][:200]} |")
-            continue
-        lines.append(
-            f"| browser, LiteRT.js {lit['version']} (WASM, XNNPACK, {row['threads']} thread(s); probe page) | "
-            f"{row['median_ms']:.1f} | {row['min_ms']:.1f} | {row['median_ms'] / one['median_ms']:.2f}x |"
-        )
-    runs = {row.get("threads"): row for row in lit["runs"] if "error" not in row}
-    if 1 in runs and 2 in runs and "median_ms" in cpu:
-        lines += [
-            "",
-            f"Where the time goes: LiteRT.js runs the same XNNPACK kernels in WASM without MediaPipe's image pipeline "
-            f"and takes {runs[1]['median_ms']:.0f} ms at 1 thread, against {cpu['median_ms']:.0f} ms for MediaPipe's "
-            "whole classify: the image conversion and the graph cost next to nothing; the gap to the SDK "
-            f"({one['median_ms']:.0f} ms) is the kernels in WASM's 128-bit SIMD against AVX2 natively. Threads close "
-            f"it: LiteRT.js at 2 threads takes {runs[2]['median_ms']:.0f} ms "
-            f"({runs[2]['median_ms'] / one['median_ms']:.2f}x), but MediaPipe Tasks {r['tasks_vision']} ships only a "
-            "single-threaded WASM build, so the page cannot use them (it is cross-origin isolated, ready for a "
-            "threaded runtime).",
-        ]
+    lines += _latency_rows(r, one["median_ms"])
+    lines += _where_the_time_goes(r, one["median_ms"], cpu)
     for name, b in r["browser"].items():
         if b.get("notice"):
             lines += ["", f"{name} delegate: {b['notice']} MediaPipe's log: " + " ".join(b.get("log", []))]
@@ -230,6 +196,61 @@ def markdown(r: dict[str, Any]) -> str:
         f"Target: within 2x of the SDK's one-thread latency; the page's CPU path is at "
         f"{cpu['median_ms'] / one['median_ms']:.2f}x.",
         "",
+    ]
+    lines += _parity_table(r)
+    return "\n".join(lines) + "\n"
+
+
+def _latency_rows(r: dict[str, Any], one_ms: float) -> list[str]:
+    """The latency table's rows: the SDK at each thread count, the page's delegates, LiteRT.js's probe runs."""
+    lines = []
+    for s in r["sdk"]:
+        lines.append(
+            f"| Python SDK, ai-edge-litert, {s['threads']} thread(s) | {s['median_ms']:.1f} | {s['min_ms']:.1f} | "
+            f"{s['median_ms'] / one_ms:.2f}x |"
+        )
+    for name, b in r["browser"].items():
+        if "median_ms" not in b:
+            lines.append(f"| browser, MediaPipe {name} delegate | - | - | cannot run this file (below) |")
+            continue
+        lines.append(
+            f"| browser, MediaPipe {name}{' (WASM, SIMD, 1 thread)' if name == 'CPU' else ''} | "
+            f"{b['median_ms']:.1f} | {b['min_ms']:.1f} | "
+            f"{b['median_ms'] / one_ms:.2f}x |"
+        )
+    lit = r["litert_js"]
+    for row in lit["runs"]:
+        if "error" in row:
+            lines.append(f"| browser, LiteRT.js {lit['version']} | - | - | failed: {row['error'][:200]} |")
+            continue
+        lines.append(
+            f"| browser, LiteRT.js {lit['version']} (WASM, XNNPACK, {row['threads']} thread(s); probe page) | "
+            f"{row['median_ms']:.1f} | {row['min_ms']:.1f} | {row['median_ms'] / one_ms:.2f}x |"
+        )
+    return lines
+
+
+def _where_the_time_goes(r: dict[str, Any], one_ms: float, cpu: dict[str, Any]) -> list[str]:
+    """LiteRT.js at 1 and 2 threads against MediaPipe's classify and the SDK (when all three ran)."""
+    runs = {row.get("threads"): row for row in r["litert_js"]["runs"] if "error" not in row}
+    if not (1 in runs and 2 in runs and "median_ms" in cpu):
+        return []
+    return [
+        "",
+        f"Where the time goes: LiteRT.js runs the same XNNPACK kernels in WASM without MediaPipe's image pipeline "
+        f"and takes {runs[1]['median_ms']:.0f} ms at 1 thread, against {cpu['median_ms']:.0f} ms for MediaPipe's "
+        "whole classify: the image conversion and the graph cost next to nothing; the gap to the SDK "
+        f"({one_ms:.0f} ms) is the kernels in WASM's 128-bit SIMD against AVX2 natively. Threads close "
+        f"it: LiteRT.js at 2 threads takes {runs[2]['median_ms']:.0f} ms "
+        f"({runs[2]['median_ms'] / one_ms:.2f}x), but MediaPipe Tasks {r['tasks_vision']} ships only a "
+        "single-threaded WASM build, so the page cannot use them (it is cross-origin isolated, ready for a "
+        "threaded runtime).",
+    ]
+
+
+def _parity_table(r: dict[str, Any]) -> list[str]:
+    """Golden-vector parity of the page against the SDK, and with MediaPipe's own resize."""
+    lines = [
         "## Parity on golden vectors (the page's file input vs the Python SDK)",
         "",
         "| image | size | input levels: max diff (values differing) | outputs: max abs diff | P(malignant) SDK / "
@@ -244,7 +265,7 @@ def markdown(r: dict[str, Any]) -> str:
             f"{p['output_max_abs']:.2g} | {p['p_malignant']['sdk']:.4f} / {p['p_malignant']['page']:.4f} | "
             f"{o['p_malignant']['page']:.4f}, {o['output_max_abs']:.3f} |"
         )
-    return "\n".join(lines) + "\n"
+    return lines
 
 
 if __name__ == "__main__":

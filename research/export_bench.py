@@ -33,6 +33,7 @@ from typing import Any
 
 import numpy as np
 
+from derm._cli import setup_logging
 from derm.benchmarks._results import write_results
 from derm.exporter.config import DEFAULT_CALIBRATION
 
@@ -136,7 +137,7 @@ def _has_vnni() -> bool | None:
         return None
 
 
-def main(argv: list[str] | None = None) -> int:
+def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--run", default="runs/bench/ham_cv/fold_0", help="derm-train run directory")
     ap.add_argument("--out", default="runs/bench/export", help="where the exported files go")
@@ -156,10 +157,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-float-head", action="store_true", help="TFLite int8: quantize the head too")
     ap.add_argument("--no-equalize", action="store_true", help="int8: no activation equalization")
     ap.add_argument("--results", default=str(RESULTS))
-    args = ap.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    return ap
 
-    from derm.exporter.export import ExportConfig, calibration_rows, export, load_images, validation_rows
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    setup_logging(logging.INFO, timestamps=True)
+
+    from derm.exporter.export import ExportConfig, calibration_rows, load_images, validation_rows
     from derm.exporter.targets import TARGETS
     from derm.trainer.rundir import load_run
 
@@ -182,42 +187,7 @@ def main(argv: list[str] | None = None) -> int:
         for quantize in target.quantizations:
             if (quantize == "qat" and args.qat_steps is None) or (wanted and (target.name, quantize) not in wanted):
                 continue  # qat needs the [qat] environment (DERM_QAT_PYTHON) and a training budget
-            log.info("exporting %s %s", target.name, quantize)
-            out = Path(args.out) / f"model-{quantize}{target.suffix}"
-            res = export(
-                ExportConfig(
-                    run=str(run),
-                    target=target.name,
-                    quantize=quantize,
-                    out=str(out),
-                    validation_size=args.validation_size,
-                    calibration_size=args.calibration_size,
-                    overwrite=True,
-                    force=True,
-                    qat_steps=args.qat_steps,
-                    weight_rounding=args.weight_rounding,
-                    float_head=not args.no_float_head,
-                    equalize=not args.no_equalize,
-                )
-            )
-            row = res.to_dict()
-            how = row.pop("manifest")["export"]
-            row["weight_rounding"] = how.get("weight_rounding", {}).get("method")
-            row["float_head"] = how.get("float_head")
-            row["equalization"] = how.get("equalization")
-            row["qat"] = how.get("qat")
-            row["size_mb"] = res.size_bytes / 1e6
-            if target.name in ("tflite", "onnx"):
-                invoke = _tflite_invoke if target.name == "tflite" else _onnx_invoke
-                base = plain.get((target.name, "int8" if quantize == "qat" else quantize))
-                row["latency_ms"] = {}
-                for threads in (1, 2):
-                    ours = latency_ms(invoke(str(out), threads), probe, args.repeats)
-                    theirs = latency_ms(invoke(base, threads), probe, args.repeats) if base else None
-                    row["latency_ms"][str(threads)] = {"derm_export": ours, "plain": theirs}
-                row["plain_size_mb"] = len(base) / 1e6 if base else None
-            results.append(row)
-            log.info("%s %s: %.1f MB, ok=%s", target.name, quantize, row["size_mb"], res.ok)
+            results.append(_export_row(args, run, target, quantize, plain, probe))
     report = {
         "run": str(run),
         "weights": cfg.get("weights"),
@@ -229,15 +199,69 @@ def main(argv: list[str] | None = None) -> int:
         "machine": {"cpus": os.cpu_count(), "vnni": _has_vnni()},
         "results": results,
     }
-    results_dir = Path(args.results)
+    write_results(Path(args.results), _results_name(args, wanted), report, markdown(report))
+    return 0
+
+
+def _export_row(
+    args: argparse.Namespace,
+    run: Path,
+    target: Any,
+    quantize: str,
+    plain: dict[tuple[str, str], bytes],
+    probe: np.ndarray,
+) -> dict[str, Any]:
+    """One file made with derm-export's pipeline: its result, int8 preparation, size and latency against the plain
+    export of the same quantization."""
+    from derm.exporter.export import ExportConfig, export
+
+    log.info("exporting %s %s", target.name, quantize)
+    out = Path(args.out) / f"model-{quantize}{target.suffix}"
+    res = export(
+        ExportConfig(
+            run=str(run),
+            target=target.name,
+            quantize=quantize,
+            out=str(out),
+            validation_size=args.validation_size,
+            calibration_size=args.calibration_size,
+            overwrite=True,
+            force=True,
+            qat_steps=args.qat_steps,
+            weight_rounding=args.weight_rounding,
+            float_head=not args.no_float_head,
+            equalize=not args.no_equalize,
+        )
+    )
+    row = res.to_dict()
+    how = row.pop("manifest")["export"]
+    row["weight_rounding"] = how.get("weight_rounding", {}).get("method")
+    row["float_head"] = how.get("float_head")
+    row["equalization"] = how.get("equalization")
+    row["qat"] = how.get("qat")
+    row["size_mb"] = res.size_bytes / 1e6
+    if target.name in ("tflite", "onnx"):
+        invoke = _tflite_invoke if target.name == "tflite" else _onnx_invoke
+        base = plain.get((target.name, "int8" if quantize == "qat" else quantize))
+        row["latency_ms"] = {}
+        for threads in (1, 2):
+            ours = latency_ms(invoke(str(out), threads), probe, args.repeats)
+            theirs = latency_ms(invoke(base, threads), probe, args.repeats) if base else None
+            row["latency_ms"][str(threads)] = {"derm_export": ours, "plain": theirs}
+        row["plain_size_mb"] = len(base) / 1e6 if base else None
+    log.info("%s %s: %.1f MB, ok=%s", target.name, quantize, row["size_mb"], res.ok)
+    return row
+
+
+def _results_name(args: argparse.Namespace, wanted: set[tuple[str, ...]]) -> str:
+    """export, or export_<pairs> with --only, and the int8 preparation and QAT steps when not the defaults."""
     name = "export" if not wanted else "export_" + "_".join(sorted(f"{t}_{q}" for t, q in wanted))
     if args.weight_rounding != "gptq" or args.no_float_head or args.no_equalize:
         name += f"_{args.weight_rounding}" + ("_int8head" if args.no_float_head else "")
         name += "_noeq" if args.no_equalize else ""
     if ("tflite", "qat") in wanted:
         name += f"_{args.qat_steps}steps"
-    write_results(results_dir, name, report, markdown(report))
-    return 0
+    return name
 
 
 def markdown(report: dict[str, Any]) -> str:

@@ -21,12 +21,14 @@ from __future__ import annotations
 
 import argparse
 import logging
+import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from derm._cli import setup_logging
 from derm.benchmarks._results import write_results
 from derm.exporter.config import DEFAULT_CALIBRATION, DEFAULT_ROUNDING_IMAGES
 from derm.exporter.equalize import DEFAULT_ALPHA
@@ -55,7 +57,7 @@ def differences(ref: np.ndarray, got: np.ndarray, matrices: dict[str, np.ndarray
     return out
 
 
-def main(argv: list[str] | None = None) -> int:
+def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--run", default="runs/bench/ham_cv/fold_0", help="derm-train run directory")
     ap.add_argument("--images", type=int, default=500, help="held-out images (test fold), derm-export's seeded sample")
@@ -64,19 +66,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--file", default=None, help="the exported int8 .tflite of the same run, measured beside")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--results", default=str(RESULTS))
-    args = ap.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    return ap
 
-    from derm.exporter.export import (
-        ExportConfig,
-        calibration_rows,
-        int8_ready_classifier,
-        load_images,
-        validation_rows,
-    )
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    setup_logging(logging.INFO, timestamps=True)
+
+    from derm.exporter.export import ExportConfig, calibration_rows, load_images, validation_rows
     from derm.exporter.graph import output_specs
     from derm.trainer.rundir import load_run
-    from research import int8sim
 
     t0 = time.perf_counter()
     run = Path(args.run)
@@ -89,9 +88,48 @@ def main(argv: list[str] | None = None) -> int:
     paths, _, source = validation_rows(ExportConfig(run=str(run), validation_size=args.images, seed=args.seed), tax)
     images = load_images(paths, size, "held-out")
     ref = model.predict(images.astype(np.float32), batch_size=16, verbose=0)
+    rows = _simulated(run, cal, args.rounding_images, images, ref, matrices)
+    if args.file:
+        from derm.runtimes import TFLiteRuntime
+
+        got = TFLiteRuntime(args.file)(images)["training_probs"]
+        rows.append(
+            {"rounded": f"the exported file {Path(args.file).name} (ai-edge-litert)", **differences(ref, got, matrices)}
+        )
+    whole = next(r for r in rows if r["rounded"].startswith("activations only"))["rms_nine"]
+    for r in rows:
+        r["share_of_activation_rms2"] = (r["rms_nine"] / whole) ** 2 if whole else None
+    report = {
+        "command": "python -m research.int8_noise " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "run": str(run),
+        "weights": cfg.get("weights"),
+        "input_size": size,
+        "images": len(images),
+        "source": source,
+        "calibration_images": len(cal),
+        "rounding_images": args.rounding_images,
+        "seconds": time.perf_counter() - t0,
+        "rows": rows,
+    }
+    out = Path(args.results)
+    write_results(out, "int8_noise", report, markdown(report))
+    return 0
+
+
+def _simulated(
+    run: Path,
+    cal: np.ndarray,
+    rounding_images: int,
+    images: np.ndarray,
+    ref: np.ndarray,
+    matrices: dict[str, np.ndarray],
+) -> list[dict[str, Any]]:
+    """One row per rounding simulated in Keras: the weights, the activations, both, and each part's activations."""
+    from derm.exporter.export import int8_ready_classifier
+    from research import int8sim
 
     def prepared(rounds: bool) -> Any:  # derm-export's int8 preparation (fold, equalize, GPTQ when rounds)
-        return int8_ready_classifier(run, cal, args.rounding_images, {"export": {}}, alpha=DEFAULT_ALPHA, rounds=rounds)
+        return int8_ready_classifier(run, cal, rounding_images, {"export": {}}, alpha=DEFAULT_ALPHA, rounds=rounds)
 
     rows: list[dict[str, Any]] = []
 
@@ -113,32 +151,7 @@ def main(argv: list[str] | None = None) -> int:
     for part_name, wanted in PARTS.items():
         relus = [first] if wanted is None else [n for n, b in block_of.items() if b in wanted and n != first]
         measure(f"activations of {part_name} only ({len(relus)} ReLUs)", floats, ranges, relus)
-    if args.file:
-        from derm.runtimes import TFLiteRuntime
-
-        got = TFLiteRuntime(args.file)(images)["training_probs"]
-        rows.append(
-            {"rounded": f"the exported file {Path(args.file).name} (ai-edge-litert)", **differences(ref, got, matrices)}
-        )
-    whole = next(r for r in rows if r["rounded"].startswith("activations only"))["rms_nine"]
-    for r in rows:
-        r["share_of_activation_rms2"] = (r["rms_nine"] / whole) ** 2 if whole else None
-    report = {
-        "command": "python -m research.int8_noise "
-        + " ".join(argv if argv is not None else __import__("sys").argv[1:]),
-        "run": str(run),
-        "weights": cfg.get("weights"),
-        "input_size": size,
-        "images": len(images),
-        "source": source,
-        "calibration_images": len(cal),
-        "rounding_images": args.rounding_images,
-        "seconds": time.perf_counter() - t0,
-        "rows": rows,
-    }
-    out = Path(args.results)
-    write_results(out, "int8_noise", report, markdown(report))
-    return 0
+    return rows
 
 
 def markdown(report: dict[str, Any]) -> str:
