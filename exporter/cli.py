@@ -4,25 +4,31 @@ parity check (nothing is written then)."""
 
 from __future__ import annotations
 
+import dataclasses
+import enum
 import json
 import logging
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Optional
+from typing import Annotated, Optional
 
 import typer
 
 from derm._cli import cli_app, setup_logging
 from derm._util import atomic_write
 from derm.errors import DermError
+from derm.exporter.config import ExportConfig, ExportResult
+from derm.exporter.rounding import METHODS as ROUNDING_METHODS
 from derm.exporter.targets import TARGETS
-
-if TYPE_CHECKING:
-    from derm.exporter.config import ExportConfig, ExportResult
 
 app = cli_app(
     "derm-export",
     "Export a trained skin-lesion classifier for phones and desktops. A research aid, not a diagnostic device.",
 )
+
+TargetName = enum.StrEnum("TargetName", {name.upper(): name for name in TARGETS})
+WeightRounding = enum.StrEnum("WeightRounding", {name.upper(): name for name in ROUNDING_METHODS})
+# every default below is ExportConfig's: one source for the command, the Python API and the help
+_D = {f.name: f.default for f in dataclasses.fields(ExportConfig) if f.default is not dataclasses.MISSING}
 
 _QUANT_HELP = "; ".join(
     f"{t.name}: {', '.join(t.quantizations)} (default {t.default_quantize})" for t in TARGETS.values()
@@ -32,44 +38,50 @@ _QUANT_HELP = "; ".join(
 @app.command()
 def export_command(
     run: Annotated[Path, typer.Argument(help="A derm-train run directory (the --out of derm-train train).")],
-    target: Annotated[str, typer.Option(help=f"One of {', '.join(TARGETS)}.")] = "tflite",
+    target: Annotated[TargetName, typer.Option(help="The runtime the file is for.")] = TargetName(_D["target"]),
     quantize: Annotated[Optional[str], typer.Option(help=_QUANT_HELP, show_default=False)] = None,  # noqa: UP045
     out: Annotated[
         Optional[Path],  # noqa: UP045
         typer.Option(help="Output file (Core ML: .mlpackage directory). Default RUN/export/model-<quantize><suffix>."),
     ] = None,
-    levels: Annotated[str, typer.Option(help="Comma-separated inference levels baked in as outputs.")] = "three,nine",
+    levels: Annotated[str, typer.Option(help="Comma-separated inference levels baked in as outputs.")] = ",".join(
+        _D["levels"]
+    ),
     calibration: Annotated[
         Optional[Path],  # noqa: UP045
         typer.Option(help="CSV with an image column: real images for int8 ranges. Default: the run's training images."),
     ] = None,
-    calibration_size: Annotated[int, typer.Option(help="Calibration images drawn (seeded).")] = 300,
+    calibration_size: Annotated[int, typer.Option(help="Calibration images drawn (seeded).")] = _D["calibration_size"],
     validation: Annotated[
         Optional[Path],  # noqa: UP045
         typer.Option(help="Labelled CSV the file is compared on. Default: the run's held-out images."),
     ] = None,
-    validation_size: Annotated[int, typer.Option(help="Validation images drawn (seeded).")] = 200,
-    image_column: Annotated[str, typer.Option(help="Image column of --calibration / --validation.")] = "image",
-    label_column: Annotated[str, typer.Option(help="Label column of --validation.")] = "label",
-    seed: Annotated[int, typer.Option(help="Seed for drawing images (and QAT).")] = 0,
+    validation_size: Annotated[int, typer.Option(help="Validation images drawn (seeded).")] = _D["validation_size"],
+    image_column: Annotated[str, typer.Option(help="Image column of --calibration / --validation.")] = _D[
+        "image_column"
+    ],
+    label_column: Annotated[str, typer.Option(help="Label column of --validation.")] = _D["label_column"],
+    seed: Annotated[int, typer.Option(help="Seed for drawing images (and QAT).")] = _D["seed"],
     overwrite: Annotated[bool, typer.Option(help="Replace an existing output.")] = False,
     force: Annotated[bool, typer.Option(help="Keep the file even when it fails the parity thresholds.")] = False,
     threads: Annotated[Optional[int], typer.Option(help="Runtime threads for validation.")] = None,  # noqa: UP045
-    qat_epochs: Annotated[int, typer.Option(help="--quantize qat: epochs of quantization-aware fine-tuning.")] = 1,
+    qat_epochs: Annotated[int, typer.Option(help="--quantize qat: epochs of quantization-aware fine-tuning.")] = _D[
+        "qat_epochs"
+    ],
     qat_steps: Annotated[
         Optional[int],  # noqa: UP045
         typer.Option(help="--quantize qat: steps per epoch (default all; 0 converts without fine-tuning)."),
     ] = None,
     weight_rounding: Annotated[
-        str,
+        WeightRounding,
         typer.Option(
             help="int8 weights: gptq (rounding that keeps each layer's output on real images) or nearest (the "
             "converters' own)."
         ),
-    ] = "gptq",
+    ] = WeightRounding(_D["weight_rounding"]),
     rounding_images: Annotated[
         int, typer.Option(help="Calibration images GPTQ measures layers on (equalization uses them all).")
-    ] = 64,
+    ] = _D["rounding_images"],
     equalize: Annotated[
         bool,
         typer.Option(
@@ -77,13 +89,13 @@ def export_command(
             "first convolution, ReLU channels rescaled (compensated in the next layers) so small channels use more of "
             "their tensor's int8 range."
         ),
-    ] = True,
+    ] = _D["equalize"],
     equalize_alpha: Annotated[
         float, typer.Option(help="Equalization strength in (0, 1]: gain (tensor max / channel max) ** alpha.")
-    ] = 0.5,
+    ] = _D["equalize_alpha"],
     float_head: Annotated[
         bool, typer.Option(help="TFLite int8: keep the head (global pooling onward, <0.1% of the compute) in float32.")
-    ] = True,
+    ] = _D["float_head"],
     report: Annotated[
         Optional[Path],  # noqa: UP045
         typer.Option(help="Also write the result (structure checks, parity table, timings, manifest) as JSON."),
@@ -92,12 +104,10 @@ def export_command(
 ) -> None:
     """Convert RUN's model into one file an app can embed: uint8 RGB image in; training-class, inference-class and
     conditional task probabilities out, with labels, operating points and provenance inside the file."""
-    from derm.exporter.export import ExportConfig
-
     setup_logging(logging.WARNING)
     cfg = ExportConfig(
         run=str(run),
-        target=target,
+        target=target.value,
         quantize=quantize,
         out=str(out) if out else None,
         levels=tuple(x.strip() for x in levels.split(",") if x.strip()),
@@ -113,7 +123,7 @@ def export_command(
         threads=threads,
         qat_epochs=qat_epochs,
         qat_steps=qat_steps,
-        weight_rounding=weight_rounding,
+        weight_rounding=weight_rounding.value,
         rounding_images=rounding_images,
         equalize=equalize,
         equalize_alpha=equalize_alpha,

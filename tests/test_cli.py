@@ -114,14 +114,27 @@ def test_progress_off_a_terminal_is_logged_with_rate_and_time_left(caplog, monke
     assert not caplog.records
 
 
-def test_train_help_keeps_its_default_markers():
-    """The help renderer reads "[word]" as a style: the trainer's "[default]" markers are escaped, not swallowed."""
+def test_train_help_shows_the_configs_defaults_and_choices():
+    """Each option's help ends with TrainConfig's default, kept through the help renderer (which reads "[word]" as a
+    style); the choices are Enums, listed by the renderer."""
     from derm.trainer.cli import app as train_app
+    from derm.trainer.config import TrainConfig
 
     res = CliRunner().invoke(train_app, ["train", "--help"], env={"COLUMNS": "200"})
     assert res.exit_code == 0, res.output
-    text = " ".join(res.output.split())
-    for phrase in ("bottleneck [default] or finetune", "three, nine [default], labels", "into the model [calibrate]"):
+    text = " ".join(res.output.replace("│", " ").split())
+    d = TrainConfig(data="", out="")
+    for phrase in (
+        "<bottleneck|finetune>",
+        "<balanced|none>",
+        "<auto|default|mirrored>",
+        f"every layer [{d.mode}]",
+        f"commas [{d.within}]",
+        f"maxClassSize [{d.max_class_size}]",
+        f"Fine-tuning learning rate [{d.lr}]",
+        f"[{','.join(d.pool_layers)}]",
+        "into the model [calibrate]",
+    ):
         assert phrase in text, phrase
 
 
@@ -149,4 +162,5 @@ def test_one_derm_command_runs_every_tool_and_stays_light_until_asked():
     options = [set(re.findall(r"--[a-z][a-z-]+", r.output)) for r in (via, own)]
     assert options[0] == options[1] and {"--data", "--folds", "--out"} <= options[0]
     bad = runner.invoke(app, ["export", "--target", "nokia"])  # the tool's own parser answers, exit status 2
-    assert bad.exit_code == 2 and "Missing argument" in bad.output
+    said = " ".join(bad.output.replace("│", " ").split())
+    assert bad.exit_code == 2 and "'nokia' is not one of 'tflite', 'onnx', 'coreml'" in said, bad.output

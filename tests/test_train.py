@@ -181,7 +181,11 @@ def test_cli_train_with_config_file(small_csv, tmp_path, bottleneck_run):
     assert res.exit_code == 0, res.output
     assert "Validation:" in res.output and (tmp_path / "cli_run" / "model.keras").is_file()
     res = CliRunner().invoke(app, ["train", "--config", str(conf), "--out", str(tmp_path / "x"), "--mode", "fast"])
-    assert res.exit_code == 2 and "received 'fast'" in res.output
+    said = " ".join(res.output.replace("│", " ").split())
+    assert res.exit_code == 2 and "'fast' is not one of 'bottleneck', 'finetune'" in said, res.output
+    conf.write_text(conf.read_text() + "mode: fast\n")  # a config file is checked by TrainConfig itself
+    res = CliRunner().invoke(app, ["train", "--config", str(conf), "--out", str(tmp_path / "x")])
+    assert res.exit_code == 2 and "received 'fast'" in res.output and not (tmp_path / "x").exists()
 
 
 def test_derm_eval_report(bottleneck_run, small_csv, tmp_path):

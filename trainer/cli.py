@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import enum
 import logging
 from pathlib import Path
 from typing import Annotated, Any
@@ -11,6 +13,7 @@ import typer
 
 from derm._cli import cli_app, setup_logging
 from derm.errors import DermError
+from derm.trainer.config import ClassWeighting, Mode, Strategy, TrainConfig
 from derm.trainer.reference_cli import reference_app
 from derm.trainer.weights_cli import weights_app
 
@@ -32,15 +35,28 @@ def _markup(help: str) -> str:
     return help.replace("[", "\\[")
 
 
-def _opt(help: str, *names: str) -> Any:
+_DEFAULTS = {f.name: f.default for f in dataclasses.fields(TrainConfig) if f.default is not dataclasses.MISSING}
+_DEFAULTS["pool_layers"] = TrainConfig(data="", out="").pool_layers
+
+
+def _default(name: str) -> str:
+    """The config dataclass's default of option ``name``, as the help shows it (one source for both)."""
+    value = _DEFAULTS[name]
+    return ",".join(value) if isinstance(value, list) else str(value)
+
+
+def _opt(help: str, *names: str, default_of: str | None = None) -> Any:
+    """An option whose help ends with its default, read from :class:`TrainConfig` when ``default_of`` names a field."""
+    if default_of is not None:
+        help = f"{help.rstrip('.')} [{_default(default_of)}]."
     return typer.Option(*names, help=_markup(help), show_default=False)
 
 
 def _config(config: Path | None, given: dict[str, Any]) -> Any:
-    from derm.trainer.config import TrainConfig, read_config_file
+    from derm.trainer.config import read_config_file
 
     data = read_config_file(config) if config else {}
-    data.update({k: v for k, v in given.items() if v is not None})
+    data.update({k: (v.value if isinstance(v, enum.Enum) else v) for k, v in given.items() if v is not None})
     if "pool_layers" in data and isinstance(data["pool_layers"], str):
         data["pool_layers"] = [p.strip() for p in data["pool_layers"].split(",") if p.strip()]
     if "within" in data and isinstance(data["within"], str) and "," in data["within"]:
@@ -55,51 +71,76 @@ CONFIG = Annotated[
 DATA = Annotated[str | None, _opt("Labelled CSV (image, label[, lesion_id/patient_id]).", "--data")]
 OUT = Annotated[str | None, _opt("Run directory to create.", "--out")]
 TAXONOMY = Annotated[str | None, _opt("Taxonomy YAML/JSON (default: the built-in tree).", "--taxonomy")]
-MCS = Annotated[int | None, _opt("The paper's maxClassSize [1000].", "--max-class-size")]
+MCS = Annotated[int | None, _opt("The paper's maxClassSize.", "--max-class-size", default_of="max_class_size")]
 WITHIN = Annotated[
     str | None,
     _opt(
-        "Inference level training classes must lie under: three, nine [default], "
-        "labels (the CSV's own diagnoses) or node ids joined by commas.",
+        "Inference level training classes must lie under: three, nine, labels (the CSV's own diagnoses) or node "
+        "ids joined by commas.",
         "--within",
+        default_of="within",
     ),
 ]
-MODE = Annotated[str | None, _opt("bottleneck [default] or finetune.", "--mode")]
-WEIGHTS = Annotated[str | None, _opt("inception-2015 [default], imagenet, none or a .weights.h5.", "--weights")]
-SIZE = Annotated[int | None, _opt("Input side in pixels [299].", "--input-size")]
-POOL = Annotated[
-    str | None, _opt("Pooled blocks feeding the head, e.g. mixed7,mixed8,mixed9,mixed10 [mixed10].", "--pool-layers")
+MODE = Annotated[
+    Mode | None, _opt("A head on cached features (then --unfreeze-top), or every layer.", "--mode", default_of="mode")
 ]
-VIEWS = Annotated[int | None, _opt("Augmented views per training image (bottleneck) [4].", "--views")]
-HEAD_EPOCHS = Annotated[int | None, _opt("Head epochs (bottleneck) [40].", "--head-epochs")]
+WEIGHTS = Annotated[
+    str | None, _opt("inception-2015, imagenet, none or a .weights.h5.", "--weights", default_of="weights")
+]
+SIZE = Annotated[int | None, _opt("Input side in pixels.", "--input-size", default_of="input_size")]
+POOL = Annotated[
+    str | None,
+    _opt(
+        "Pooled blocks feeding the head, e.g. mixed7,mixed8,mixed9,mixed10.", "--pool-layers", default_of="pool_layers"
+    ),
+]
+VIEWS = Annotated[int | None, _opt("Augmented views per training image (bottleneck).", "--views", default_of="views")]
+HEAD_EPOCHS = Annotated[int | None, _opt("Head epochs (bottleneck).", "--head-epochs", default_of="head_epochs")]
 UNFREEZE = Annotated[
     int | None,
     _opt(
-        "After the head, fine-tune the top 1-3 Inception blocks on cached activations of the block below [0].",
+        "After the head, fine-tune the top 1-3 Inception blocks on cached activations of the block below.",
         "--unfreeze-top",
+        default_of="unfreeze_top",
     ),
 ]
 PATIENCE = Annotated[
-    int | None, _opt("Top blocks: stop after this many epochs without a better validation score [5].", "--patience")
+    int | None,
+    _opt(
+        "Top blocks: stop after this many epochs without a better validation score.",
+        "--patience",
+        default_of="patience",
+    ),
 ]
-EPOCHS = Annotated[int | None, _opt("Fine-tuning epochs [30].", "--epochs")]
-LR = Annotated[float | None, _opt("Fine-tuning learning rate [0.001].", "--lr")]
-BATCH = Annotated[int | None, _opt("Batch size [32].", "--batch-size")]
+EPOCHS = Annotated[int | None, _opt("Fine-tuning epochs.", "--epochs", default_of="epochs")]
+LR = Annotated[float | None, _opt("Fine-tuning learning rate.", "--lr", default_of="lr")]
+BATCH = Annotated[int | None, _opt("Batch size.", "--batch-size", default_of="batch_size")]
 STEPS = Annotated[int | None, _opt("Steps per fine-tuning epoch [one pass].", "--steps-per-epoch")]
-CW = Annotated[str | None, _opt("balanced [default] or none.", "--class-weighting")]
-VAL = Annotated[float | None, _opt("Validation fraction, whole groups [0.1].", "--val-fraction")]
-BLURRY = Annotated[float | None, _opt("Drop the blurriest fraction from validation/test [0].", "--blurry-quantile")]
+CW = Annotated[
+    ClassWeighting | None, _opt("Class weights in the loss.", "--class-weighting", default_of="class_weighting")
+]
+VAL = Annotated[float | None, _opt("Validation fraction, whole groups.", "--val-fraction", default_of="val_fraction")]
+BLURRY = Annotated[
+    float | None,
+    _opt("Drop the blurriest fraction from validation/test.", "--blurry-quantile", default_of="blurry_quantile"),
+]
 CALIBRATE = Annotated[
     bool | None,
     typer.Option(
         "--calibrate/--no-calibrate",
-        help=_markup("Fit a temperature on the validation images and fold it into the model [calibrate]."),
+        help=_markup(
+            "Fit a temperature on the validation images and fold it into the model "
+            f"[{'calibrate' if _DEFAULTS['calibrate'] else 'no-calibrate'}]."
+        ),
         show_default=False,
     ),
 ]
-SEED = Annotated[int | None, _opt("Random seed [0].", "--seed")]
+SEED = Annotated[int | None, _opt("Random seed.", "--seed", default_of="seed")]
 CACHE = Annotated[str | None, _opt("Feature cache file [$DERM_CACHE/features/...].", "--feature-cache")]
-STRATEGY = Annotated[str | None, _opt("tf.distribute strategy: auto, default, mirrored.", "--strategy")]
+STRATEGY = Annotated[
+    Strategy | None,
+    _opt("tf.distribute strategy (auto: mirrored when several GPUs).", "--strategy", default_of="strategy"),
+]
 HOLDOUT = Annotated[
     str | None, _opt("Fixed test set: rows whose COLUMN equals VALUE (e.g. split=validation).", "--holdout")
 ]
@@ -111,7 +152,9 @@ SOURCE_WEIGHT = Annotated[
         "--source-weight",
     ),
 ]
-SOURCE_COLUMN = Annotated[str | None, _opt("Column --source-weight reads [source].", "--source-column")]
+SOURCE_COLUMN = Annotated[
+    str | None, _opt("Column --source-weight reads.", "--source-column", default_of="source_column")
+]
 OVERWRITE = Annotated[bool, typer.Option("--overwrite", help="Replace an existing run directory.")]
 SKIP_BAD = Annotated[
     bool,

@@ -4,6 +4,7 @@ file), its checks, and config files."""
 from __future__ import annotations
 
 import dataclasses
+import enum
 import json
 import logging
 import os
@@ -19,9 +20,30 @@ from derm.errors import DermError
 
 log = logging.getLogger(__name__)
 
-MODES = ("bottleneck", "finetune")
-CLASS_WEIGHTING = ("balanced", "none")
-STRATEGIES = ("auto", "default", "mirrored")
+
+class Mode(enum.StrEnum):
+    """What a run trains: a head on cached bottleneck features (then optionally the top blocks), or every layer."""
+
+    BOTTLENECK = "bottleneck"
+    FINETUNE = "finetune"
+
+
+class ClassWeighting(enum.StrEnum):
+    BALANCED = "balanced"
+    NONE = "none"
+
+
+class Strategy(enum.StrEnum):
+    """tf.distribute: auto (mirrored when several GPUs), default, mirrored."""
+
+    AUTO = "auto"
+    DEFAULT = "default"
+    MIRRORED = "mirrored"
+
+
+MODES = tuple(Mode)
+CLASS_WEIGHTING = tuple(ClassWeighting)
+STRATEGIES = tuple(Strategy)
 
 
 class TrainError(DermError, ValueError):
@@ -40,13 +62,13 @@ class TrainConfig:
     group_column: str | None = "auto"
     max_class_size: int = 1000  # the paper's maxClassSize
     within: str | list[str] = "nine"  # inference level each training class must lie under ("labels": the CSV's)
-    mode: str = "bottleneck"
+    mode: str = Mode.BOTTLENECK.value
     weights: str = "inception-2015"  # inception-2015 | imagenet | none | PATH.weights.h5
     input_size: int = 299
     pool_layers: list[str] = field(default_factory=lambda: ["mixed10"])
     dropout: float = 0.0
     batch_size: int = 32
-    class_weighting: str = "balanced"
+    class_weighting: str = ClassWeighting.BALANCED.value
     # per-image weight by the value of a column, multiplied into the class weights (bottleneck head only), e.g.
     # {"pad_ufes20": 8.0} with source_column "source" so that 360 phone photos are not drowned by 12,000 dermoscopy
     # images; values not listed weigh 1
@@ -75,7 +97,7 @@ class TrainConfig:
     near_duplicates: bool = True  # join near-identical images into one group before splitting
     blurry_quantile: float = 0.0  # drop images below this sharpness quantile from validation and test (not train)
     calibrate: bool = True  # fit a temperature on the validation images and fold it into the logits (calibrate.py)
-    strategy: str = "auto"  # tf.distribute: auto (mirrored when several GPUs), default, mirrored
+    strategy: str = Strategy.AUTO.value  # tf.distribute: auto (mirrored when several GPUs), default, mirrored
     overwrite: bool = False
     skip_bad: bool = False  # leave out rows with unknown labels or missing / unreadable images (else refuse the CSV)
 
