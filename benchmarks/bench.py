@@ -25,7 +25,7 @@ from typing import Annotated, Any, Optional
 import numpy as np
 import typer
 
-from derm._cli import cli_app, setup_logging
+from derm._cli import cli_app, setup_logging, user_errors
 from derm._util import atomic_write
 from derm.benchmarks._bench_markdown import markdown
 from derm.benchmarks._bench_measure import accuracy, measure, measure_in_child
@@ -272,7 +272,7 @@ def main_command(
     """Measure every exported file: latency, memory, accuracy, parity with the float model."""
     setup_logging(logging.WARNING)
     dev = None if device is None else _device_options(device, adb_path, benchmark_model, delegates, device_threads)
-    try:
+    with user_errors(DermError):
         report = bench(
             run,
             data,
@@ -287,9 +287,6 @@ def main_command(
             n_boot,
             dev,
         )
-    except DermError as exc:
-        typer.secho(f"Error: {exc}", err=True, fg=typer.colors.RED)
-        raise typer.Exit(code=2) from None
     _write_report(out, report)
     failed = [r["file"] for r in report["rows"] if r.get("ok") is False]
     if failed and fail:

@@ -13,7 +13,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from derm._cli import cli_app, setup_logging
+from derm._cli import cli_app, setup_logging, user_errors
 from derm._util import atomic_write
 from derm.errors import DermError
 from derm.exporter.config import ExportConfig, ExportResult
@@ -137,13 +137,10 @@ def _run_export(cfg: ExportConfig, report: Path | None) -> ExportResult:
     """Export (the report path checked first), exit 2 on a derm error, write the report if asked."""
     from derm.exporter.export import export
 
-    try:
+    with user_errors(DermError):
         if report is not None:  # checked before minutes of conversion, not after
             _check_writable(report, "--report")
         result = export(cfg)
-    except DermError as exc:
-        typer.secho(f"Error: {exc}", err=True, fg=typer.colors.RED)
-        raise typer.Exit(code=2) from None
     if report:
         with atomic_write(report) as f:
             json.dump(result.to_dict(), f, indent=1)

@@ -10,7 +10,7 @@ import os
 import signal
 import sys
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, NoReturn
 
 import typer
 
@@ -84,17 +84,28 @@ def _interrupted() -> None:
     sys.exit(EXIT_INTERRUPTED)
 
 
+EXIT_USAGE = 2  # a bad argument, input or configuration: the message says what to do; nothing half-written is left
+
+
+def fail(message: str) -> NoReturn:
+    """End the command with ``Error: message`` on stderr and exit status 2 (every ``derm`` tool's user error)."""
+    typer.secho(f"Error: {message}", err=True, fg=typer.colors.RED)
+    raise typer.Exit(code=EXIT_USAGE)
+
+
 @contextlib.contextmanager
-def user_errors() -> Iterator[None]:
-    """Turn the library's user errors into a one-paragraph message and exit code 2, never a traceback."""
+def user_errors(*kinds: type[BaseException]) -> Iterator[None]:
+    """Turn user errors into a one-paragraph message and exit status 2, never a traceback: the library's
+    ``DermError`` and, unless ``kinds`` narrows them (a training command keeps a traceback for a ValueError deep in
+    TensorFlow), the bad keys, values and paths of the SDK's commands."""
     from derm.errors import DermError
 
+    caught = kinds or (DermError, KeyError, ValueError, OSError)
     try:
         yield
-    except (DermError, KeyError, ValueError, OSError) as exc:
+    except caught as exc:
         msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)
         if isinstance(exc, OSError) and exc.strerror:  # "[Errno 13] Permission denied: 'x'" -> what and where
             where = f" {exc.filename!r}" if exc.filename else ""
             msg = f"cannot use{where}: {exc.strerror.lower()}. Check the path and its permissions."
-        typer.secho(f"Error: {msg}", err=True, fg=typer.colors.RED)
-        raise typer.Exit(code=2) from None
+        fail(msg)

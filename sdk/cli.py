@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from derm._cli import cli_app, setup_logging
+from derm._cli import cli_app, fail, setup_logging
 from derm._cli import user_errors as _user_errors
 from derm._version import __version__
 from derm.cli_data import data_app, taxonomy_app
@@ -197,13 +197,10 @@ def _delegate(name: str, args: list[str]) -> None:
     try:
         target = getattr(importlib.import_module(module), attr)
     except ImportError as exc:
-        typer.secho(
-            f"Error: `derm {name}` needs the {'export' if 'exporter' in module else 'train'} extra ({exc}); "
-            f"pip install 'derm-toolchain[train,export]'.",
-            err=True,
-            fg=typer.colors.RED,
+        fail(
+            f"`derm {name}` needs the {'export' if 'exporter' in module else 'train'} extra ({exc}); "
+            f"pip install 'derm-toolchain[train,export]'."
         )
-        raise typer.Exit(code=2) from None
     command = typer.main.get_command(target)
     command.main(args=[*lead, *args], prog_name=f"derm {name}" if not lead else "derm", standalone_mode=True)
 

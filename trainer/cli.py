@@ -11,7 +11,7 @@ from typing import Annotated, Any
 
 import typer
 
-from derm._cli import cli_app, setup_logging
+from derm._cli import cli_app, fail, setup_logging, user_errors
 from derm.errors import DermError
 from derm.trainer.config import ClassWeighting, Mode, Strategy, TrainConfig
 from derm.trainer.reference_cli import reference_app
@@ -182,11 +182,8 @@ def parse_source_weights(items: list[str] | None) -> dict[str, float] | None:
 
 
 def _run(fn: Any, *args: Any) -> Any:
-    try:
+    with user_errors(DermError):
         return fn(*args)
-    except DermError as exc:
-        typer.secho(f"Error: {exc}", err=True, fg=typer.colors.RED)
-        raise typer.Exit(code=2) from None
 
 
 @app.command("train")
@@ -282,8 +279,7 @@ def cv_command(
     from derm.trainer.cv import cross_validate
 
     if folds < 2:
-        typer.secho(f"Error: --folds must be at least 2, received {folds}.", err=True, fg=typer.colors.RED)
-        raise typer.Exit(code=2)
+        fail(f"--folds must be at least 2, received {folds}.")
     cfg = _run(_config, config, given)
     out_dir = _run(cross_validate, cfg, folds)
     typer.echo((out_dir / "cv.md").read_text(encoding="utf-8"))

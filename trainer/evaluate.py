@@ -18,7 +18,7 @@ from typing import Annotated, Any
 import numpy as np
 import typer
 
-from derm._cli import setup_logging
+from derm._cli import setup_logging, user_errors
 from derm._util import atomic_write, unwritable
 from derm.datasets import Dataset, read_dataset
 from derm.errors import DermError
@@ -347,7 +347,7 @@ def eval_command(
 ) -> None:
     """Evaluate a trained run the paper's way: 3-way and 9-way mean per-class accuracy, binary-task ROC/AUC."""
     setup_logging(logging.INFO)
-    try:
+    with user_errors(DermError, ValueError):
         result = run_eval(
             run,
             data,
@@ -361,9 +361,6 @@ def eval_command(
             skip_bad=skip_bad,
             tta=tta,
         )
-    except (DermError, ValueError) as exc:
-        typer.secho(f"Error: {exc}", err=True, fg=typer.colors.RED)
-        raise typer.Exit(code=2) from None
     typer.echo(format_summary(result))
     typer.echo(f"Report: {out / 'report.html'}")
 

