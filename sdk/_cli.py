@@ -30,11 +30,24 @@ def _raise(signum: int, frame: Any) -> None:
     raise Interrupted(_received[-1])
 
 
+_level_is_a_default: list[bool] = [False]  # the front door set a level the user did not ask for
+
+
 def setup_logging(level: int = logging.INFO, *, verbose: int | None = None, timestamps: bool = False) -> None:
     """The one logging set-up of every ``derm`` tool: to stderr, ``LEVEL logger: message`` (with the time for long
-    benchmarks). ``verbose`` (a count of ``-v``) overrides ``level``: 0 warnings, 1 info, 2 or more debug."""
+    benchmarks). ``verbose`` (a count of ``-v``) overrides ``level``: 0 warnings, 1 info, 2 or more debug.
+
+    ``derm`` sets up logging before it hands a command to another tool (``derm train`` runs ``derm-train train``).
+    Without ``-v`` that level is only a default: the tool's own level (its progress lines) replaces it, so that
+    ``derm train`` logs as ``derm-train train`` does; with ``-v`` the user's choice stays.
+    """
     if verbose is not None:
         level = logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
+    elif _level_is_a_default[0]:
+        _level_is_a_default[0] = False
+        logging.getLogger().setLevel(level)
+        return
+    _level_is_a_default[0] = verbose == 0
     fmt = ("%(asctime)s " if timestamps else "") + "%(levelname)s %(name)s: %(message)s"
     logging.basicConfig(level=level, format=fmt, stream=sys.stderr)
 

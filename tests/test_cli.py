@@ -164,3 +164,18 @@ def test_one_derm_command_runs_every_tool_and_stays_light_until_asked():
     bad = runner.invoke(app, ["export", "--target", "nokia"])  # the tool's own parser answers, exit status 2
     said = " ".join(bad.output.replace("│", " ").split())
     assert bad.exit_code == 2 and "'nokia' is not one of 'tflite', 'onnx', 'coreml'" in said, bad.output
+
+
+def test_derm_front_door_keeps_a_tools_progress_lines_unless_told_otherwise():
+    """`derm train` logs as `derm-train train` does (the front door's level is a default the tool replaces), while
+    `derm -v` / `-vv` is the user's choice and stays. A fresh interpreter: logging is set up once per process."""
+    import subprocess
+    import sys
+
+    code = (
+        "import logging; from derm._cli import setup_logging; "
+        "setup_logging(verbose={v}); setup_logging(logging.{tool}); print(logging.getLogger().level)"
+    )
+    for v, tool, want in [(0, "INFO", 20), (0, "WARNING", 30), (1, "WARNING", 20), (2, "INFO", 10)]:
+        out = subprocess.run([sys.executable, "-c", code.format(v=v, tool=tool)], capture_output=True, text=True)
+        assert out.returncode == 0 and out.stdout.strip() == str(want), (v, tool, out.stdout, out.stderr)
