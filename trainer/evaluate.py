@@ -8,6 +8,7 @@ self-contained ``report.html``.
 from __future__ import annotations
 
 import csv
+import inspect
 import json
 import logging
 from collections.abc import Sequence
@@ -323,6 +324,10 @@ def run_eval(
 app = typer.Typer(name="derm-eval", add_completion=False, pretty_exceptions_enable=False)
 
 
+# the command's defaults are run_eval's: one source for the command line and the Python API
+_D = {k: p.default for k, p in inspect.signature(run_eval).parameters.items() if p.default is not p.empty}
+
+
 @app.command()
 def eval_command(
     run: Annotated[Path, typer.Argument(help="derm-train run directory.")],
@@ -334,16 +339,18 @@ def eval_command(
     readers: Annotated[
         Path | None, typer.Option("--readers", help="CSV of reader points: task,name,sensitivity,specificity.")
     ] = None,
-    tsne: Annotated[int, typer.Option("--tsne", help="Images in the t-SNE plot (0: none).")] = 1000,
-    saliency_images: Annotated[int, typer.Option("--saliency", help="Saliency maps to draw (0: none).")] = 8,
-    batch_size: Annotated[int, typer.Option("--batch-size")] = 32,
-    seed: Annotated[int, typer.Option("--seed")] = 0,
+    tsne: Annotated[int, typer.Option("--tsne", help="Images in the t-SNE plot (0: none).")] = _D["tsne"],
+    saliency_images: Annotated[int, typer.Option("--saliency", help="Saliency maps to draw (0: none).")] = _D[
+        "saliency_images"
+    ],
+    batch_size: Annotated[int, typer.Option("--batch-size")] = _D["batch_size"],
+    seed: Annotated[int, typer.Option("--seed")] = _D["seed"],
     skip_bad: Annotated[
         bool, typer.Option("--skip-bad", help="Leave out rows with unknown labels or missing / unreadable images.")
-    ] = False,
+    ] = _D["skip_bad"],
     tta: Annotated[
         int, typer.Option("--tta", help="Average over 1, 2, 4 or 8 test-time views (flips, quarter turns).")
-    ] = 1,
+    ] = _D["tta"],
 ) -> None:
     """Evaluate a trained run the paper's way: 3-way and 9-way mean per-class accuracy, binary-task ROC/AUC."""
     setup_logging(logging.INFO)
