@@ -35,8 +35,7 @@ def _markup(help: str) -> str:
     return help.replace("[", "\\[")
 
 
-_DEFAULTS = {f.name: f.default for f in dataclasses.fields(TrainConfig) if f.default is not dataclasses.MISSING}
-_DEFAULTS["pool_layers"] = TrainConfig(data="", out="").pool_layers
+_DEFAULTS = dataclasses.asdict(TrainConfig(data="", out=""))  # every field's default, factories included
 
 
 def _default(name: str) -> str:
