@@ -123,6 +123,20 @@ def build_model(
     return keras.Model(inputs, probs, name="derm_inception_v3")
 
 
+def compile_paper_rmsprop(model: keras.Model, cfg: Any, steps: int) -> Any:
+    """Compile ``model`` with the paper's optimizer (RMSProp, rho 0.9, momentum 0.9, epsilon 0.1; ``cfg.lr`` divided by
+    ``cfg.lr_drop_factor`` every ``cfg.lr_drop_every`` epochs of ``steps`` steps); returns the learning-rate
+    schedule. Every-layer fine-tuning and the top blocks on cached activations both train this way."""
+    import keras
+
+    schedule = keras.optimizers.schedules.ExponentialDecay(
+        cfg.lr, decay_steps=cfg.lr_drop_every * steps, decay_rate=1.0 / cfg.lr_drop_factor, staircase=True
+    )
+    opt = keras.optimizers.RMSprop(learning_rate=schedule, rho=0.9, momentum=0.9, epsilon=0.1)
+    model.compile(optimizer=opt, loss="sparse_categorical_crossentropy")
+    return schedule
+
+
 def head_model(num_features: int, num_classes: int, dropout: float = 0.0) -> keras.Model:
     """The head alone, on cached features: its "logits" layer has the same shape as the full model's."""
     import keras

@@ -36,7 +36,7 @@ import numpy as np
 from derm import metrics
 from derm._progress import track
 from derm._util import atomic_write
-from derm.trainer.model import POOLABLE, feature_slice
+from derm.trainer.model import POOLABLE, compile_paper_rmsprop, feature_slice
 
 log = logging.getLogger(__name__)
 
@@ -110,15 +110,9 @@ def _state(work: Path, signature: dict[str, Any]) -> dict[str, Any] | None:
 
 
 def _compile(top: Any, cfg: Any, steps: int) -> Any:
-    """Compile ``top`` with the paper's RMSProp and its stepwise learning-rate drop; returns the schedule."""
-    import keras
-
-    schedule = keras.optimizers.schedules.ExponentialDecay(
-        cfg.lr, decay_steps=cfg.lr_drop_every * steps, decay_rate=1.0 / cfg.lr_drop_factor, staircase=True
-    )
-    opt = keras.optimizers.RMSprop(learning_rate=schedule, rho=0.9, momentum=0.9, epsilon=0.1)
-    top.compile(optimizer=opt, loss="sparse_categorical_crossentropy")
-    opt.build(top.trainable_variables)  # so that checkpoints hold the optimizer's moments and a resume restores them
+    """Compile ``top`` with the paper's optimizer (as every-layer fine-tuning); returns the schedule."""
+    schedule = compile_paper_rmsprop(top, cfg, steps)
+    top.optimizer.build(top.trainable_variables)  # checkpoints then hold its moments, and a resume restores them
     return schedule
 
 

@@ -65,18 +65,6 @@ def _predict_images(model: Any, prep: Prepared, idx: np.ndarray, size: int, batc
     return model.predict(ds, verbose=0)
 
 
-def _paper_optimizer(model: Any, cfg: TrainConfig, steps: int) -> Any:
-    """Compile ``model`` with the paper's RMSProp and its stepwise learning-rate drop; returns the schedule."""
-    import keras
-
-    schedule = keras.optimizers.schedules.ExponentialDecay(
-        cfg.lr, decay_steps=cfg.lr_drop_every * steps, decay_rate=1.0 / cfg.lr_drop_factor, staircase=True
-    )
-    opt = keras.optimizers.RMSprop(learning_rate=schedule, rho=0.9, momentum=0.9, epsilon=0.1)
-    model.compile(optimizer=opt, loss="sparse_categorical_crossentropy")
-    return schedule
-
-
 def _best_val_mpca(cfg: TrainConfig, prep: Prepared, history: EpochLog, lr_at: Any, steps: int, best_path: Path) -> Any:
     """A Keras callback that scores the validation images after each epoch, adds the epoch to ``history`` and saves
     the weights of the best validation mean per-class accuracy to ``best_path``."""
@@ -118,12 +106,13 @@ def _finetune(
     import keras
 
     from derm.trainer.data import image_dataset
+    from derm.trainer.model import compile_paper_rmsprop
 
     tr = prep.indices("train")
     for i, layer in enumerate(model.layers):
         layer.trainable = trainable_from is None or i >= trainable_from
     steps = cfg.steps_per_epoch or math.ceil(len(tr) / cfg.batch_size)
-    schedule = _paper_optimizer(model, cfg, steps)
+    schedule = compile_paper_rmsprop(model, cfg, steps)
     train_ds = image_dataset(
         [prep.dataset.paths[i] for i in tr],
         cfg.input_size,
