@@ -7,6 +7,7 @@ with no binary. ``benchmark_model`` comes from a path the user gives, or the cac
 
 from __future__ import annotations
 
+import enum
 import os
 import re
 import shutil
@@ -27,7 +28,30 @@ BENCHMARK_URLS = {
     "armeabi-v7a": "https://storage.googleapis.com/tensorflow-nightly-public/prod/tensorflow/release/lite/tools/nightly/"
     "latest/android_arm_benchmark_model",
 }
-DELEGATE_FLAGS = {"cpu": ["--use_xnnpack=true"], "gpu": ["--use_gpu=true"], "nnapi": ["--use_nnapi=true"]}
+
+
+class Delegate(enum.StrEnum):
+    """Where ``benchmark_model`` runs the graph on the phone: the CPU (XNNPACK), the GPU delegate or NNAPI."""
+
+    CPU = "cpu"
+    GPU = "gpu"
+    NNAPI = "nnapi"
+
+
+DELEGATE_FLAGS = {
+    Delegate.CPU: ["--use_xnnpack=true"],
+    Delegate.GPU: ["--use_gpu=true"],
+    Delegate.NNAPI: ["--use_nnapi=true"],
+}
+
+
+def parse_delegates(text: str) -> list[Delegate]:
+    """``cpu,gpu``: the comma-separated delegates of the command line, each checked against :class:`Delegate`."""
+    names = [d.strip() for d in text.split(",") if d.strip()]
+    unknown = [d for d in names if d not in set(Delegate)]
+    if unknown or not names:
+        raise DeviceError(f"--delegates {text!r}: choose one or more of {', '.join(Delegate)}, comma-separated.")
+    return [Delegate(d) for d in names]
 
 
 class DeviceError(DermError, RuntimeError):
@@ -181,7 +205,7 @@ def run_on_device(
     device: Device,
     model: str | os.PathLike[str],
     binary: str | os.PathLike[str],
-    delegates: Sequence[str] = ("cpu",),
+    delegates: Sequence[Delegate | str] = (Delegate.CPU,),
     threads: int = 4,
     runs: int = 50,
 ) -> list[dict[str, Any]]:
@@ -189,7 +213,7 @@ def run_on_device(
     phone lacks gives a row with its error instead of numbers)."""
     unknown = [d for d in delegates if d not in DELEGATE_FLAGS]
     if unknown:
-        raise DeviceError(f"Unknown delegate(s) {unknown}; choose from {', '.join(DELEGATE_FLAGS)}.")
+        raise DeviceError(f"Unknown delegate(s) {unknown}; choose from {', '.join(Delegate)}.")
     device.shell(f"mkdir -p {REMOTE_DIR}")
     remote_model = f"{REMOTE_DIR}/{Path(model).name}"
     remote_bin = f"{REMOTE_DIR}/benchmark_model"

@@ -30,6 +30,7 @@ from derm._util import atomic_write
 from derm.benchmarks._bench_markdown import markdown
 from derm.benchmarks._bench_measure import accuracy, measure, measure_in_child
 from derm.benchmarks._bench_measure import peak_rss_mb as peak_rss_mb  # re-exported: derm.benchmarks.sdk uses it
+from derm.benchmarks.adb import Delegate, parse_delegates
 from derm.errors import DermError
 
 app = cli_app(
@@ -263,7 +264,9 @@ def main_command(
     device: Annotated[str | None, typer.Option(help="Android device serial ('auto': the only one attached).")] = None,
     adb_path: Annotated[Optional[str], typer.Option("--adb", help="adb executable.")] = None,  # noqa: UP045
     benchmark_model: Annotated[Optional[str], typer.Option(help="TFLite benchmark_model binary for the phone.")] = None,  # noqa: UP045
-    delegates: Annotated[str, typer.Option(help="On the phone: cpu, gpu, nnapi.")] = "cpu,gpu,nnapi",
+    delegates: Annotated[str, typer.Option(help=f"On the phone, comma-separated: {', '.join(Delegate)}.")] = ",".join(
+        Delegate
+    ),
     device_threads: Annotated[int, typer.Option(help="Threads on the phone.")] = 4,
     fail: Annotated[
         bool, typer.Option("--fail/--no-fail", help="Exit 1 when a file misses its parity thresholds.")
@@ -271,8 +274,8 @@ def main_command(
 ) -> None:
     """Measure every exported file: latency, memory, accuracy, parity with the float model."""
     setup_logging(logging.WARNING)
-    dev = None if device is None else _device_options(device, adb_path, benchmark_model, delegates, device_threads)
     with user_errors(DermError):
+        dev = None if device is None else _device_options(device, adb_path, benchmark_model, delegates, device_threads)
         report = bench(
             run,
             data,
@@ -302,7 +305,7 @@ def _device_options(
         "serial": None if device == "auto" else device,
         "adb": adb_path,
         "benchmark_model": benchmark_model,
-        "delegates": [d for d in delegates.split(",") if d],
+        "delegates": parse_delegates(delegates),
         "threads": device_threads,
     }
 

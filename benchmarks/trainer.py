@@ -37,6 +37,7 @@ import numpy as np
 from derm import metrics
 from derm._cli import setup_logging
 from derm.benchmarks._trainer_markdown import markdown
+from derm.trainer.config import Role
 
 RESULTS = Path(__file__).resolve().parent / "results"
 log = logging.getLogger("derm.benchmarks.trainer")
@@ -207,7 +208,7 @@ def logistic_baseline(ham_cv_dir: Path, cache_path: Path) -> dict[str, Any]:
     k = 0
     while (ham_cv_dir / f"fold_{k}").is_dir():
         roles = np.asarray([r["role"] for r in _rows(ham_cv_dir / f"fold_{k}" / "split.csv")])
-        tr, te = roles != "test", roles == "test"
+        tr, te = roles != Role.TEST, roles == Role.TEST
         clf = LogisticRegression(max_iter=2000).fit(x[tr], labels[tr])
         p = clf.predict_proba(x[te])
         classes = list(clf.classes_)

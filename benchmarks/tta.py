@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from derm.benchmarks._results import write_results
+from derm.trainer.config import Role
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -67,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
 def _test_rows(split: str, n: int, seed: int) -> list[dict[str, str]]:
     """A seeded sample of the split's test rows, in file order."""
     with open(split, newline="", encoding="utf-8") as f:
-        rows = [r for r in csv.DictReader(f) if r["role"] == "test"]
+        rows = [r for r in csv.DictReader(f) if r["role"] == Role.TEST]
     rng = np.random.default_rng(seed)
     return [rows[i] for i in sorted(rng.choice(len(rows), size=min(n, len(rows)), replace=False))]
 

@@ -16,6 +16,7 @@ from derm.exporter.config import MIN_CALIBRATION, ExportConfig
 from derm.exporter.graph import ExportError
 from derm.preprocess import ImageError, preprocess
 from derm.taxonomy import Taxonomy
+from derm.trainer.config import Role
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +72,7 @@ def calibration_rows(cfg: ExportConfig) -> tuple[list[dict[str, str]], str]:
         rows, source = _rows_of(Path(cfg.calibration), cfg.image_column), cfg.calibration
     else:
         split = Path(cfg.run) / "split.csv"
-        rows = [r for r in _rows_of(split, "image") if r.get("role") == "train"]
+        rows = [r for r in _rows_of(split, "image") if r.get("role") == Role.TRAIN]
         source = f"{split} (role train)"
         _images_here(rows, split, "--calibration")
     rows = _sample(rows, cfg.calibration_size, cfg.seed)
@@ -99,7 +100,7 @@ def validation_rows(cfg: ExportConfig, taxonomy: Taxonomy) -> tuple[list[str], l
     else:
         split = Path(cfg.run) / "split.csv"
         all_rows = _rows_of(split, "image")
-        role = "test" if any(r.get("role") == "test" for r in all_rows) else "val"
+        role = Role.TEST if any(r.get("role") == Role.TEST for r in all_rows) else Role.VAL
         rows = [r for r in all_rows if r.get("role") == role]
         _images_here(rows, split, "--validation")
         paths, nodes, source = [r["image"] for r in rows], [r.get("node") or None for r in rows], f"{split} ({role})"

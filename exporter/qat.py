@@ -50,6 +50,7 @@ import numpy as np
 from derm.exporter.graph import ExportError
 from derm.exporter.qat_quantize import _node, head_layers, init_ranges, quantize_model
 from derm.exporter.qat_rebuild import rebuild_in_tf_keras
+from derm.trainer.config import Role
 
 __all__ = [  # head_layers, init_ranges, quantize_model and rebuild_in_tf_keras live in qat_quantize / qat_rebuild
     "QAT_ENV",
@@ -118,7 +119,7 @@ def _training_images(run: Path, size: int, limit: int | None, seed: int) -> np.n
     from derm.preprocess import preprocess
 
     with open(run / "split.csv", newline="", encoding="utf-8") as f:
-        rows = [r for r in csv.DictReader(f) if r["role"] == "train"]
+        rows = [r for r in csv.DictReader(f) if r["role"] == Role.TRAIN]
     rng = np.random.default_rng(seed)
     rows = [rows[i] for i in rng.permutation(len(rows))[: limit or len(rows)]]
     return np.stack([preprocess(r["image"], size) for r in rows]).astype(np.float32)

@@ -195,3 +195,6 @@ def test_derm_bench_device_rows_through_the_standin_device(standin, small_run, s
     assert dev["serial"] == "STANDIN01" and dev["abi"] == "arm64-v8a" and dev["model"] == "Stand-in"
     assert [r["delegate"] for r in dev["rows"]] == ["cpu", "nnapi"] and all(r["avg_ms"] > 0 for r in dev["rows"])
     assert "On Stand-in (STANDIN01, arm64-v8a) via adb" in (tmp_path / "bench.md").read_text()
+    # a delegate the tool does not know is refused up front, with the known ones, before anything is pushed
+    res = CliRunner().invoke(app, [*args, "--delegates", "cpu,tpu"])
+    assert res.exit_code == 2 and "--delegates 'cpu,tpu'" in res.output and "cpu, gpu, nnapi" in res.output

@@ -260,10 +260,16 @@ def test_smoothgrad_is_the_gradient_averaged_over_noisy_copies(bottleneck_run):
 def test_derm_eval_cli_errors(tmp_path, small_csv):
     from typer.testing import CliRunner
 
-    from derm.trainer.evaluate import app
+    from derm.trainer.evaluate import EvalError, app, run_eval
 
     res = CliRunner().invoke(app, [str(tmp_path / "nope"), "--data", str(small_csv), "--out", str(tmp_path / "o")])
     assert res.exit_code == 2 and "not a finished derm-train run directory" in res.output
+    # --role takes the split's roles only, named in the refusal, on the command line and in the Python API
+    argv = [str(tmp_path / "nope"), "--data", str(small_csv), "--out", str(tmp_path / "o"), "--role", "valid"]
+    res = CliRunner().invoke(app, argv)
+    assert res.exit_code == 2 and "'valid'" in res.output and "blurry_test" in res.output
+    with pytest.raises(EvalError, match=r"--role 'valid'.*train, val, test, excluded, blurry_val, blurry_test"):
+        run_eval(tmp_path / "nope", small_csv, tmp_path / "o", role="valid")
 
 
 def test_cross_validation_and_blurry_filter(bottleneck_run, tmp_path):

@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from derm import metrics
-from derm.trainer.config import TrainConfig
+from derm.trainer.config import Role, TrainConfig
 from derm.trainer.prepare import Prepared, class_weights_for, sample_weights
 from derm.trainer.rundir import EpochLog
 
@@ -143,7 +143,7 @@ def fit_bottleneck(
     probabilities computed from the caches, by role."""
     from derm.trainer.model import copy_head
 
-    tr, va = prep.indices("train"), prep.indices("val")
+    tr, va = prep.indices(Role.TRAIN), prep.indices(Role.VAL)
     n_cls = len(prep.partition.classes)
     feats = _cached_features(model, cfg, prep, timings)
     t = time.perf_counter()
@@ -218,8 +218,8 @@ def _cached_features(model: Any, cfg: TrainConfig, prep: Prepared, timings: dict
 def _extract_views(fe: Any, caches: list[Any], cfg: TrainConfig, prep: Prepared, digests: list[str]) -> None:
     from derm.trainer.features import extract
 
-    held = np.concatenate([prep.indices("val"), prep.indices("test")])
-    tr = prep.indices("train")
+    held = np.concatenate([prep.indices(Role.VAL), prep.indices(Role.TEST)])
+    tr = prep.indices(Role.TRAIN)
     for idx, views, what in (
         (held, [0], "Features (plain views)"),
         (tr, list(range(1, cfg.views + 1)), "Features (augmented)"),
@@ -231,7 +231,7 @@ def _extract_views(fe: Any, caches: list[Any], cfg: TrainConfig, prep: Prepared,
 def _read_cached(caches: list[Any], cfg: TrainConfig, prep: Prepared, digests: list[str]) -> _Cached:
     from derm.trainer.model import feature_slice
 
-    tr, va, te = prep.indices("train"), prep.indices("val"), prep.indices("test")
+    tr, va, te = prep.indices(Role.TRAIN), prep.indices(Role.VAL), prep.indices(Role.TEST)
     cols = feature_slice(cfg.pool_layers)
     views_tr = list(range(1, cfg.views + 1))
     cache = caches[0]

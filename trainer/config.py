@@ -28,6 +28,19 @@ class Mode(enum.StrEnum):
     FINETUNE = "finetune"
 
 
+class Role(enum.StrEnum):
+    """An image's role in a run (the ``role`` column of its ``split.csv``): trained on, validated on, tested on, left
+    out (its label lies outside the partition, or its group straddles the holdout), or a held-out image dropped as
+    blurry (``blurry_quantile``)."""
+
+    TRAIN = "train"
+    VAL = "val"
+    TEST = "test"
+    EXCLUDED = "excluded"
+    BLURRY_VAL = "blurry_val"
+    BLURRY_TEST = "blurry_test"
+
+
 class ClassWeighting(enum.StrEnum):
     BALANCED = "balanced"
     NONE = "none"

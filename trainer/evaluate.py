@@ -24,6 +24,7 @@ from derm._util import atomic_write, unwritable
 from derm.datasets import Dataset, read_dataset
 from derm.errors import DermError
 from derm.evaluation import evaluate, format_summary
+from derm.trainer.config import Role
 from derm.trainer.evaluate_sections import level_sections, task_sections
 from derm.trainer.rundir import load_run
 
@@ -132,7 +133,7 @@ def saliency(
     return np.abs(total / max(1, samples)).sum(axis=-1)
 
 
-def _select_rows(ds: Dataset, run_dir: Path, role: str | None) -> np.ndarray:
+def _select_rows(ds: Dataset, run_dir: Path, role: Role | str | None) -> np.ndarray:
     if role is None:
         return np.arange(len(ds))
     split = run_dir / "split.csv"
@@ -160,7 +161,7 @@ def _sample_per_class(y: np.ndarray, k: int, seed: int) -> np.ndarray:
 
 
 def _load_data(
-    run_dir: Path, data: str | Path, tax: Any, cfg: dict[str, Any], role: str | None, skip_bad: bool
+    run_dir: Path, data: str | Path, tax: Any, cfg: dict[str, Any], role: Role | str | None, skip_bad: bool
 ) -> Dataset:
     """The labelled dataset read with the run's columns, narrowed to ``role`` in the run's split when one is given."""
     ds = read_dataset(
@@ -271,7 +272,7 @@ def run_eval(
     data: str | Path,
     out: str | Path,
     *,
-    role: str | None = None,
+    role: Role | str | None = None,
     readers: str | Path | None = None,
     tsne: int = 1000,
     saliency_images: int = 8,
@@ -291,6 +292,8 @@ def run_eval(
     problem = unwritable(out / "metrics.json")
     if problem:
         raise EvalError(f"--out {str(out)!r}: {problem}; choose another --out.")
+    if role is not None and role not in set(Role):
+        raise EvalError(f"--role {role!r}: not a role of a run's split.csv; choose one of {', '.join(Role)}.")
     model, tax, part, cfg = load_run(run_dir)
     size = int(model.input_shape[1])
     ds = _load_data(run_dir, data, tax, cfg, role, skip_bad)
@@ -300,7 +303,7 @@ def run_eval(
     result["tta"] = tta
     result["run"] = str(run_dir)
     result["data"] = ds.describe()
-    result["role"] = role
+    result["role"] = None if role is None else str(role)
     out.mkdir(parents=True, exist_ok=True)
     _write_predictions(out / "predictions.csv", ds, part, probs)
     plots = out / "plots"
@@ -333,9 +336,7 @@ def eval_command(
     run: Annotated[Path, typer.Argument(help="derm-train run directory.")],
     data: Annotated[Path, typer.Option("--data", help="Labelled CSV to evaluate on.")],
     out: Annotated[Path, typer.Option("--out", help="Folder for metrics.json, plots and report.html.")],
-    role: Annotated[
-        str | None, typer.Option("--role", help="Only images with this role in the run's split.csv (val, test).")
-    ] = None,
+    role: Annotated[Role | None, typer.Option("--role", help="Only images with this role in the run's split.")] = None,
     readers: Annotated[
         Path | None, typer.Option("--readers", help="CSV of reader points: task,name,sensitivity,specificity.")
     ] = None,

@@ -16,7 +16,7 @@ from derm.evaluation import dataset_level
 from derm.partition import Partition, partition
 from derm.splits import group_components, image_fingerprints, kfold, train_val_split
 from derm.taxonomy import Taxonomy, default_taxonomy, load_taxonomy
-from derm.trainer.config import TrainConfig, TrainError
+from derm.trainer.config import Role, TrainConfig, TrainError
 
 log = logging.getLogger(__name__)
 
@@ -29,11 +29,11 @@ class Prepared:
     taxonomy: Taxonomy
     partition: Partition
     targets: np.ndarray  # training class per image, -1 where the label lies above/outside the partition
-    roles: np.ndarray  # "train" | "val" | "test" | "excluded" | "blurry_val" | "blurry_test"
+    roles: np.ndarray  # a Role value per image
     components: np.ndarray  # group component per image (lesion/patient + near-duplicates)
     sharpness: np.ndarray | None = None
 
-    def indices(self, role: str) -> np.ndarray:
+    def indices(self, role: Role) -> np.ndarray:
         return np.nonzero(self.roles == role)[0]
 
 
@@ -101,19 +101,18 @@ def prepare(cfg: TrainConfig) -> Prepared:
     fp = image_fingerprints(ds.paths) if cfg.near_duplicates else None
     comps = group_components(len(ds), ds.groups, fp)
     roles = _split_roles(cfg, ds, comps)
-    roles[targets < 0] = "excluded"
+    roles[targets < 0] = Role.EXCLUDED
     sharp = _drop_blurry(cfg, ds, roles) if cfg.blurry_quantile > 0 else None
-    for role in ("train", "val"):
-        present = set(targets[roles == role].tolist())
-        if role == "train" and len(present) < 2:
-            raise TrainError(f"The training split holds {len(present)} training class(es); a classifier needs 2+.")
+    present = set(targets[roles == Role.TRAIN].tolist())
+    if len(present) < 2:
+        raise TrainError(f"The training split holds {len(present)} training class(es); a classifier needs 2+.")
     return Prepared(ds, tax, part, targets, roles.astype(str), comps, sharp)
 
 
 def _split_roles(cfg: TrainConfig, ds: Dataset, comps: np.ndarray) -> np.ndarray:
     """Train, val and test roles (an object array), whole group components at a time: the test set is the holdout
     rows, or fold ``cfg.fold`` of ``cfg.folds``, or none; validation is drawn from the rest."""
-    roles = np.full(len(ds), "train", dtype=object)
+    roles = np.full(len(ds), Role.TRAIN, dtype=object)
     labels = np.asarray(ds.nodes)
     if cfg.holdout is not None:
         col, value = cfg.holdout.split("=", 1)
@@ -125,20 +124,20 @@ def _split_roles(cfg: TrainConfig, ds: Dataset, comps: np.ndarray) -> np.ndarray
             log.warning(
                 "%d groups of images straddle the holdout and the rest; those rows leave the training set.", len(shared)
             )
-        roles[test] = "test"
+        roles[test] = Role.TEST
         rest = np.nonzero(~test & ~np.isin(comps, list(shared)))[0]
-        roles[np.nonzero(~test & np.isin(comps, list(shared)))[0]] = "excluded"
+        roles[np.nonzero(~test & np.isin(comps, list(shared)))[0]] = Role.EXCLUDED
         val = train_val_split(labels[rest], comps[rest], cfg.val_fraction, seed=cfg.seed)
-        roles[rest[val]] = "val"
+        roles[rest[val]] = Role.VAL
     elif cfg.folds is not None:
         folds = kfold(labels, comps, k=cfg.folds, seed=cfg.seed)
-        roles[folds == cfg.fold] = "test"
+        roles[folds == cfg.fold] = Role.TEST
         rest = np.nonzero(folds != cfg.fold)[0]
         val = train_val_split(labels[rest], comps[rest], cfg.val_fraction, seed=cfg.seed)
-        roles[rest[val]] = "val"
+        roles[rest[val]] = Role.VAL
     else:
         val = train_val_split(labels, comps, cfg.val_fraction, seed=cfg.seed)
-        roles[val] = "val"
+        roles[val] = Role.VAL
     return roles
 
 
@@ -149,9 +148,9 @@ def _drop_blurry(cfg: TrainConfig, ds: Dataset, roles: np.ndarray) -> np.ndarray
 
     sharp = sharpness_many(ds.paths)
     thr = sharpness_threshold(sharp, cfg.blurry_quantile)
-    held_out = np.isin(roles, ["val", "test"])
-    blurry = held_out & (sharp < thr)
-    roles[blurry] = np.char.add("blurry_", roles[blurry].astype(str))  # blurry_val, blurry_test
+    blurred = {Role.VAL: Role.BLURRY_VAL, Role.TEST: Role.BLURRY_TEST}
+    blurry = np.isin(roles, list(blurred)) & (sharp < thr)
+    roles[blurry] = [blurred[r] for r in roles[blurry]]
     log.info("Dropped %d blurry images (sharpness < %.1f) from validation/test.", int(blurry.sum()), thr)
     return sharp
 

@@ -32,7 +32,7 @@ import numpy as np
 from derm import metrics
 from derm.evaluation import evaluate, format_summary
 from derm.trainer.bottleneck import fit_bottleneck
-from derm.trainer.config import TrainConfig, TrainError
+from derm.trainer.config import Role, TrainConfig, TrainError
 from derm.trainer.prepare import Prepared, class_weights_for, prepare, sample_weights
 from derm.trainer.rundir import RUN_FORMAT, EpochLog, open_work_dir, publish, write_predictions, write_static
 
@@ -70,7 +70,7 @@ def _best_val_mpca(cfg: TrainConfig, prep: Prepared, history: EpochLog, lr_at: A
     the weights of the best validation mean per-class accuracy to ``best_path``."""
     import keras
 
-    va = prep.indices("val")
+    va = prep.indices(Role.VAL)
     y_val = prep.targets[va]
     n_cls = len(prep.partition.classes)
 
@@ -108,7 +108,7 @@ def _finetune(
     from derm.trainer.data import image_dataset
     from derm.trainer.model import compile_paper_rmsprop
 
-    tr = prep.indices("train")
+    tr = prep.indices(Role.TRAIN)
     for i, layer in enumerate(model.layers):
         layer.trainable = trainable_from is None or i >= trainable_from
     steps = cfg.steps_per_epoch or math.ceil(len(tr) / cfg.batch_size)
@@ -200,7 +200,7 @@ def _score(
 ) -> None:
     """Probabilities of the held-out images (from the caches, else from the model on the images), calibrated, then
     evaluated into ``result`` and written as ``predictions_ROLE.csv``."""
-    roles = {role: idx for role, idx in (("val", prep.indices("val")), ("test", prep.indices("test"))) if len(idx)}
+    roles = {r.value: idx for r in (Role.VAL, Role.TEST) if len(idx := prep.indices(r))}
     by_role = {
         role: cached_eval[role]
         if role in cached_eval
