@@ -7,28 +7,16 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import signal
 import sys
 from collections.abc import Iterator
 from typing import Any, NoReturn
 
 import typer
 
+from derm._signals import Interrupted, handled
+from derm._signals import received as _received
+
 EXIT_INTERRUPTED = 130
-
-
-class Interrupted(BaseException):
-    """Ctrl-C or SIGTERM, raised in the main thread so that ``finally`` blocks and context managers clean up. Not a
-    KeyboardInterrupt, so that the command line's own handler (click's "Aborted!") does not swallow it first."""
-
-
-_received: list[str] = []  # the signals received while the command ran
-
-
-def _raise(signum: int, frame: Any) -> None:
-    _received.append(signal.Signals(signum).name)
-    raise Interrupted(_received[-1])
-
 
 _level_is_a_default: list[bool] = [False]  # the front door set a level the user did not ask for
 
@@ -64,9 +52,9 @@ def run_app(app: Any) -> None:
     ``TF_CPP_MIN_LOG_LEVEL``.
     """
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-    previous = {s: signal.signal(s, _raise) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
-        app()
+        with handled():
+            app()
     except SystemExit as exc:
         if _received and exc.code in (0, None):  # a library swallowed the signal's exception; the work is done
             print(f"Interrupted ({_received[0]}) as the command finished: what it wrote is complete.", file=sys.stderr)
@@ -80,9 +68,6 @@ def run_app(app: Any) -> None:
         if isinstance(exc, Interrupted) or _received:
             _interrupted()
         raise
-    finally:
-        for s, h in previous.items():
-            signal.signal(s, h)
     if _received:  # as above, for an app that returns instead of exiting
         print(f"Interrupted ({_received[0]}) as the command finished: what it wrote is complete.", file=sys.stderr)
         sys.exit(EXIT_INTERRUPTED)

@@ -10,6 +10,8 @@ import time
 from collections.abc import Iterable, Iterator
 from typing import TypeVar
 
+from derm import _signals
+
 T = TypeVar("T")
 log = logging.getLogger("derm.progress")
 LOG_EVERY_S = 30.0
@@ -45,7 +47,19 @@ def log_progress(
 
 
 def track(iterable: Iterable[T], description: str, total: int | None = None) -> Iterator[T]:
-    """Iterate with a progress bar on stderr (a terminal), or log lines (elsewhere), or silently (disabled)."""
+    """Iterate with a progress bar on stderr (a terminal), or log lines (elsewhere), or silently (disabled).
+
+    The loop is also where a command stops: Ctrl-C or SIGTERM during an item is raised (as
+    :class:`derm._signals.Interrupted`) when the item is done, before the next one, never inside a library's C code.
+    """
+    with _signals.safe_points():
+        for item in _shown(iterable, description, total):
+            yield item
+            _signals.check()
+    _signals.check()
+
+
+def _shown(iterable: Iterable[T], description: str, total: int | None) -> Iterator[T]:
     if os.environ.get("DERM_PROGRESS", "").lower() in ("0", "false", "no", "off"):
         yield from iterable
         return

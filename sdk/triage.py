@@ -13,8 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from derm._cli import Interrupted
 from derm._progress import track
+from derm._signals import Interrupted
 from derm._triage_files import IMAGE_SUFFIXES, Found, TriageError, _columns, _read_csv, _row, _write_csv, find_images
 from derm._triage_report import HIST_BINS, THUMB, histogram, write_report
 from derm._util import atomic_write, sha256_file

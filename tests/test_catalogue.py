@@ -5,6 +5,7 @@ documented exit status and one message naming the bad thing, print no traceback,
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -281,20 +282,34 @@ def test_sigterm_during_export_leaves_no_file_behind(world, run, tmp_path):
     assert sorted(tmp_path.iterdir()) == []
 
 
+def _rows_in(cache: Path) -> int:
+    """Rows committed to a feature cache another process is writing (0 while it cannot be read yet)."""
+    if not cache.is_file():
+        return 0
+    try:
+        with contextlib.closing(sqlite3.connect(f"file:{cache}?mode=ro", uri=True, timeout=0.1)) as db:
+            return int(db.execute("SELECT COUNT(*) FROM features").fetchone()[0])
+    except sqlite3.Error:
+        return 0
+
+
 def test_sigint_during_training_keeps_the_finished_features_and_no_run(world, tmp_path):
     """derm-train stopped while it extracts features: no run directory (only its resumable OUT.partial), and the
-    feature cache it was filling is a sound SQLite file (every committed row can be reused)."""
+    feature cache it was filling is a sound SQLite file holding the batches finished (every committed row can be
+    reused). The signal lands while TensorFlow runs a batch: it waits for the batch's end (derm._signals' safe
+    points), so TensorFlow never turns it into an error of its own (a SystemError and a traceback, as it once did)."""
     from tests.conftest import reference_weights
 
     cache, out = tmp_path / "features.sqlite", tmp_path / "run"
     argv = [_exe("derm-train"), "train", "--data", str(world / "data.csv"), "--out", str(out), "--within", "labels"]
     argv += ["--input-size", "96", "--weights", str(reference_weights()), "--views", "8", "--feature-cache", str(cache)]
     proc = _start(argv, world)
-    _wait_for(proc, lambda: cache.is_file() and cache.stat().st_size > 0, "its feature cache was opened")
+    _wait_for(proc, lambda: _rows_in(cache) > 0, "its first batch of features was stored")
     _stopped(proc, signal.SIGINT)
     assert not out.exists() and (tmp_path / "run.partial" / "config.json").is_file()
     with sqlite3.connect(cache) as db:
         assert db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+        assert db.execute("SELECT COUNT(*) FROM features").fetchone()[0] > 0
     left = {p.name for p in tmp_path.iterdir()} - {"features.sqlite", "run.partial"}
     assert left <= {"features.sqlite-journal", "features.sqlite-wal", "features.sqlite-shm"}, left
 

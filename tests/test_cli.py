@@ -114,6 +114,37 @@ def test_progress_off_a_terminal_is_logged_with_rate_and_time_left(caplog, monke
     assert not caplog.records
 
 
+def test_a_signal_in_a_tracked_loop_is_raised_between_items_and_a_second_one_at_once(monkeypatch):
+    """Ctrl-C during an item of long work lets the item finish (no signal inside a library's C code), then stops the
+    loop; a second Ctrl-C while the first waits stops at once; outside a loop a signal stops at once."""
+    import os
+    import signal
+
+    import pytest
+
+    from derm import _signals
+    from derm._progress import track
+
+    monkeypatch.setattr(_signals, "received", [])
+    done = []
+    with _signals.handled(), pytest.raises(_signals.Interrupted, match="SIGINT"):
+        for i in track(range(5), "items"):
+            if i == 1:
+                os.kill(os.getpid(), signal.SIGINT)  # the handler runs here and holds the signal
+            done.append(i)
+    assert done == [0, 1] and _signals.received == ["SIGINT"]
+    done.clear()
+    with _signals.handled(), pytest.raises(_signals.Interrupted, match="SIGTERM"):
+        for i in track(range(5), "items"):
+            os.kill(os.getpid(), signal.SIGINT)
+            os.kill(os.getpid(), signal.SIGTERM)
+            done.append(i)
+    assert done == []
+    with _signals.handled(), pytest.raises(_signals.Interrupted, match="SIGINT"):
+        os.kill(os.getpid(), signal.SIGINT)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handlers are put back
+
+
 def test_train_help_shows_the_configs_defaults_and_choices():
     """Each option's help ends with TrainConfig's default, kept through the help renderer (which reads "[word]" as a
     style); the choices are Enums, listed by the renderer."""

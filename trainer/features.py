@@ -34,6 +34,7 @@ from typing import Any
 
 import numpy as np
 
+from derm import _signals
 from derm._progress import track
 from derm._util import sha256_file
 from derm.errors import DermError
@@ -322,7 +323,6 @@ def extract(
     t0 = time.perf_counter()
     if not todo:
         return ExtractStats(0, reused, 0.0)
-    ds = _view_dataset(todo, [str(p) for p in paths], digests, caches[0].key, batch_size, parallel)
 
     @tf.function(reduce_retracing=True)
     def run(x):
@@ -330,14 +330,17 @@ def extract(
         return list(out) if isinstance(out, (list, tuple)) else [out]
 
     steps = (len(todo) + batch_size - 1) // batch_size
-    for x, idx, vs in track(ds, description, total=steps):
-        outs = run(x)
-        if len(outs) != len(caches):
-            raise FeatureCacheError(f"The extractor gives {len(outs)} output(s) for {len(caches)} cache(s).")
-        keys = [(digests[int(i)], int(v)) for i, v in zip(idx.numpy(), vs.numpy(), strict=True)]
-        for c, out in zip(caches, outs, strict=True):
-            rows = out.numpy().reshape(len(keys), -1)
-            c.put([(d, v, f) for (d, v), f in zip(keys, rows, strict=True)])
+    # Ctrl-C while the pipeline is built (TensorFlow traces its functions) waits, as in the loop, for a batch's end
+    with _signals.safe_points():
+        ds = _view_dataset(todo, [str(p) for p in paths], digests, caches[0].key, batch_size, parallel)
+        for x, idx, vs in track(ds, description, total=steps):
+            outs = run(x)
+            if len(outs) != len(caches):
+                raise FeatureCacheError(f"The extractor gives {len(outs)} output(s) for {len(caches)} cache(s).")
+            keys = [(digests[int(i)], int(v)) for i, v in zip(idx.numpy(), vs.numpy(), strict=True)]
+            for c, out in zip(caches, outs, strict=True):
+                rows = out.numpy().reshape(len(keys), -1)
+                c.put([(d, v, f) for (d, v), f in zip(keys, rows, strict=True)])
     seconds = time.perf_counter() - t0
     log.info("%s: %d rows computed (%.1f/s), %d reused.", description, len(todo), len(todo) / seconds, reused)
     return ExtractStats(len(todo), reused, seconds)
