@@ -57,17 +57,17 @@ def parity(
     interval. Per binary task, on the images labelled for it: the loss of AUC with a paired bootstrap interval.
     """
     rows: list[ParityRow] = []
-    known = [i for i, n in enumerate(nodes) if n is not None]
+    labelled = _Labelled(taxonomy, nodes, [i for i, n in enumerate(nodes) if n is not None], seed)
     for s in specs:
         ref, out = np.asarray(reference[s.name], np.float64), np.asarray(got[s.name], np.float64)
         if ref.shape != out.shape:
             raise ExportError(f"Output {s.name!r}: the file gives shape {out.shape}, the Keras model {ref.shape}.")
         if s.kind == "level":
             rows += _level_rows(s, ref, out, thresholds)
-            if known:
-                rows += _mpca_rows(s, ref, out, thresholds, taxonomy, nodes, known, seed)
-        elif s.kind == "task" and known:
-            rows += _auc_rows(s, ref, out, thresholds, taxonomy, nodes, known, seed)
+            if labelled.known:
+                rows += _mpca_rows(s, ref, out, thresholds, labelled)
+        elif s.kind == "task" and labelled.known:
+            rows += _auc_rows(s, ref, out, thresholds, labelled)
     for r in rows:
         r.ok = _passes(r)
     return rows
@@ -104,51 +104,44 @@ def _level_rows(s: OutputSpec, ref: np.ndarray, out: np.ndarray, thresholds: Par
     return rows
 
 
-def _mpca_rows(
-    s: OutputSpec,
-    ref: np.ndarray,
-    out: np.ndarray,
-    thresholds: Parity,
-    taxonomy: Taxonomy,
-    nodes: Sequence[str | None],
-    known: list[int],
-    seed: int,
-) -> list[ParityRow]:
+@dataclass(frozen=True)
+class _Labelled:
+    """The compared images' labels: taxonomy nodes (None: unlabelled), the indices of the labelled ones, and the
+    bootstrap seed of the paired intervals."""
+
+    taxonomy: Taxonomy
+    nodes: Sequence[str | None]
+    known: list[int]
+    seed: int
+
+
+def _mpca_rows(s: OutputSpec, ref: np.ndarray, out: np.ndarray, thresholds: Parity, lab: _Labelled) -> list[ParityRow]:
     """A level's loss of mean per-class accuracy on the labelled images (none if no image has a class there)."""
     from derm.aggregation import inference_targets
     from derm.metrics import paired_mpca_difference
 
     y = np.full(len(ref), -1, np.int64)
-    y[known] = inference_targets(taxonomy, [nodes[i] for i in known], list(s.labels))
+    y[lab.known] = inference_targets(lab.taxonomy, [lab.nodes[i] for i in lab.known], list(s.labels))
     if not (y >= 0).any():
         return []
-    d, lo, hi = paired_mpca_difference(y, ref.argmax(1), out.argmax(1), len(s.labels), seed=seed)
+    d, lo, hi = paired_mpca_difference(y, ref.argmax(1), out.argmax(1), len(s.labels), seed=lab.seed)
     classes = len(np.unique(y[y >= 0]))
     labelled = int((y >= 0).sum())
     detail = f"{labelled} labelled images in {classes} classes"
     return [ParityRow(s.name, "mpca_diff", d, thresholds.mpca, False, labelled, (lo, hi), detail=detail)]
 
 
-def _auc_rows(
-    s: OutputSpec,
-    ref: np.ndarray,
-    out: np.ndarray,
-    thresholds: Parity,
-    taxonomy: Taxonomy,
-    nodes: Sequence[str | None],
-    known: list[int],
-    seed: int,
-) -> list[ParityRow]:
+def _auc_rows(s: OutputSpec, ref: np.ndarray, out: np.ndarray, thresholds: Parity, lab: _Labelled) -> list[ParityRow]:
     """A task's loss of AUC on the images labelled for it (none unless both sides are there)."""
     from derm.metrics import paired_auc_difference
 
-    y = np.full(len(nodes), -1, np.int8)
-    y[known] = task_targets(taxonomy, [nodes[i] for i in known], s.labels[0])
+    y = np.full(len(lab.nodes), -1, np.int8)
+    y[lab.known] = task_targets(lab.taxonomy, [lab.nodes[i] for i in lab.known], s.labels[0])
     keep = y >= 0
     pos = int(y[keep].sum())
     if not (keep.sum() and 0 < pos < keep.sum()):
         return []
-    d, lo, hi = paired_auc_difference(y[keep], ref[keep, 0], out[keep, 0], seed=seed)
+    d, lo, hi = paired_auc_difference(y[keep], ref[keep, 0], out[keep, 0], seed=lab.seed)
     n = int(keep.sum())
     return [
         ParityRow(

@@ -19,16 +19,10 @@ pytest.importorskip("tensorflow")
 cli = CliRunner()
 
 
-@pytest.fixture(scope="module")
-def files(sdk_files):
-    """(TFLite float16 file, ONNX float32 file, six images): conftest's ``sdk_files``."""
-    return sdk_files
-
-
-def test_both_backends_give_the_manifest_and_agree(files):
+def test_both_backends_give_the_manifest_and_agree(sdk_files):
     from derm.classifier import Classifier
 
-    tfl, onx, images = files
+    tfl, onx, images = sdk_files
     a, b = Classifier.load(tfl), Classifier.load(onx, threads=1)
     assert a.backend.name == "ai-edge-litert" and b.backend.name == "onnxruntime"
     assert a.input_size == b.input_size == SMALL_SIZE and a.levels == b.levels == ["three", "nine"]
@@ -49,13 +43,13 @@ def test_both_backends_give_the_manifest_and_agree(files):
     np.testing.assert_allclose([list(p.levels["nine"].values()) for p in pb], raw["probs_nine"], atol=1e-6)
 
 
-def test_run_takes_batches_larger_than_one_runtime_call(files, monkeypatch):
+def test_run_takes_batches_larger_than_one_runtime_call(sdk_files, monkeypatch):
     """Classifier.run slices a large batch for onnxruntime (which holds every intermediate of a whole batch) and
     gives the same rows as image-by-image calls."""
     from derm import classifier, runtimes
     from derm.preprocess import preprocess
 
-    _, onx, images = files
+    _, onx, images = sdk_files
     monkeypatch.setattr(runtimes, "ONNX_BATCH", 4)
     clf = classifier.Classifier.load(onx, threads=1)
     batch = np.stack([preprocess(p, SMALL_SIZE) for p in images] * 2)  # 12 images: slices of 4, 4, 4
@@ -66,13 +60,13 @@ def test_run_takes_batches_larger_than_one_runtime_call(files, monkeypatch):
         np.testing.assert_allclose(value, np.concatenate([o[name] for o in one]), atol=1e-6)
 
 
-def test_every_kind_of_input_gives_the_same_answer(files):
+def test_every_kind_of_input_gives_the_same_answer(sdk_files):
     from PIL import Image
 
     from derm.classifier import Classifier
 
-    clf = Classifier.load(files[0])
-    path = files[2][0]
+    clf = Classifier.load(sdk_files[0])
+    path = sdk_files[2][0]
     ref = clf.predict(path).levels
     data = Path(path).read_bytes()
     pil = Image.open(io.BytesIO(data))
@@ -84,10 +78,10 @@ def _close(a, b) -> bool:
     return all(np.allclose(list(a[k].values()), list(b[k].values()), atol=1e-6) for k in b)
 
 
-def test_operating_points_and_user_thresholds(files):
+def test_operating_points_and_user_thresholds(sdk_files):
     from derm.classifier import Classifier
 
-    tfl, _, images = files
+    tfl, _, images = sdk_files
     clf = Classifier.load(tfl, operating_point="0.95")
     d = clf.predict(images[0]).decisions["melanoma_vs_nevus"]
     point = clf.manifest["operating_points"]["melanoma_vs_nevus"]["by_sensitivity"]["0.95"]
@@ -100,24 +94,24 @@ def test_operating_points_and_user_thresholds(files):
         Classifier.load(tfl, threshold=2)
 
 
-def test_predict_many_keeps_order_and_goes_on_past_bad_files(files, tmp_path):
+def test_predict_many_keeps_order_and_goes_on_past_bad_files(sdk_files, tmp_path):
     from derm.classifier import Classifier
     from derm.preprocess import ImageError
 
-    clf = Classifier.load(files[0])
+    clf = Classifier.load(sdk_files[0])
     bad = tmp_path / "bad.png"
     bad.write_bytes(b"PNG? no")
-    sources = [*files[2][:3], str(bad), *files[2][3:]]
+    sources = [*sdk_files[2][:3], str(bad), *sdk_files[2][3:]]
     got = list(clf.predict_many(sources, workers=2, batch_size=2))
     assert [n for n, _ in got] == [str(s) for s in sources]
     assert isinstance(got[3][1], ImageError) and "bad.png" in str(got[3][1])
-    one = clf.predict(files[2][4])
+    one = clf.predict(sdk_files[2][4])
     assert _close(got[5][1].levels, one.levels)
     with pytest.raises(ImageError, match=r"bad\.png"):
         list(clf.predict_many(sources, on_error="raise"))
 
 
-def test_files_without_a_usable_manifest_are_refused(files, tmp_path):
+def test_files_without_a_usable_manifest_are_refused(sdk_files, tmp_path):
     import onnx
 
     from derm.classifier import Classifier
@@ -127,7 +121,7 @@ def test_files_without_a_usable_manifest_are_refused(files, tmp_path):
         Classifier.load(tmp_path / "model.pb")
     with pytest.raises(ModelFileError, match="not found"):
         Classifier.load(tmp_path / "missing.tflite")
-    model = onnx.load(str(files[1]))
+    model = onnx.load(str(sdk_files[1]))
     keep = [p for p in model.metadata_props]
     del model.metadata_props[:]
     onnx.save(model, str(tmp_path / "plain.onnx"))
@@ -165,14 +159,14 @@ def test_core_ml_files_are_read_and_refused_off_macos_with_the_reason(small_run,
         Classifier.load(res.path)
 
 
-def test_damaged_or_misnamed_files_never_give_an_answer(files, tmp_path):
+def test_damaged_or_misnamed_files_never_give_an_answer(sdk_files, tmp_path):
     """A byte flipped inside the weights is caught by the digest the manifest recorded at export; a truncated file and
     an ONNX file renamed .tflite are named for what they are, not as "not written by derm-export"."""
     from derm.classifier import Classifier
     from derm.cli import app
     from derm.manifest import ModelFileError, tflite_weights_digest
 
-    tfl, onx, images = files
+    tfl, onx, images = sdk_files
     clf = Classifier.load(tfl)
     assert clf.verified.startswith("weights verified")
     data = bytearray(Path(tfl).read_bytes())
@@ -226,19 +220,19 @@ def test_test_time_views_are_the_flips_and_quarter_turns_in_order():
             check_tta(bad)
 
 
-def test_tta_averages_the_file_outputs_over_the_views(files):
+def test_tta_averages_the_file_outputs_over_the_views(sdk_files):
     from derm.classifier import Classifier
     from derm.preprocess import tta_views
 
-    plain = Classifier.load(files[0])
-    tta = Classifier.load(files[0], tta=4)
-    image = plain.prepare(files[2][0])
+    plain = Classifier.load(sdk_files[0])
+    tta = Classifier.load(sdk_files[0], tta=4)
+    image = plain.prepare(sdk_files[2][0])
     raw = plain.run(tta_views(image, 4))
     got = tta.infer(image[None])
     for name, values in raw.items():
         np.testing.assert_allclose(got[name][0], values.mean(axis=0), rtol=0, atol=1e-6)
-    assert abs(sum(tta.predict(files[2][0]).levels["three"].values()) - 1) < 1e-4
+    assert abs(sum(tta.predict(sdk_files[2][0]).levels["three"].values()) - 1) < 1e-4
     from derm.cli import app
 
-    res = cli.invoke(app, ["classify", str(files[2][0]), "-m", str(files[0]), "--tta", "3"])
+    res = cli.invoke(app, ["classify", str(sdk_files[2][0]), "-m", str(sdk_files[0]), "--tta", "3"])
     assert res.exit_code == 2 and "tta must be 1, 2, 4 or 8" in res.output

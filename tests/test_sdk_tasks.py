@@ -21,13 +21,7 @@ cli = CliRunner()
 
 
 @pytest.fixture(scope="module")
-def files(sdk_files):
-    """(TFLite float16 file, ONNX float32 file, six images): conftest's ``sdk_files``."""
-    return sdk_files
-
-
-@pytest.fixture(scope="module")
-def labelled(files, small_run, tmp_path_factory):
+def labelled(sdk_files, small_run, tmp_path_factory):
     """Three real images of each of the small run's diagnoses (mel, nv, bkl, bcc) in a folder with one broken file,
     and their labels by file name."""
     _, run = small_run
@@ -41,14 +35,14 @@ def labelled(files, small_run, tmp_path_factory):
     return root, labels
 
 
-def test_manifest_says_each_tasks_condition(files, small_run):
+def test_manifest_says_each_tasks_condition(sdk_files, small_run):
     from derm.classifier import CONDITION_THRESHOLD
     from derm.manifest import read_manifest
     from derm.trainer.rundir import load_partition
 
     _, run = small_run
     tax, part = load_partition(run)
-    for path in files[:2]:
+    for path in sdk_files[:2]:
         manifest = read_manifest(path)
         tasks = [o["task"] for o in manifest["outputs"] if o["kind"] == "task"]
         assert {t["id"] for t in tasks} == {"melanoma_vs_nevus", "carcinoma_vs_seborrheic_keratosis"}
@@ -69,11 +63,11 @@ def test_manifest_says_each_tasks_condition(files, small_run):
     assert mvn["positive_name"] == "melanoma"
 
 
-def test_conditions_are_the_training_probabilities_of_the_tasks_classes(files, labelled):
+def test_conditions_are_the_training_probabilities_of_the_tasks_classes(sdk_files, labelled):
     from derm.classifier import Classifier
 
     root, labels = labelled
-    clf = Classifier.load(files[0])
+    clf = Classifier.load(sdk_files[0])
     paths = [str(root / name) for name in labels]
     preds = clf.predict(paths)
     raw = clf.run(np.stack([clf.prepare(p) for p in paths]))["training_probs"].astype(np.float64)
@@ -104,12 +98,12 @@ def _off_and_on(clf, root, labels):
     return preds, off, on
 
 
-def test_classify_shows_a_task_only_where_it_applies(files, labelled):
+def test_classify_shows_a_task_only_where_it_applies(sdk_files, labelled):
     from derm.classifier import Classifier
     from derm.cli import app
 
     root, labels = labelled
-    tfl = files[0]
+    tfl = sdk_files[0]
     clf = Classifier.load(tfl)
     cond = clf.condition_name("melanoma_vs_nevus")
     preds, off, on = _off_and_on(clf, root, labels)
@@ -188,12 +182,12 @@ def _check_cards(report: str, ok, off: str, cond: str) -> None:
     assert order == sorted(order) and "broken.jpg" in report
 
 
-def test_triage_shows_a_task_only_where_it_applies(files, labelled, tmp_path):
+def test_triage_shows_a_task_only_where_it_applies(sdk_files, labelled, tmp_path):
     from derm.classifier import Classifier
     from derm.cli import app
 
     root, labels = labelled
-    tfl = files[0]
+    tfl = sdk_files[0]
     clf = Classifier.load(tfl)
     _, off, _ = _off_and_on(clf, root, labels)
 
@@ -212,7 +206,7 @@ def test_triage_shows_a_task_only_where_it_applies(files, labelled, tmp_path):
     _check_cards(report, ok, off, clf.condition_name("melanoma_vs_nevus"))
 
 
-def test_files_without_conditions_keep_every_task(files, labelled, tmp_path):
+def test_files_without_conditions_keep_every_task(sdk_files, labelled, tmp_path):
     """A file exported before the manifest named the tasks' conditions: every task applies and is shown."""
     import onnx
 
@@ -220,7 +214,7 @@ def test_files_without_conditions_keep_every_task(files, labelled, tmp_path):
     from derm.cli import app
 
     root, labels = labelled
-    model = onnx.load(str(files[1]))
+    model = onnx.load(str(sdk_files[1]))
     for prop in model.metadata_props:
         if prop.key == "derm_manifest":
             manifest = json.loads(prop.value)

@@ -17,15 +17,9 @@ cli = CliRunner()
 
 
 @pytest.fixture(scope="module")
-def files(sdk_files):
-    """(TFLite float16 file, ONNX float32 file, six images): conftest's ``sdk_files``."""
-    return sdk_files
-
-
-@pytest.fixture(scope="module")
-def folder(files, tmp_path_factory):
+def folder(sdk_files, tmp_path_factory):
     root = tmp_path_factory.mktemp("folder")
-    for i, p in enumerate(files[2]):
+    for i, p in enumerate(sdk_files[2]):
         (root / ("sub" if i % 2 else "")).mkdir(exist_ok=True)
         shutil.copy(p, root / ("sub" if i % 2 else "") / Path(p).name)
     (root / "broken.jpg").write_bytes(b"\xff\xd8 not really a jpeg")
@@ -33,10 +27,10 @@ def folder(files, tmp_path_factory):
     return root
 
 
-def test_cli_classify_and_triage_with_resume(files, folder, tmp_path):
+def test_cli_classify_and_triage_with_resume(sdk_files, folder, tmp_path):
     from derm.cli import app
 
-    tfl, onx, images = files
+    tfl, onx, images = sdk_files
     res = cli.invoke(app, ["classify", images[0], "--model", str(tfl), "--json"])
     assert res.exit_code == 0, res.output
     out = json.loads(res.output)
@@ -68,12 +62,12 @@ def test_cli_classify_and_triage_with_resume(files, folder, tmp_path):
     assert res.exit_code == 2 and "another model" in res.output
 
 
-def test_triage_lists_what_it_cannot_read_and_never_writes_a_formula(files, folder, tmp_path):
+def test_triage_lists_what_it_cannot_read_and_never_writes_a_formula(sdk_files, folder, tmp_path):
     """Nothing vanishes: a folder or a broken link named like an image is listed as unreadable, other files are
     counted; a file name a spreadsheet would run as a formula is written inert and read back on resume."""
     from derm.cli import app
 
-    tfl, _, images = files
+    tfl, _, images = sdk_files
     root = tmp_path / "photos"
     shutil.copytree(folder, root)
     (root / "album.jpg").mkdir()
@@ -96,13 +90,13 @@ def test_triage_lists_what_it_cannot_read_and_never_writes_a_formula(files, fold
     assert len(read_rows(dest / "results.csv")) == len(rows)
 
 
-def test_triage_interrupted_keeps_finished_results_and_resumes(files, folder, tmp_path, monkeypatch):
+def test_triage_interrupted_keeps_finished_results_and_resumes(sdk_files, folder, tmp_path, monkeypatch):
     """Ctrl-C in the middle of a triage: the results so far are written (not lost up to the next checkpoint), the
     command says so and exits 130, and the same command finishes the rest."""
     from derm.classifier import Classifier
     from derm.cli import app
 
-    tfl, _, images = files
+    tfl, _, images = sdk_files
     real = Classifier.predict_many
 
     def interrupted_after_two(self, sources, **kw):
