@@ -38,6 +38,15 @@ import numpy as np
 
 from derm._cli import setup_logging
 from derm.benchmarks._results import write_results
+from derm.benchmarks._topblocks_predictions import (
+    mpca,
+    paired,
+    per_fold,
+    pooled,
+    read_predictions,
+    table,
+    write_predictions,
+)
 
 RESULTS = Path(__file__).resolve().parent / "results"
 DEFAULT_LR = 1e-3
@@ -86,24 +95,9 @@ def train_runs(data: str, cfg: Any, shared: Path, folder: Path, folds: list[int]
     return runs
 
 
-def _scores(data: str, runs: list[Path]) -> dict[str, Any]:
-    """The test rows of ``runs`` pooled (aligned by image): per reported AUC (labels, scores), and argmax calls."""
-    from derm.benchmarks.trainer import _node_scores, _rows, _task_scores
-    from derm.trainer.rundir import load_partition
-
-    rows = sorted((r for run in runs for r in _rows(run / "predictions_test.csv")), key=lambda r: r["image"])
-    out: dict[str, Any] = {"images": [r["image"] for r in rows]}
-    for key, _, kind, ident in DATASETS[data]["aucs"]:
-        out[key] = (_task_scores if kind == "task" else _node_scores)(rows, runs[0], ident)
-    _, part = load_partition(runs[0])
-    labels = [c.label for c in part.classes]
-    out["truth"] = np.asarray(part.targets([r["node"] for r in rows]))
-    out["calls"] = np.asarray([[float(r[c]) for c in labels] for r in rows]).argmax(1)
-    out["n_classes"] = len(labels)
-    return out
-
-
-def _row(data: str, n: int, lr: float, runs: list[Path]) -> dict[str, Any]:
+def _row(
+    data: str, n: int, lr: float, runs: list[Path], t: dict[str, np.ndarray], classes: list[str]
+) -> dict[str, Any]:
     from derm import metrics
 
     timings: dict[str, float] = {}
@@ -115,7 +109,6 @@ def _row(data: str, n: int, lr: float, runs: list[Path]) -> dict[str, Any]:
         tops.append([r for r in history if r["stage"] == "top"])
         val.append(max((float(r["val_mpca"]) for r in history), default=float("nan")))
     best = [int(max(t, key=lambda r: float(r["val_mpca"]))["epoch"]) if t else None for t in tops]
-    sc = _scores(data, runs)
     row = {
         "unfreeze_top": n,
         "lr": lr,
@@ -125,30 +118,15 @@ def _row(data: str, n: int, lr: float, runs: list[Path]) -> dict[str, Any]:
         "top_epochs_run": [len(t) for t in tops],
         "best_epoch": best,
         "val_mpca": float(np.mean(val)),
-        "n_test_images": len(sc["images"]),
-        "labels_mpca": metrics.mean_per_class_accuracy(sc["truth"], sc["calls"], sc["n_classes"])[0],
+        "n_test_images": len(t["image"]),
+        "labels_mpca": mpca(t, classes),
+        "per_fold": per_fold(DATASETS[data]["aucs"], t, classes),
     }
     for key, *_ in DATASETS[data]["aucs"]:
-        auc, lo, hi = metrics.bootstrap_auc(*sc[key], n_boot=1000, seed=0)
+        keep = t[f"{key}_y"] >= 0
+        auc, lo, hi = metrics.bootstrap_auc(t[f"{key}_y"][keep], t[f"{key}_score"][keep], n_boot=1000, seed=0)
         row[key] = {"auc": auc, "lo": lo, "hi": hi}
     return row
-
-
-def _paired(data: str, runs: list[Path], head_only: list[Path]) -> dict[str, tuple[float, float, float]]:
-    """Paired bootstrap differences (these runs minus the head-only runs) on the same test images."""
-    from derm import metrics
-
-    a, b = _scores(data, runs), _scores(data, head_only)
-    if a["images"] != b["images"]:
-        raise ValueError("the head-only runs were tested on other images; rerun them with the same splits")
-    out = {}
-    for key, *_ in DATASETS[data]["aucs"]:
-        (y, sa), (_, sb) = a[key], b[key]
-        out[key] = metrics.paired_auc_difference(y, sa, sb, n_boot=1000, seed=0)
-    out["labels_mpca"] = metrics.paired_mpca_difference(
-        a["truth"], a["calls"], b["calls"], a["n_classes"], n_boot=1000, seed=0
-    )
-    return out
 
 
 def _history(run: Path) -> list[dict[str, str]]:
@@ -163,6 +141,24 @@ def _epochs(r: dict[str, Any]) -> str:
         f"{n} ({b})" if b else (str(n) if n else "") for n, b in zip(r["top_epochs_run"], r["best_epoch"], strict=True)
     ]
     return ", ".join(c for c in cells if c)
+
+
+def _per_fold_lines(report: dict[str, Any]) -> list[str]:
+    """Each fold's own numbers (HAM10000 runs that recorded them), for a summary across folds."""
+    rows = [r for r in report["rows"] if len(r.get("per_fold") or {}) > 1]
+    if not rows:
+        return []
+    spec = DATASETS[report["data"]]
+    lines = ["", "Per fold (each fold's held-out lesions on their own; no intervals):", ""]
+    for r in rows:
+        cells = [
+            f"fold {k} ({v['n_test_images']} images): "
+            + ", ".join(f"{title.split(' (')[0]} {v[key]:.3f}" for key, title, *_ in spec["aucs"])
+            + f", {spec['mpca'].split(' (')[0]} {v['labels_mpca']:.3f}"
+            for k, v in r["per_fold"].items()
+        ]
+        lines.append(f"- {r['trained_blocks']}: " + "; ".join(cells))
+    return lines
 
 
 def markdown(report: dict[str, Any]) -> str:
@@ -199,12 +195,14 @@ def markdown(report: dict[str, Any]) -> str:
                 f"({d['labels_mpca'][1]:+.3f} to {d['labels_mpca'][2]:+.3f})"
             )
             lines.append(f"- {r['trained_blocks']}: " + ", ".join(parts))
+    lines += _per_fold_lines(report)
     lines += ["", report["notes"], ""]
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
     from derm.trainer.config import TrainConfig
+    from derm.trainer.rundir import load_partition
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shared", type=Path, default=Path("../shared"))
@@ -217,6 +215,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--patience", type=int, default=5)
     ap.add_argument("--notes", default="", help="what the table shows, written under it")
     ap.add_argument("--results", type=Path, default=RESULTS)
+    ap.add_argument(
+        "--pool-with",
+        type=Path,
+        help="ham10000: a predictions file of an earlier run of this benchmark (NAME_predictions.csv.gz); its folds "
+        "that are not run now are pooled with these",
+    )
     args = ap.parse_args(argv)
     folds = [int(k) for k in args.folds.split(",")]
     if any(not 0 <= k < HAM_FOLDS for k in folds):
@@ -230,24 +234,45 @@ def main(argv: list[str] | None = None) -> int:
         epochs=args.epochs,
         patience=args.patience,
     )
-    rows, head_only = [], None
+    aucs = DATASETS[args.data]["aucs"]
+    earlier = read_predictions(args.pool_with, aucs) if args.pool_with else {}
+    rows, tables, classes = [], {}, []
     for spec in args.unfreeze.split(","):
         n, _, lr_text = spec.partition("@")
         n, lr = int(n), float(lr_text or DEFAULT_LR)
         folder = args.runs / (f"top{n}" if lr == DEFAULT_LR else f"top{n}_lr{lr:g}")
         runs = train_runs(args.data, dataclasses.replace(base, unfreeze_top=n, lr=lr), args.shared, folder, folds)
-        rows.append(_row(args.data, n, lr, runs))
-        head_only = runs if n == 0 else head_only
+        classes = load_partition(runs[0])[1].labels
+        t = pooled(table(aucs, runs, folds if args.data == "ham10000" else [-1]), earlier.get((n, lr)))
+        tables[(n, lr)] = t
+        rows.append(_row(args.data, n, lr, runs, t, classes))
+    head_only = next((t for (n, _), t in tables.items() if n == 0), None)
     for r in rows:
-        if r["unfreeze_top"] and head_only:
-            r["vs_head_only"] = _paired(args.data, [Path(p) for p in r["runs"]], head_only)
-    ham = f"--data ham10000 --folds {args.folds} " if args.data == "ham10000" else ""
-    report = {
+        if r["unfreeze_top"] and head_only is not None:
+            r["vs_head_only"] = paired(aucs, tables[(r["unfreeze_top"], r["lr"])], head_only, classes)
+    pooled_folds = sorted({int(k) for r in rows for k in r["per_fold"]})
+    name = "topblocks" if args.data == "isic2017" else f"topblocks_{args.data}"
+    write_predictions(args.results / f"{name}_predictions.csv.gz", aucs, tables)
+    report = _report(args, folds, pooled_folds, rows)
+    write_results(args.results, name, report, markdown(report))
+    return 0
+
+
+def _report(args: argparse.Namespace, folds: list[int], pooled_folds: list[int], rows: list[Any]) -> dict[str, Any]:
+    ham = args.data == "ham10000"
+    flags = f"--data ham10000 --folds {args.folds} " if ham else ""
+    flags += f"--pool-with {args.pool_with} " if args.pool_with else ""
+    earlier = sorted(set(pooled_folds) - set(folds))
+    tested = f" (folds {','.join(map(str, pooled_folds))} of {HAM_FOLDS}" + (
+        f"; folds {','.join(map(str, earlier))} from {args.pool_with}, run earlier)" if earlier else ")"
+    )
+    return {
         "data": args.data,
-        "folds": folds if args.data == "ham10000" else None,
+        "folds": folds if ham else None,
+        "pooled_folds": pooled_folds if ham else None,
         "command": "python -m derm.benchmarks.topblocks "
         + " ".join(
-            f"--shared {args.shared} --runs {args.runs} {ham}--unfreeze {args.unfreeze} --views {args.views} "
+            f"--shared {args.shared} --runs {args.runs} {flags}--unfreeze {args.unfreeze} --views {args.views} "
             f"--epochs {args.epochs} --patience {args.patience}".split()
         ),
         "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, no GPU",
@@ -255,14 +280,11 @@ def main(argv: list[str] | None = None) -> int:
         "setup": f"inception-2015 weights, 299x299, head on pooled mixed7..mixed10, {args.views} augmented views per "
         f"training image, head 40 epochs, then up to {args.epochs} top-block epochs (paper's RMSProp, lr 0.001, "
         f"BatchNorm frozen, patience {args.patience}); test: {DATASETS[args.data]['test']}"
-        + (f" (folds {args.folds} of {HAM_FOLDS})" if args.data == "ham10000" else "")
+        + (tested if ham else "")
         + ".",
         "notes": args.notes,
         "rows": rows,
     }
-    name = "topblocks" if args.data == "isic2017" else f"topblocks_{args.data}"
-    write_results(args.results, name, report, markdown(report))
-    return 0
 
 
 if __name__ == "__main__":
