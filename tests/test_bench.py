@@ -101,3 +101,67 @@ def test_topblocks_predictions_pool_folds_run_on_another_day(tmp_path):
         tp.mpca(both, ["mel", "nv"])
     with pytest.raises(ValueError, match="not predictions of this benchmark"):
         tp.read_predictions(path, DATASETS["isic2017"]["aucs"])
+
+
+def test_reference_top_pairs_the_two_runs_per_source_and_checks_the_committed_numbers(tmp_path):
+    """The reference top-block benchmark's scoring: paired differences per source (a source without a task's two
+    classes gets no AUC), the table, and the check that the frozen run retrained here is the committed model."""
+    import numpy as np
+
+    from derm.benchmarks import reference_top as rt
+
+    src = np.asarray(["ham10000"] * 4 + ["pad_ufes20"] * 4)
+    y3 = np.asarray([0, 0, 1, 1, 0, 1, 1, -1])
+
+    def table(three_call: list[int], mvn: list[float], carc: list[float]) -> dict[str, np.ndarray | int]:
+        return {
+            "source": src,
+            "three_y": y3,
+            "three_call": np.asarray(three_call),
+            "three_k": 3,
+            "nine_y": y3,
+            "nine_call": np.asarray(three_call),
+            "nine_k": 9,
+            "melanoma_vs_nevus_y": np.asarray([0, 0, 1, 1, -1, -1, -1, -1]),
+            "melanoma_vs_nevus_score": np.asarray(mvn),
+            "carcinoma_vs_seborrheic_keratosis_y": np.asarray([-1, -1, -1, -1, 0, 1, 1, 0]),
+            "carcinoma_vs_seborrheic_keratosis_score": np.asarray(carc),
+        }
+
+    better = table([0, 0, 1, 1, 0, 1, 1, 2], [0.1, 0.2, 0.8, 0.9] + [0.5] * 4, [0.5] * 4 + [0.1, 0.9, 0.8, 0.2])
+    worse = table([0, 1, 1, 0, 0, 0, 1, 2], [0.9, 0.2, 0.8, 0.1] + [0.5] * 4, [0.5] * 4 + [0.9, 0.1, 0.8, 0.2])
+    d = rt.paired(better, worse)
+    assert d["ham10000"]["three_mpca"][0] == pytest.approx(0.5)  # classes 0 and 1: 2/2 vs 1/2 each
+    assert d["ham10000"]["melanoma_vs_nevus"][0] == pytest.approx(1.0 - 0.25)  # 1 of 4 pairs ordered right
+    assert "carcinoma_vs_seborrheic_keratosis" not in d["ham10000"]  # HAM rows do not report the phone task
+    assert d["pad_ufes20"]["carcinoma_vs_seborrheic_keratosis"][0] == pytest.approx(1.0 - 0.25)
+    assert "melanoma_vs_nevus" not in d["pad_ufes20"] and "melanoma_vs_nevus" in d["all"]
+    lo, hi = d["all"]["three_mpca"][1:]
+    assert lo <= d["all"]["three_mpca"][0] <= hi
+    with pytest.raises(ValueError, match="other images"):
+        rt.paired(better, {**worse, "source": src[::-1]})
+
+    def entry(mpca: float, auc: float) -> dict:
+        level = {"mpca": mpca, "lo": mpca - 0.1, "hi": mpca + 0.1}
+        task = {"melanoma_vs_nevus": {"auc": auc, "lo": 0.0, "hi": 1.0}}
+        return {"levels": {"three": level, "nine": level}, "tasks": task}
+
+    committed = tmp_path / "test_by_source.json"
+    committed.write_text(json.dumps({"ham10000": entry(0.6, 0.85)}), encoding="utf-8")
+    assert rt.reproduces_committed({"ham10000": entry(0.6, 0.85)}, committed)["max_abs_difference"] == 0
+    assert rt.reproduces_committed({"ham10000": entry(0.61, 0.84)}, committed)["max_abs_difference"] == pytest.approx(
+        0.01
+    )
+    assert not rt.reproduces_committed({"pad_ufes20": entry(0.6, 0.85)}, committed)["checked"]
+    assert not rt.reproduces_committed({}, tmp_path / "missing.json")["checked"]
+
+    row = {"timings_s": {"total_s": 3600}, "top_epochs_run": 0, "best_top_epoch": None, "temperature": 1.5}
+    row |= {"test_ece": {"ece_before": 0.2, "ece_after": 0.05}, "val": {"all": entry(0.55, 0.8)}}
+    rows = [{**row, "name": "frozen", "test": {"ham10000": entry(0.6, 0.85), "all": entry(0.6, 0.85)}}]
+    rows.append({**row, "name": "top", "top_epochs_run": 7, "best_top_epoch": "4", "test": rows[0]["test"]})
+    res = {"command": "cmd", "machine": "m", "date": "d", "rows": rows, "paired": d, "notes": "Said plainly."}
+    res["frozen_reproduces_committed"] = rt.reproduces_committed(rows[0]["test"], committed)
+    md = rt.markdown(res)
+    assert "| HAM10000 | difference | +0.500 (" in md and "| PAD-UFES-20 |" not in md  # no PAD test entry
+    assert "| top | 0.550 | 7 (4) | 1.500 | 0.200 / 0.050 | 1.00 |" in md
+    assert "largest difference 0.0000 over 3 MPCAs and AUCs" in md and md.endswith("Said plainly.\n")

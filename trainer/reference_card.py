@@ -26,7 +26,9 @@ TASKS = ("melanoma_vs_nevus", "carcinoma_vs_seborrheic_keratosis")
 _CARD_JSONS = ("metrics.json", "config.json", "reference.json")  # read from the committed folder, in this order
 
 
-def _predictions(run: Path, role: str) -> tuple[list[str], list[str], np.ndarray]:
+def read_predictions(run: Path, role: str) -> tuple[list[str], list[str], np.ndarray]:
+    """A run's ``predictions_{role}.csv``: each image's source, its taxonomy node and its training-class
+    probabilities (columns in the partition's label order)."""
     with open(run / f"predictions_{role}.csv", newline="", encoding="utf-8") as f:
         rows = list(csv.DictReader(f))
     from derm.trainer.rundir import load_partition
@@ -42,7 +44,7 @@ def evaluate_sources(run: Path, role: str = "test", seed: int = 0) -> dict[str, 
     from derm.trainer.rundir import load_partition
 
     tax, part = load_partition(run)
-    sources, nodes, probs = _predictions(run, role)
+    sources, nodes, probs = read_predictions(run, role)
     out: dict[str, Any] = {}
     for name in [*(s for s, _, _ in SOURCES), "all"]:
         idx = np.asarray([i for i, s in enumerate(sources) if name in ("all", s)], dtype=np.int64)
@@ -86,7 +88,7 @@ def plot_sources(run: Path, out: Path, role: str = "test", seed: int = 0) -> lis
     from derm.trainer.rundir import load_partition
 
     tax, part = load_partition(run)
-    sources, nodes, probs = _predictions(run, role)
+    sources, nodes, probs = read_predictions(run, role)
     names = {**{k: v["name"].split(" (")[0] for k, v in SOURCE_INFO.items()}, "all": "all sources"}
     results = {}
     for name in [*(s for s, _, _ in SOURCES), "all"]:
