@@ -5,12 +5,18 @@ SystemError and prints a traceback of its own). So inside the loops of long work
 is one) a signal is held and raised between two items, where the loop's own clean-up runs as usual; a second signal
 while one is held is raised at once. Outside those loops, and for a command that installs no handler (the SDK used as a
 library keeps Python's KeyboardInterrupt), nothing changes.
+
+A signal raised outside a loop can still land where Python cannot raise it: in a finalizer (``__del__``, TensorFlow's
+functions are freed there), where it is printed as "Exception ignored" and dropped, and the command would go on to
+the end. While :func:`handled` is active such a swallowed signal is held instead and raised at the next safe point.
+A signal the process was started ignoring (a background job of a script, ``nohup``) stays ignored, as Python does.
 """
 
 from __future__ import annotations
 
 import contextlib
 import signal
+import sys
 from collections.abc import Iterator
 from typing import Any
 
@@ -43,9 +49,18 @@ def safe_points() -> Iterator[None]:
     """A region where a signal waits for :func:`check` (call it between the items of a loop)."""
     _depth[0] += 1
     try:
+        check()  # a signal swallowed since the last loop stops the command before this one starts
         yield
     finally:
         _depth[0] -= 1
+
+
+def _unraisable(hook: Any, unraisable: Any) -> None:
+    """``sys.unraisablehook`` while handled: a swallowed :class:`Interrupted` waits for the next safe point."""
+    if isinstance(unraisable.exc_value, Interrupted):
+        _held[:] = [str(unraisable.exc_value)]
+        return
+    hook(unraisable)
 
 
 def check() -> None:
@@ -57,9 +72,13 @@ def check() -> None:
 @contextlib.contextmanager
 def handled() -> Iterator[None]:
     """SIGINT and SIGTERM raise :class:`Interrupted` (at safe points where there are some) while the block runs."""
-    previous = {s: signal.signal(s, on_signal) for s in HANDLED}
+    previous = {s: signal.signal(s, on_signal) for s in HANDLED if signal.getsignal(s) is not signal.SIG_IGN}
+    hook = sys.unraisablehook
+    sys.unraisablehook = lambda unraisable: _unraisable(hook, unraisable)
     try:
         yield
     finally:
+        sys.unraisablehook = hook
+        _held.clear()
         for s, h in previous.items():
             signal.signal(s, h)

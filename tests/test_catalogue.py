@@ -255,7 +255,16 @@ def test_bad_input_is_named_and_changes_nothing(case, world, request):
 
 
 def _start(argv: list[str], world: Path) -> subprocess.Popen:
-    return subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(world))
+    """The command as started from a terminal: SIGINT not ignored, even where pytest runs as a script's background
+    job (which starts with SIGINT ignored, and its children with it)."""
+    return subprocess.Popen(
+        argv,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=_env(world),
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
 
 
 def _wait_for(proc: subprocess.Popen, ready, what: str, limit: float = 300) -> None:

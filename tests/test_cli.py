@@ -2,6 +2,7 @@ import csv
 import json
 import re
 
+import pytest
 from typer.testing import CliRunner
 
 from derm.cli import app
@@ -114,7 +115,17 @@ def test_progress_off_a_terminal_is_logged_with_rate_and_time_left(caplog, monke
     assert not caplog.records
 
 
-def test_a_signal_in_a_tracked_loop_is_raised_between_items_and_a_second_one_at_once(monkeypatch):
+@pytest.fixture
+def sigint_default():
+    """SIGINT as a process started from a terminal has it (a CI job's pytest may have started ignoring it)."""
+    import signal
+
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, before)
+
+
+def test_a_signal_in_a_tracked_loop_is_raised_between_items_and_a_second_one_at_once(monkeypatch, sigint_default):
     """Ctrl-C during an item of long work lets the item finish (no signal inside a library's C code), then stops the
     loop; a second Ctrl-C while the first waits stops at once; outside a loop a signal stops at once."""
     import os
@@ -143,6 +154,50 @@ def test_a_signal_in_a_tracked_loop_is_raised_between_items_and_a_second_one_at_
     with _signals.handled(), pytest.raises(_signals.Interrupted, match="SIGINT"):
         os.kill(os.getpid(), signal.SIGINT)
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handlers are put back
+
+
+def test_a_signal_a_finalizer_swallows_stops_the_command_at_the_next_safe_point(monkeypatch, sigint_default, capsys):
+    """A signal outside a loop that lands in a finalizer (TensorFlow frees its functions there: "Exception ignored",
+    and a training once ran to its end after Ctrl-C) is held, not dropped: the next tracked loop stops before its
+    first item, and nothing is printed for the finalizer."""
+    import gc
+    import os
+    import signal
+
+    from derm import _signals
+    from derm._progress import track
+
+    class Freed:
+        def __del__(self):
+            os.kill(os.getpid(), signal.SIGINT)  # the handler raises here, inside the finalizer
+
+    monkeypatch.setattr(_signals, "received", [])
+    done = []
+    with _signals.handled(), pytest.raises(_signals.Interrupted, match="SIGINT"):
+        Freed()
+        gc.collect()
+        assert _signals.received == ["SIGINT"]  # the finalizer ran and the command goes on, to the next safe point
+        for i in track(range(3), "items"):
+            done.append(i)
+    assert done == [] and "Exception ignored" not in capsys.readouterr().err
+    assert _signals._held == []
+
+
+def test_a_signal_the_process_was_started_ignoring_stays_ignored():
+    """A background job of a script starts with SIGINT ignored (so that Ctrl-C in the terminal spares it): the
+    command keeps it so, as Python itself does; SIGTERM still stops it."""
+    import signal
+
+    from derm import _signals
+
+    before = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        with _signals.handled():
+            assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+            assert signal.getsignal(signal.SIGTERM) is _signals.on_signal
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, before)
 
 
 def test_train_help_shows_the_configs_defaults_and_choices():
