@@ -7,9 +7,10 @@ nothing else:
 
 - ``--data isic2017``: ISIC 2017 train split -> validation split; melanoma vs nevus, seborrheic keratosis vs rest,
   3-diagnosis mean per-class accuracy.
-- ``--data ham10000 --folds 0,1``: the lesion-grouped 5-fold cross-validation of HAM10000, the folds named (a fold
-  costs an extraction pass over ~17,000 (image, view) pairs, ~35 min here, and the training); melanoma vs nevus AUC
-  pooled over the folds run, 7-diagnosis mean per-class accuracy.
+- ``--data ham10000 --folds 0,1``: the lesion-grouped 5-fold cross-validation of HAM10000, the folds named (the first
+  fold costs an extraction pass over ~17,000 (image, view) pairs, ~12-20 min here; later folds find most of their
+  activations in the cache and cost mostly their 5-8 min of training); melanoma vs nevus AUC pooled over the folds
+  run (with ``--pool-with``, also over an earlier run's folds), 7-diagnosis mean per-class accuracy.
 
 Times are this machine's wall clock from each run's ``metrics.json``: the extraction pass (pooled features and the
 cut's activations together) and the training. A run already in ``RUNS/top{N}/isic2017`` (``ham_fold{K}``) is reused,
