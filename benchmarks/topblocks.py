@@ -11,9 +11,13 @@ nothing else:
   fold costs an extraction pass over ~17,000 (image, view) pairs, ~12-20 min here; later folds find most of their
   activations in the cache and cost mostly their 5-8 min of training); melanoma vs nevus AUC pooled over the folds
   run (with ``--pool-with``, also over an earlier run's folds), 7-diagnosis mean per-class accuracy.
+- ``--data pad_ufes20 --folds 0``: the trainer benchmark's phone-photo test: each fold trains on all of HAM10000 and
+  ISIC 2017 plus 4/5 of the PAD-UFES-20 patients and tests on the other fifth (patient-grouped); carcinoma vs
+  seborrheic keratosis AUC pooled over the folds run, mean per-class accuracy over the PAD photos' diagnoses.
 
 Times are this machine's wall clock from each run's ``metrics.json``: the extraction pass (pooled features and the
-cut's activations together) and the training. A run already in ``RUNS/top{N}/isic2017`` (``ham_fold{K}``) is reused,
+cut's activations together) and the training. A run already in ``RUNS/top{N}/isic2017`` (``ham_fold{K}``,
+``pad_fold{K}``) is reused,
 not retrained.
 
     python -m derm.benchmarks.topblocks --shared ../shared --unfreeze 0,1,2,1@0.0001
@@ -51,7 +55,7 @@ from derm.benchmarks._topblocks_predictions import (
 
 RESULTS = Path(__file__).resolve().parent / "results"
 DEFAULT_LR = 1e-3
-HAM_FOLDS = 5  # the trainer benchmark's lesion-grouped folds
+HAM_FOLDS = 5  # the trainer benchmark's lesion-grouped (HAM10000) and patient-grouped (PAD-UFES-20) folds
 BLOCKS = {0: "none (head only)", 1: "mixed10", 2: "mixed9, mixed10", 3: "mixed8, mixed9, mixed10"}
 # per dataset: the AUCs reported ((key, column title, "task" or "node", id)) and the accuracy column's title
 DATASETS = {
@@ -70,17 +74,39 @@ DATASETS = {
         "mpca": "7-diagnosis MPCA (pooled)",
         "test": "each fold's held-out lesions (lesion-grouped, never trained on), pooled over the folds run",
     },
+    "pad_ufes20": {
+        "title": "PAD-UFES-20 patient-grouped 5-fold, trained with all of HAM10000 and ISIC 2017",
+        "aucs": [
+            (
+                "carcinoma_vs_seborrheic_keratosis",
+                "carcinoma vs keratosis AUC (pooled)",
+                "task",
+                "carcinoma_vs_seborrheic_keratosis",
+            )
+        ],
+        "mpca": "PAD diagnoses MPCA (pooled)",
+        "held_out": "held-out patients' photos",
+        "test": "each fold's held-out PAD-UFES-20 patients' phone photos (never trained on), pooled over the folds run",
+    },
 }
 
 
 def train_runs(data: str, cfg: Any, shared: Path, folder: Path, folds: list[int]) -> list[Path]:
     """The runs of one row (trained unless already there): ISIC 2017's one run or HAM10000's folds."""
-    from derm.benchmarks.trainer import isic2017
+    from derm.benchmarks.trainer import combined_csv, isic2017
     from derm.trainer.train import train
 
     if data == "isic2017":
         isic2017(cfg, shared / "data/isic2017_trainval/labels.csv", folder)
         return [folder / "isic2017"]
+    if data == "pad_ufes20":  # as the trainer benchmark's pad_phone
+        combined = str(combined_csv(shared, folder / "combined.csv", HAM_FOLDS, cfg.seed))
+        runs = [folder / f"pad_fold{k}" for k in folds]
+        for k, run in zip(folds, runs, strict=True):
+            if not (run / "run.json").is_file():
+                kw = {"within": "nine", "max_class_size": 100, "holdout": f"bench_fold={k}"}
+                train(dataclasses.replace(cfg, data=combined, out=str(run), **kw))
+        return runs
     runs = []
     for k in folds:
         run = folder / f"ham_fold{k}"
@@ -150,7 +176,7 @@ def _per_fold_lines(report: dict[str, Any]) -> list[str]:
     if not rows:
         return []
     spec = DATASETS[report["data"]]
-    lines = ["", "Per fold (each fold's held-out lesions on their own; no intervals):", ""]
+    lines = ["", f"Per fold (each fold's {spec.get('held_out', 'held-out lesions')} on their own; no intervals):", ""]
     for r in rows:
         cells = [
             f"fold {k} ({v['n_test_images']} images): "
@@ -209,7 +235,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--shared", type=Path, default=Path("../shared"))
     ap.add_argument("--runs", type=Path, default=Path("runs/bench_top"))
     ap.add_argument("--data", choices=sorted(DATASETS), default="isic2017")
-    ap.add_argument("--folds", default="0", help=f"ham10000: comma-separated folds of {HAM_FOLDS} to run")
+    ap.add_argument("--folds", default="0", help=f"ham10000, pad_ufes20: comma-separated folds of {HAM_FOLDS} to run")
     ap.add_argument("--unfreeze", default="0,1,2", help="comma-separated unfreeze_top values (0: head only)")
     ap.add_argument("--views", type=int, default=2)
     ap.add_argument("--epochs", type=int, default=15)
@@ -219,8 +245,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--pool-with",
         type=Path,
-        help="ham10000: a predictions file of an earlier run of this benchmark (NAME_predictions.csv.gz); its folds "
-        "that are not run now are pooled with these",
+        help="ham10000, pad_ufes20: a predictions file of an earlier run of this benchmark "
+        "(NAME_predictions.csv.gz); its folds that are not run now are pooled with these",
     )
     args = ap.parse_args(argv)
     folds = [int(k) for k in args.folds.split(",")]
@@ -244,7 +270,7 @@ def main(argv: list[str] | None = None) -> int:
         folder = args.runs / (f"top{n}" if lr == DEFAULT_LR else f"top{n}_lr{lr:g}")
         runs = train_runs(args.data, dataclasses.replace(base, unfreeze_top=n, lr=lr), args.shared, folder, folds)
         classes = load_partition(runs[0])[1].labels
-        t = pooled(table(aucs, runs, folds if args.data == "ham10000" else [-1]), earlier.get((n, lr)))
+        t = pooled(table(aucs, runs, folds if args.data != "isic2017" else [-1]), earlier.get((n, lr)))
         tables[(n, lr)] = t
         rows.append(_row(args.data, n, lr, runs, t, classes))
     head_only = next((t for (n, _), t in tables.items() if n == 0), None)
@@ -260,8 +286,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _report(args: argparse.Namespace, folds: list[int], pooled_folds: list[int], rows: list[Any]) -> dict[str, Any]:
-    ham = args.data == "ham10000"
-    flags = f"--data ham10000 --folds {args.folds} " if ham else ""
+    ham = args.data != "isic2017"  # the cross-validated ones
+    flags = f"--data {args.data} --folds {args.folds} " if ham else ""
     flags += f"--pool-with {args.pool_with} " if args.pool_with else ""
     earlier = sorted(set(pooled_folds) - set(folds))
     tested = f" (folds {','.join(map(str, pooled_folds))} of {HAM_FOLDS}" + (

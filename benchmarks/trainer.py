@@ -119,7 +119,7 @@ def isic2017(base: Any, isic: Path, runs: Path) -> dict[str, Any]:
     }
 
 
-def _combined_csv(shared: Path, out: Path, folds: int, seed: int) -> Path:
+def combined_csv(shared: Path, out: Path, folds: int, seed: int) -> Path:
     """HAM10000 + ISIC 2017 (all) + PAD-UFES-20 in one CSV; PAD rows get a patient-grouped fold, others -1."""
     import derm
 
@@ -162,7 +162,7 @@ def _combined_csv(shared: Path, out: Path, folds: int, seed: int) -> Path:
 def pad_phone(base: Any, shared: Path, runs: Path, folds: int) -> dict[str, Any]:
     from derm.trainer.train import train
 
-    combined = _combined_csv(shared, runs / "combined.csv", folds, base.seed)
+    combined = combined_csv(shared, runs / "combined.csv", folds, base.seed)
     fold_dirs = []
     for k in range(folds):
         cfg = dataclasses.replace(

@@ -103,6 +103,34 @@ def test_topblocks_predictions_pool_folds_run_on_another_day(tmp_path):
         tp.read_predictions(path, DATASETS["isic2017"]["aucs"])
 
 
+def test_topblocks_reports_the_phone_photo_folds_with_their_own_task_and_words():
+    """--data pad_ufes20 is cross-validated like HAM10000 (folds named in the command, pooled with earlier folds)
+    but scores carcinoma vs seborrheic keratosis on held-out patients' photos, not melanoma vs nevus on lesions."""
+    import argparse
+    from pathlib import Path
+
+    from derm.benchmarks import topblocks as tb
+
+    args = argparse.Namespace(
+        data="pad_ufes20", folds="1", pool_with=Path("p.csv.gz"), shared=Path("s"), runs=Path("r"), unfreeze="1,0",
+        views=2, epochs=15, patience=5, notes="",
+    )  # fmt: skip
+    fold = {"n_test_images": 70, "carcinoma_vs_seborrheic_keratosis": 0.9, "labels_mpca": 0.5}
+    row = {
+        "unfreeze_top": 1, "lr": 1e-3, "trained_blocks": "mixed10", "timings_s": {"total_s": 3600.0},
+        "top_epochs_run": [6, 5], "best_epoch": [2, 1], "val_mpca": 0.6, "labels_mpca": 0.55,
+        "carcinoma_vs_seborrheic_keratosis": {"auc": 0.91, "lo": 0.85, "hi": 0.96}, "per_fold": {"0": fold, "1": fold},
+    }  # fmt: skip
+    report = tb._report(args, [1], [0, 1], [row])
+    assert "--data pad_ufes20 --folds 1 --pool-with p.csv.gz" in report["command"]
+    assert "folds 0,1 of 5; folds 0 from p.csv.gz, run earlier" in report["setup"]
+    text = tb.markdown(report)
+    assert "| carcinoma vs keratosis AUC (pooled) (95% CI) | PAD diagnoses MPCA (pooled) |" in text
+    assert "| 0.910 (0.850-0.960) | 0.550 |" in text and "melanoma" not in text
+    assert "Per fold (each fold's held-out patients' photos on their own" in text
+    assert "fold 1 (70 images): carcinoma vs keratosis AUC 0.900, PAD diagnoses MPCA 0.500" in text
+
+
 def test_reference_top_pairs_the_two_runs_per_source_and_checks_the_committed_numbers(tmp_path):
     """The reference top-block benchmark's scoring: paired differences per source (a source without a task's two
     classes gets no AUC), the table, and the check that the frozen run retrained here is the committed model."""
