@@ -55,6 +55,7 @@ from derm.benchmarks._topblocks_predictions import (
 
 RESULTS = Path(__file__).resolve().parent / "results"
 DEFAULT_LR = 1e-3
+CROSS_VALIDATED = ("ham10000", "pad_ufes20")  # --folds and --pool-with apply to these
 HAM_FOLDS = 5  # the trainer benchmark's lesion-grouped (HAM10000) and patient-grouped (PAD-UFES-20) folds
 BLOCKS = {0: "none (head only)", 1: "mixed10", 2: "mixed9, mixed10", 3: "mixed8, mixed9, mixed10"}
 # per dataset: the AUCs reported ((key, column title, "task" or "node", id)) and the accuracy column's title
@@ -72,6 +73,7 @@ DATASETS = {
         "title": "HAM10000 lesion-grouped 5-fold",
         "aucs": [("melanoma_vs_nevus", "melanoma vs nevus AUC (pooled)", "task", "melanoma_vs_nevus")],
         "mpca": "7-diagnosis MPCA (pooled)",
+        "held_out": "held-out lesions",
         "test": "each fold's held-out lesions (lesion-grouped, never trained on), pooled over the folds run",
     },
     "pad_ufes20": {
@@ -92,21 +94,17 @@ DATASETS = {
 
 
 def train_runs(data: str, cfg: Any, shared: Path, folder: Path, folds: list[int]) -> list[Path]:
-    """The runs of one row (trained unless already there): ISIC 2017's one run or HAM10000's folds."""
-    from derm.benchmarks.trainer import combined_csv, isic2017
+    """The runs of one row (trained unless already there): ISIC 2017's one run, or the folds of HAM10000 or
+    PAD-UFES-20."""
+    from derm.benchmarks.trainer import combined_csv, isic2017, pad_fold_run
     from derm.trainer.train import train
 
     if data == "isic2017":
         isic2017(cfg, shared / "data/isic2017_trainval/labels.csv", folder)
         return [folder / "isic2017"]
     if data == "pad_ufes20":  # as the trainer benchmark's pad_phone
-        combined = str(combined_csv(shared, folder / "combined.csv", HAM_FOLDS, cfg.seed))
-        runs = [folder / f"pad_fold{k}" for k in folds]
-        for k, run in zip(folds, runs, strict=True):
-            if not (run / "run.json").is_file():
-                kw = {"within": "nine", "max_class_size": 100, "holdout": f"bench_fold={k}"}
-                train(dataclasses.replace(cfg, data=combined, out=str(run), **kw))
-        return runs
+        combined = combined_csv(shared, folder / "combined.csv", HAM_FOLDS, cfg.seed)
+        return [pad_fold_run(cfg, combined, folder / f"pad_fold{k}", k) for k in folds]
     runs = []
     for k in folds:
         run = folder / f"ham_fold{k}"
@@ -176,7 +174,7 @@ def _per_fold_lines(report: dict[str, Any]) -> list[str]:
     if not rows:
         return []
     spec = DATASETS[report["data"]]
-    lines = ["", f"Per fold (each fold's {spec.get('held_out', 'held-out lesions')} on their own; no intervals):", ""]
+    lines = ["", f"Per fold (each fold's {spec['held_out']} on their own; no intervals):", ""]
     for r in rows:
         cells = [
             f"fold {k} ({v['n_test_images']} images): "
@@ -270,7 +268,7 @@ def main(argv: list[str] | None = None) -> int:
         folder = args.runs / (f"top{n}" if lr == DEFAULT_LR else f"top{n}_lr{lr:g}")
         runs = train_runs(args.data, dataclasses.replace(base, unfreeze_top=n, lr=lr), args.shared, folder, folds)
         classes = load_partition(runs[0])[1].labels
-        t = pooled(table(aucs, runs, folds if args.data != "isic2017" else [-1]), earlier.get((n, lr)))
+        t = pooled(table(aucs, runs, folds if args.data in CROSS_VALIDATED else [-1]), earlier.get((n, lr)))
         tables[(n, lr)] = t
         rows.append(_row(args.data, n, lr, runs, t, classes))
     head_only = next((t for (n, _), t in tables.items() if n == 0), None)
@@ -286,7 +284,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _report(args: argparse.Namespace, folds: list[int], pooled_folds: list[int], rows: list[Any]) -> dict[str, Any]:
-    ham = args.data != "isic2017"  # the cross-validated ones
+    ham = args.data in CROSS_VALIDATED
     flags = f"--data {args.data} --folds {args.folds} " if ham else ""
     flags += f"--pool-with {args.pool_with} " if args.pool_with else ""
     earlier = sorted(set(pooled_folds) - set(folds))

@@ -159,21 +159,22 @@ def combined_csv(shared: Path, out: Path, folds: int, seed: int) -> Path:
     return out
 
 
+def pad_fold_run(base: Any, combined: Path, out: Path, k: int) -> Path:
+    """The run of PAD-UFES-20 fold ``k``: trained on every row of ``combined`` but that fold's patients (reused if
+    ``out`` already holds a finished run)."""
+    from derm.trainer.train import train
+
+    if (out / "run.json").is_file():
+        return out
+    kw = {"within": "nine", "max_class_size": 100, "holdout": f"bench_fold={k}"}
+    return train(dataclasses.replace(base, data=str(combined), out=str(out), **kw))
+
+
 def pad_phone(base: Any, shared: Path, runs: Path, folds: int) -> dict[str, Any]:
     from derm.trainer.train import train
 
     combined = combined_csv(shared, runs / "combined.csv", folds, base.seed)
-    fold_dirs = []
-    for k in range(folds):
-        cfg = dataclasses.replace(
-            base,
-            data=str(combined),
-            out=str(runs / f"pad_fold_{k}"),
-            within="nine",
-            max_class_size=100,
-            holdout=f"bench_fold={k}",
-        )
-        fold_dirs.append(Path(cfg.out) if (Path(cfg.out) / "run.json").is_file() else train(cfg))
+    fold_dirs = [pad_fold_run(base, combined, runs / f"pad_fold_{k}", k) for k in range(folds)]
     rows = [r for d in fold_dirs for r in _rows(d / "predictions_test.csv")]
     y, s = _task_scores(rows, fold_dirs[0], "carcinoma_vs_seborrheic_keratosis")
     # the same model family trained on dermoscopy only, tested on every PAD photo
