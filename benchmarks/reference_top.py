@@ -1,15 +1,16 @@
 """The reference model's recipe with its top Inception block fine-tuned on cached activations, beside the committed
 frozen-feature recipe, trained on the same images and tested on the same held-out images of every source.
 
-    python -m derm.benchmarks.reference_top --runs runs/reference_top [--unfreeze-top 1] [--views 2]
+    python -m derm.benchmarks.reference_top --runs runs/reference_top [--unfreeze-top 1] [--views 2] [--lr 0.001]
 
 Two runs of :func:`derm.trainer.reference.reference_config` (the committed ``reference/config.json``: all of
 ``../shared``, the phone photos weighted 12, calibrated): ``frozen`` with nothing changed (it must reproduce the
 committed model's test numbers: the check is reported) and ``top{N}_v{V}`` with ``unfreeze_top=N`` and ``views=V``
 (the top-blocks benchmark's mode, :mod:`derm.benchmarks.topblocks`). Each row: validation (what a choice would be
 made on) and test numbers per source, paired bootstrap differences on the same test images, and this machine's
-hours. A run already in ``RUNS`` is reused. Writes ``benchmarks/results/reference_topblocks.{json,md}``; it does not
-touch the committed ``reference/`` folder.
+hours. A run already in ``RUNS`` is reused. Writes ``benchmarks/results/reference_topblocks.{json,md}``
+(``reference_topblocks_lr{LR}.*`` with another top-block ``--lr``); it does not touch the committed ``reference/``
+folder.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import numpy as np
 
 from derm._cli import setup_logging
 from derm.benchmarks._results import write_results
+from derm.benchmarks.topblocks import BLOCKS, DEFAULT_LR
 
 RESULTS = Path(__file__).resolve().parent / "results"
 log = logging.getLogger("derm.benchmarks.reference_top")
@@ -200,16 +202,22 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--shared", type=Path, default=None)
     ap.add_argument("--unfreeze-top", type=int, default=1, help="top Inception blocks fine-tuned (1-3)")
     ap.add_argument("--views", type=int, default=2, help="augmented views per training image for that run")
+    ap.add_argument("--lr", type=float, default=DEFAULT_LR, help="the top blocks' learning rate (the head's stays)")
     ap.add_argument("--results", type=Path, default=RESULTS)
     ap.add_argument("--notes", default="", help="a paragraph appended to the markdown")
     args = ap.parse_args(argv)
     setup_logging(logging.INFO, timestamps=True)
+    if args.unfreeze_top not in BLOCKS or not args.unfreeze_top:
+        ap.error(f"--unfreeze-top {args.unfreeze_top}: choose 1, 2 or 3 (the top Inception blocks fine-tuned)")
+    if not args.lr > 0:
+        ap.error(f"--lr {args.lr}: the top blocks' learning rate must be > 0 (the paper's is {DEFAULT_LR:g})")
     data = reference_csv(args.shared or shared_dir(), args.runs / "data.csv")
+    tuned = f"_lr{args.lr:g}" if args.lr != DEFAULT_LR else ""
     variants = {
         "frozen (committed recipe)": (args.runs / "frozen", {}),
-        f"{args.views} views, mixed10 stage (kept if better on validation)": (
-            args.runs / f"top{args.unfreeze_top}_v{args.views}",
-            {"unfreeze_top": args.unfreeze_top, "views": args.views},
+        f"{args.views} views, {BLOCKS[args.unfreeze_top]} at lr {args.lr:g} (kept if better on validation)": (
+            args.runs / f"top{args.unfreeze_top}_v{args.views}{tuned}",
+            {"unfreeze_top": args.unfreeze_top, "views": args.views, "lr": args.lr},
         ),
     }
     rows, scores = [], []
@@ -222,7 +230,7 @@ def main(argv: list[str] | None = None) -> None:
     committed = REFERENCE_DIR / "eval" / "test_by_source.json"
     res = {
         "command": f"python -m derm.benchmarks.reference_top --runs {args.runs} --unfreeze-top {args.unfreeze_top} "
-        f"--views {args.views}",
+        f"--views {args.views}" + (f" --lr {args.lr:g}" if tuned else ""),
         "machine": f"{platform.machine()}, {len(os.sched_getaffinity(0))} CPU cores, no GPU",
         "date": datetime.date.today().isoformat(),
         "rows": rows,
@@ -230,7 +238,7 @@ def main(argv: list[str] | None = None) -> None:
         "frozen_reproduces_committed": reproduces_committed(rows[0]["test"], committed),
         "notes": args.notes,
     }
-    write_results(args.results, "reference_topblocks", res, markdown(res))
+    write_results(args.results, f"reference_topblocks{tuned}", res, markdown(res))
 
 
 if __name__ == "__main__":

@@ -193,3 +193,13 @@ def test_reference_top_pairs_the_two_runs_per_source_and_checks_the_committed_nu
     assert "| HAM10000 | difference | +0.500 (" in md and "| PAD-UFES-20 |" not in md  # no PAD test entry
     assert "| top | 0.550 | 7 (4) | 1.500 | 0.200 / 0.050 | 1.00 |" in md
     assert "largest difference 0.0000 over 3 MPCAs and AUCs" in md and md.endswith("Said plainly.\n")
+
+
+@pytest.mark.parametrize(("argv", "echo"), [(["--lr", "0"], "--lr 0.0"), (["--unfreeze-top", "4"], "--unfreeze-top 4")])
+def test_reference_top_refuses_a_bad_lr_or_block_count_before_training(argv, echo, tmp_path, capsys):
+    from derm.benchmarks import reference_top as rt
+
+    with pytest.raises(SystemExit):
+        rt.main(["--runs", str(tmp_path / "runs"), *argv])
+    assert echo in capsys.readouterr().err
+    assert not (tmp_path / "runs").exists()  # nothing written, nothing trained
