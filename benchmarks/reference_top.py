@@ -28,7 +28,7 @@ import numpy as np
 
 from derm._cli import setup_logging
 from derm.benchmarks._results import write_results
-from derm.benchmarks.topblocks import BLOCKS, DEFAULT_LR
+from derm.benchmarks.topblocks import BLOCKS, DEFAULT_LR, epochs_cell, kept_top_epoch
 
 RESULTS = Path(__file__).resolve().parent / "results"
 log = logging.getLogger("derm.benchmarks.reference_top")
@@ -99,14 +99,14 @@ def _row(name: str, run: Path) -> dict[str, Any]:
 
     metrics = json.loads((run / "metrics.json").read_text(encoding="utf-8"))
     with open(run / "history.csv", newline="", encoding="utf-8") as f:
-        top = [r for r in csv.DictReader(f) if r.get("stage") == "top"]
-    best = max(top, key=lambda r: float(r["val_mpca"]))["epoch"] if top else None
+        history = list(csv.DictReader(f))
+    top = [r for r in history if r["stage"] == "top"]
     return {
         "name": name,
         "run": str(run),
         "timings_s": metrics.get("timings", {}),
         "top_epochs_run": len(top),
-        "best_top_epoch": best,
+        "best_top_epoch": kept_top_epoch(history),
         "temperature": (metrics.get("calibration") or {}).get("temperature"),
         "test_ece": (metrics.get("calibration") or {}).get("test"),
         "val": evaluate_sources(run, "val"),
@@ -167,12 +167,12 @@ def markdown(res: dict[str, Any]) -> str:
         lines.append(f"| {title} | difference | " + " | ".join(_diff(d.get(k)) for k in keys) + " |")
     lines += [
         "",
-        "| run | validation 9-way MPCA (all) | top epochs (best) | temperature | test ECE before / after | total h |",
+        "| run | validation 9-way MPCA (all) | top epochs (kept) | temperature | test ECE before / after | total h |",
         "|---|---|---|---|---|---|",
     ]
     for r in (a, b):
         t = r["timings_s"]
-        epochs = f"{r['top_epochs_run']} ({r['best_top_epoch']})" if r["top_epochs_run"] else ""
+        epochs = epochs_cell(r["top_epochs_run"], r["best_top_epoch"])
         temp = f"{r['temperature']:.3f}" if r["temperature"] else ""
         ece = f"{r['test_ece']['ece_before']:.3f} / {r['test_ece']['ece_after']:.3f}" if r["test_ece"] else ""
         mpca = r["val"]["all"]["levels"]["nine"]["mpca"]

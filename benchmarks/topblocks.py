@@ -133,7 +133,7 @@ def _row(
         history = _history(run)
         tops.append([r for r in history if r["stage"] == "top"])
         val.append(max((float(r["val_mpca"]) for r in history), default=float("nan")))
-    best = [int(max(t, key=lambda r: float(r["val_mpca"]))["epoch"]) if t else None for t in tops]
+    best = [kept_top_epoch(_history(run)) for run in runs]
     row = {
         "unfreeze_top": n,
         "lr": lr,
@@ -154,6 +154,20 @@ def _row(
     return row
 
 
+def kept_top_epoch(history: list[dict[str, str]]) -> int | None:
+    """The top-block epoch a run kept: the best validation MPCA of the top stage if it beat the head's best (the
+    trainer's first score to beat), else None: no top epoch did, and the run kept the head-trained model."""
+    top = [r for r in history if r["stage"] == "top"]
+    head = max((float(r["val_mpca"]) for r in history if r["stage"] != "top"), default=float("-inf"))
+    best = max(top, key=lambda r: float(r["val_mpca"]), default=None)
+    return int(best["epoch"]) if best is not None and float(best["val_mpca"]) > head else None
+
+
+def epochs_cell(run: int, kept: int | None) -> str:
+    """'8 (3)': top epochs run (the one kept); '5 (head kept)' when none beat the head; '' for a head-only run."""
+    return "" if not run else f"{run} ({kept})" if kept else f"{run} (head kept)"
+
+
 def _history(run: Path) -> list[dict[str, str]]:
     import csv
 
@@ -162,9 +176,7 @@ def _history(run: Path) -> list[dict[str, str]]:
 
 
 def _epochs(r: dict[str, Any]) -> str:
-    cells = [
-        f"{n} ({b})" if b else (str(n) if n else "") for n, b in zip(r["top_epochs_run"], r["best_epoch"], strict=True)
-    ]
+    cells = [epochs_cell(n, b) for n, b in zip(r["top_epochs_run"], r["best_epoch"], strict=True)]
     return ", ".join(c for c in cells if c)
 
 
@@ -194,7 +206,7 @@ def markdown(report: dict[str, Any]) -> str:
         "",
         f"`{report['command']}` on {report['machine']}, {report['date']}. {report['setup']}",
         "",
-        "| blocks trained | top epochs (best) | extraction s | head s | top blocks s | total h | validation MPCA | "
+        "| blocks trained | top epochs (kept) | extraction s | head s | top blocks s | total h | validation MPCA | "
         + " | ".join(f"{title} (95% CI)" for _, title, *_ in aucs)
         + f" | {spec['mpca']} |",
         "|---" * (7 + len(aucs) + 1) + "|",

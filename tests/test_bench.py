@@ -103,6 +103,22 @@ def test_topblocks_predictions_pool_folds_run_on_another_day(tmp_path):
         tp.read_predictions(path, DATASETS["isic2017"]["aucs"])
 
 
+def test_topblocks_report_the_top_epoch_kept_or_that_the_head_was_kept():
+    """A top stage none of whose epochs beat the head's best validation MPCA leaves the head-trained model in the run:
+    the tables say "head kept" there, not the stage's best epoch (PAD-UFES-20 fold 4 and the reference at lr 0.001)."""
+    from derm.benchmarks.topblocks import epochs_cell, kept_top_epoch
+
+    def history(head: list[float], top: list[float]) -> list[dict[str, str]]:
+        rows = [{"stage": "head", "epoch": str(i + 1), "val_mpca": str(v)} for i, v in enumerate(head)]
+        return rows + [{"stage": "top", "epoch": str(i + 1), "val_mpca": str(v)} for i, v in enumerate(top)]
+
+    assert kept_top_epoch(history([0.50, 0.53, 0.52], [0.48, 0.52, 0.51])) is None
+    assert kept_top_epoch(history([0.50, 0.53, 0.52], [0.48, 0.56, 0.59, 0.55])) == 3
+    assert kept_top_epoch(history([0.50, 0.53], [0.53])) is None  # a tie does not replace the head
+    assert kept_top_epoch(history([0.5], [])) is None
+    assert [epochs_cell(5, None), epochs_cell(8, 3), epochs_cell(0, None)] == ["5 (head kept)", "8 (3)", ""]
+
+
 def test_topblocks_reports_the_phone_photo_folds_with_their_own_task_and_words():
     """--data pad_ufes20 is cross-validated like HAM10000 (folds named in the command, pooled with earlier folds)
     but scores carcinoma vs seborrheic keratosis on held-out patients' photos, not melanoma vs nevus on lesions."""
