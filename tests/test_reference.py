@@ -148,3 +148,46 @@ def test_quickstart_runs_end_to_end_on_the_committed_samples(rebuilt, tmp_path):
     assert "calibration" in m["export"]["calibration"]["source"]
     again = subprocess.run(["bash", str(ROOT / "quickstart.sh")], env=env, capture_output=True, text=True, timeout=900)
     assert again.returncode == 0 and "already exported from this model" in again.stdout
+
+
+def test_fine_tuned_blocks_are_kept_as_rounded_differences_and_put_back():
+    """A run that fine-tuned backbone layers keeps them in blocks.npz as int8 differences from the backbone, one scale
+    per output channel: putting them back onto the backbone gives the trained weights to within half a scale, the head
+    ('logits', committed on its own) and unchanged layers are left out, and a file for another model is refused."""
+    import keras
+
+    from derm.trainer.reference import ReferenceError
+    from derm.trainer.reference_build import apply_block_deltas, block_deltas
+
+    def small() -> keras.Model:
+        x = keras.Input((6,))
+        h = keras.layers.Dense(5, name="frozen")(x)
+        h = keras.layers.Dense(4, name="tuned")(h)
+        return keras.Model(x, keras.layers.Dense(3, name="logits")(h))
+
+    base, trained, rebuilt = small(), small(), small()
+    for m in (trained, rebuilt):
+        m.set_weights(base.get_weights())
+    rng = np.random.default_rng(0)
+    tuned = trained.get_layer("tuned")
+    kernel, bias = tuned.get_weights()
+    change = rng.normal(0, 0.01, kernel.shape).astype(np.float32)
+    change[:, 2] = 0.0  # an output channel the training left alone
+    tuned.set_weights([kernel + change, bias])
+    logits = trained.get_layer("logits")
+    logits.set_weights([w + 1.0 for w in logits.get_weights()])
+
+    arrays = block_deltas(trained, base)
+    index = trained.layers.index(tuned)
+    assert sorted(arrays) == [f"{index}_0_delta", f"{index}_0_scale"]  # the bias and the head are not there
+    assert arrays[f"{index}_0_delta"].dtype == np.int8 and arrays[f"{index}_0_scale"].shape == (4,)
+    apply_block_deltas(rebuilt, arrays)
+    got = rebuilt.get_layer("tuned").get_weights()[0]
+    scale = arrays[f"{index}_0_scale"]
+    assert np.all(np.abs(got - (kernel + change)) <= scale / 2 + 1e-7)
+    assert np.array_equal(got[:, 2], kernel[:, 2]) and np.abs(got - kernel).max() > 0.01
+    assert np.array_equal(rebuilt.get_layer("frozen").get_weights()[0], base.get_layer("frozen").get_weights()[0])
+
+    wrong = {f"{index}_0_delta": np.zeros((2, 2), np.int8), f"{index}_0_scale": np.ones(2, np.float32)}
+    with pytest.raises(ReferenceError, match="do not match"):
+        apply_block_deltas(rebuilt, wrong)

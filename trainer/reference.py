@@ -32,7 +32,8 @@ log = logging.getLogger(__name__)
 REPO = Path(__file__).resolve().parents[1]
 REFERENCE_DIR = REPO / "reference"  # the committed reference model (head, run files, model card)
 SAMPLES_DIR = REPO / "samples"  # committed, licensed sample images
-REFERENCE_FORMAT = 1
+REFERENCE_FORMAT = 2  # 2: may hold blocks.npz, the fine-tuned backbone weights (format 1 folders read the same)
+READABLE_FORMATS = (1, 2)
 
 #: (folder under ``shared/data``, group column, how its test split is chosen)
 SOURCES: tuple[tuple[str, str | None, str], ...] = (
