@@ -209,6 +209,17 @@ def test_reference_top_pairs_the_two_runs_per_source_and_checks_the_committed_nu
     assert "| HAM10000 | difference | +0.500 (" in md and "| PAD-UFES-20 |" not in md  # no PAD test entry
     assert "| top | 0.550 | 7 (4) | 1.500 | 0.200 / 0.050 | 1.00 |" in md
     assert "largest difference 0.0000 over 3 MPCAs and AUCs" in md and md.endswith("Said plainly.\n")
+    res["committed_recipe"] = "top"  # the reference now trained as the top-block run: that run is the one checked
+    assert "The top run (the committed reference's recipe) retrained here, against its test numbers: largest" in (
+        rt.markdown(res)
+    )
+
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps({"unfreeze_top": 1, "views": 2, "lr": 0.0001}), encoding="utf-8")
+    assert rt.committed_recipe(config, 1, 2, 0.0001) == 1
+    assert [rt.committed_recipe(config, 1, 2, 0.001), rt.committed_recipe(config, 2, 2, 0.0001)] == [0, 0]
+    config.write_text(json.dumps({"views": 1}), encoding="utf-8")  # the frozen head's recipe
+    assert rt.committed_recipe(config, 1, 2, 0.0001) == 0 and rt.committed_recipe(tmp_path / "none.json", 1, 2, 1) == 0
 
 
 @pytest.mark.parametrize(("argv", "echo"), [(["--lr", "0"], "--lr 0.0"), (["--unfreeze-top", "4"], "--unfreeze-top 4")])

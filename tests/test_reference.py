@@ -191,3 +191,22 @@ def test_fine_tuned_blocks_are_kept_as_rounded_differences_and_put_back():
     wrong = {f"{index}_0_delta": np.zeros((2, 2), np.int8), f"{index}_0_scale": np.ones(2, np.float32)}
     with pytest.raises(ReferenceError, match="do not match"):
         apply_block_deltas(rebuilt, wrong)
+
+
+def test_model_card_says_which_blocks_were_fine_tuned_and_what_is_committed():
+    """The card's "What it is" reads the committed config and reference.json: a frozen backbone for a head-only
+    reference; the fine-tuned block, its optimizer and its int8 blocks.npz when the reference carries one."""
+    from derm.trainer.reference import REFERENCE_DIR
+    from derm.trainer.reference_card_text import _what_it_is
+
+    config = json.loads((REFERENCE_DIR / "config.json").read_text(encoding="utf-8"))
+    info = json.loads((REFERENCE_DIR / "reference.json").read_text(encoding="utf-8"))
+    head_only = {**config, "unfreeze_top": 0}
+    text = _what_it_is(REFERENCE_DIR, head_only, {k: v for k, v in info.items() if k != "blocks"})
+    assert "`derm-train weights fetch`), frozen;" in text and "blocks.npz" not in text
+    tuned = {**config, "unfreeze_top": 1, "lr": 0.0001, "epochs": 30, "patience": 5}
+    blocks = {"file": "blocks.npz", "weights": 6_070_272, "max_abs_diff_from_trained_on_samples": 3.7e-4}
+    text = _what_it_is(REFERENCE_DIR, tuned, {**info, "blocks": blocks})
+    assert "frozen below mixed10, which was fine-tuned with the head" in text
+    assert "then mixed10 and the head trained together on the cached mixed9 activations" in text
+    assert "RMSProp lr 0.0001" in text and "6.07 million weights as int8" in text and "at most 3.7e-04" in text

