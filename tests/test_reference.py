@@ -50,7 +50,8 @@ def test_committed_reference_is_small_and_complete():
 
     info = verify_files(REFERENCE_DIR)  # every committed file has its recorded sha256
     total = sum(p.stat().st_size for p in REFERENCE_DIR.rglob("*") if p.is_file())
-    assert total < 3_000_000, f"the reference folder holds {total:,} bytes"
+    # the head and run files (~0.4 MB) plus the fine-tuned mixed10 as int8 differences (blocks.npz, ~4.6 MB)
+    assert total < 6_000_000, f"the reference folder holds {total:,} bytes"
     assert info["backbone"]["source"] == "inception-2015" and len(info["backbone"]["sha256"]) == 64
     with np.load(REFERENCE_DIR / "head.npz") as head:
         assert head["kernel"].shape == (6144, len(info["classes"])) and head["bias"].shape == (len(info["classes"]),)

@@ -31,7 +31,7 @@ def card_text(
         + _what_it_is(out, config, info)
         + _training_data(run_metrics)
         + _measured(results, plots)
-        + (_weighting(weighting) if weighting else "")
+        + (_weighting(weighting, config) if weighting else "")
         + _operating_points(run_metrics, decisions)
         + _calibration(run, run_metrics)
         + _known_limits(run, results, config, info)
@@ -132,13 +132,19 @@ sources has inflammatory or infectious disease), so the 3-way numbers are over t
 """
 
 
-def _weighting(weighting: list[Mapping[str, Any]]) -> str:
+def _weighting(weighting: list[Mapping[str, Any]], config: Mapping[str, Any]) -> str:
     """The comparison of the weights of a phone photo."""
+    kept = (
+        " The weights were compared for the head on frozen features, one view each; the fine-tuned block was added to"
+        " the chosen weight's recipe afterwards (`python -m derm.benchmarks.reference_top`, chosen on validation too)."
+        if config.get("unfreeze_top")
+        else ""
+    )
     return f"""## Phone photos: weighting them
 
 PAD-UFES-20's smartphone photos are 3% of the images and look nothing like dermoscopy. The weight of a PAD photo in
 the head's loss was chosen on the validation split (PAD-UFES-20 9-way mean per-class accuracy and carcinoma-vs-SK
-AUC, without losing the dermoscopy sources); the test split was read once for each weight, to report:
+AUC, without losing the dermoscopy sources); the test split was read once for each weight, to report:{kept}
 
 {weighting_table(weighting)}
 
