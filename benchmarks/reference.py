@@ -1,11 +1,12 @@
 """Train the reference model on all of ``../shared`` and choose the weight of the phone photos on validation.
 
-    python -m derm.benchmarks.reference --runs runs/reference_build [--weights 1,4,12] [--save]
+    python -m derm.benchmarks.reference --runs runs/reference_build [--weights 1,4,12] [--save [--replace-fine-tuned]]
 
 Trains one run per weight of a PAD-UFES-20 photo (the feature cache is shared, so every run after the first costs
 only the head), measures each on the validation and test splits of every source, chooses the weight on validation
 alone (rule below, fixed before any run was read), writes ``benchmarks/results/reference.{json,md}`` and, with
-``--save``, the committed ``reference/`` folder and its model card from the chosen run.
+``--save``, the committed ``reference/`` folder and its model card from the chosen run (refused while the committed
+reference fine-tunes backbone blocks, which these frozen heads would replace, unless ``--replace-fine-tuned``).
 
 Choice: the highest PAD-UFES-20 validation score (9-way mean per-class accuracy + carcinoma-vs-SK AUC) among the
 weights whose validation 9-way mean per-class accuracy over all sources is within 0.02 of the unweighted run's.
@@ -37,6 +38,15 @@ def choose(rows: list[dict[str, Any]], tolerance: float = 0.02) -> dict[str, Any
     return max(ok, key=lambda r: _score(r["val"]))
 
 
+def committed_top_blocks(config: Path) -> int:
+    """How many top backbone blocks the committed reference fine-tuned (its ``config.json``'s unfreeze_top; 0 when
+    it is a frozen head or there is no committed config)."""
+    try:
+        return int(json.loads(config.read_text(encoding="utf-8")).get("unfreeze_top") or 0)
+    except (OSError, ValueError):
+        return 0
+
+
 def main(argv: list[str] | None = None) -> None:
     from derm.trainer.reference import REFERENCE_DIR, reference_config, reference_csv, shared_dir
     from derm.trainer.reference_build import save_reference
@@ -48,7 +58,19 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--shared", type=Path, default=None)
     ap.add_argument("--weights", default="1,4,12", help="weights of a PAD-UFES-20 photo to compare")
     ap.add_argument("--save", action="store_true", help="write reference/ and its model card from the chosen run")
+    ap.add_argument(
+        "--replace-fine-tuned",
+        action="store_true",
+        help="with --save: replace a committed reference that fine-tuned backbone blocks with a frozen head",
+    )
     args = ap.parse_args(argv)
+    tuned = committed_top_blocks(REFERENCE_DIR / "config.json")
+    if args.save and tuned and not args.replace_fine_tuned:
+        ap.error(
+            f"--save: the committed reference fine-tunes its top {tuned} block(s) (reference/config.json unfreeze_top "
+            f"{tuned}), and this comparison trains frozen heads, so saving its choice would replace it with a weaker "
+            "recipe. Compare without --save, or pass --replace-fine-tuned to replace it anyway."
+        )
     setup_logging(logging.INFO, timestamps=True)
     data = reference_csv(args.shared or shared_dir(), args.runs / "data.csv")
     rows = []

@@ -230,3 +230,20 @@ def test_reference_top_refuses_a_bad_lr_or_block_count_before_training(argv, ech
         rt.main(["--runs", str(tmp_path / "runs"), *argv])
     assert echo in capsys.readouterr().err
     assert not (tmp_path / "runs").exists()  # nothing written, nothing trained
+
+
+def test_reference_weighting_refuses_to_save_frozen_heads_over_the_fine_tuned_reference(tmp_path, capsys):
+    """The weighting comparison trains frozen heads: with --save it would replace the committed reference, which
+    fine-tunes mixed10, by a weaker recipe, so it refuses before training anything unless told to."""
+    from derm.benchmarks import reference as rb
+    from derm.trainer.reference import REFERENCE_DIR
+
+    assert rb.committed_top_blocks(REFERENCE_DIR / "config.json") == 1  # the committed reference fine-tunes mixed10
+    with pytest.raises(SystemExit) as exc:
+        rb.main(["--save", "--runs", str(tmp_path / "runs")])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and "unfreeze_top 1" in err and "--replace-fine-tuned" in err
+    assert not (tmp_path / "runs").exists()  # nothing trained or written
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps({"views": 1}), encoding="utf-8")
+    assert rb.committed_top_blocks(config) == 0 and rb.committed_top_blocks(tmp_path / "missing.json") == 0
