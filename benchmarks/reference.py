@@ -38,17 +38,14 @@ def choose(rows: list[dict[str, Any]], tolerance: float = 0.02) -> dict[str, Any
     return max(ok, key=lambda r: _score(r["val"]))
 
 
-def committed_top_blocks(config: Path) -> int:
-    """How many top backbone blocks the committed reference fine-tuned (its ``config.json``'s unfreeze_top; 0 when
-    it is a frozen head or there is no committed config)."""
-    try:
-        return int(json.loads(config.read_text(encoding="utf-8")).get("unfreeze_top") or 0)
-    except (OSError, ValueError):
-        return 0
-
-
 def main(argv: list[str] | None = None) -> None:
-    from derm.trainer.reference import REFERENCE_DIR, reference_config, reference_csv, shared_dir
+    from derm.trainer.reference import (
+        REFERENCE_DIR,
+        committed_top_blocks,
+        reference_config,
+        reference_csv,
+        shared_dir,
+    )
     from derm.trainer.reference_build import save_reference
     from derm.trainer.reference_card import evaluate_sources, weighting_table, write_model_card
     from derm.trainer.train import train

@@ -134,12 +134,12 @@ def reproduces_committed(test: dict[str, Any], committed: Path) -> dict[str, Any
 def committed_recipe(config: Path, unfreeze_top: int, views: int, lr: float) -> int:
     """Which of the two runs the committed reference was trained as: 1 when its ``config.json`` fine-tuned the same
     top blocks at the same learning rate and views, else 0 (the frozen head)."""
-    try:
-        conf = json.loads(config.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+    from derm.trainer.reference import committed_top_blocks
+
+    if committed_top_blocks(config) != unfreeze_top:
         return 0
-    same = (int(conf.get("unfreeze_top") or 0), int(conf.get("views", 1)), float(conf.get("lr", DEFAULT_LR)))
-    return int(same == (unfreeze_top, views, lr))
+    conf = json.loads(config.read_text(encoding="utf-8"))  # readable: it named the same top blocks
+    return int((int(conf.get("views", 1)), float(conf.get("lr", DEFAULT_LR))) == (views, lr))
 
 
 def _cell(entry: dict[str, Any], level: str | None = None, task: str | None = None) -> str:

@@ -126,14 +126,14 @@ def _row(
     from derm import metrics
 
     timings: dict[str, float] = {}
-    tops, val = [], []
+    tops, val, best = [], [], []
     for run in runs:
         for k, v in json.loads((run / "metrics.json").read_text(encoding="utf-8")).get("timings", {}).items():
             timings[k] = timings.get(k, 0.0) + float(v)
         history = _history(run)
         tops.append([r for r in history if r["stage"] == "top"])
         val.append(max((float(r["val_mpca"]) for r in history), default=float("nan")))
-    best = [kept_top_epoch(_history(run)) for run in runs]
+        best.append(kept_top_epoch(history))
     row = {
         "unfreeze_top": n,
         "lr": lr,

@@ -236,9 +236,9 @@ def test_reference_weighting_refuses_to_save_frozen_heads_over_the_fine_tuned_re
     """The weighting comparison trains frozen heads: with --save it would replace the committed reference, which
     fine-tunes mixed10, by a weaker recipe, so it refuses before training anything unless told to."""
     from derm.benchmarks import reference as rb
-    from derm.trainer.reference import REFERENCE_DIR
+    from derm.trainer.reference import REFERENCE_DIR, committed_top_blocks
 
-    assert rb.committed_top_blocks(REFERENCE_DIR / "config.json") == 1  # the committed reference fine-tunes mixed10
+    assert committed_top_blocks(REFERENCE_DIR / "config.json") == 1  # the committed reference fine-tunes mixed10
     with pytest.raises(SystemExit) as exc:
         rb.main(["--save", "--runs", str(tmp_path / "runs")])
     err = capsys.readouterr().err
@@ -246,4 +246,4 @@ def test_reference_weighting_refuses_to_save_frozen_heads_over_the_fine_tuned_re
     assert not (tmp_path / "runs").exists()  # nothing trained or written
     config = tmp_path / "config.json"
     config.write_text(json.dumps({"views": 1}), encoding="utf-8")
-    assert rb.committed_top_blocks(config) == 0 and rb.committed_top_blocks(tmp_path / "missing.json") == 0
+    assert committed_top_blocks(config) == 0 and committed_top_blocks(tmp_path / "missing.json") == 0

@@ -243,6 +243,15 @@ def source_of(image: str) -> str:
 # ------------------------------------------------------------------------------------------------- training
 
 
+def committed_top_blocks(config: Path) -> int:
+    """How many top backbone blocks a committed reference ``config.json`` fine-tuned (its unfreeze_top; 0 for a
+    frozen head, or when there is no readable config)."""
+    try:
+        return int(json.loads(config.read_text(encoding="utf-8")).get("unfreeze_top") or 0)
+    except (OSError, ValueError):
+        return 0
+
+
 def reference_config(data: Path, out: Path, ref: Path | None = REFERENCE_DIR, **overrides: Any) -> Any:
     """The reference model's training configuration: the committed ``config.json`` of ``ref`` (None: the first
     reference's defaults, :data:`DEFAULT_CONFIG`) with this machine's data and output paths."""

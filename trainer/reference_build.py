@@ -80,8 +80,7 @@ def save_reference(run: Path, out: Path = REFERENCE_DIR, samples: Path = SAMPLES
     _save_run_files(run, out)
     _save_split(run, out)
     backbone = _backbone_info()
-    blocks = _save_blocks(model, cfg, out, samples)
-    outputs = reference_outputs(model, samples / "images", int(cfg["input_size"]))
+    blocks, outputs = _save_blocks(model, cfg, out, samples)
     info = {
         "format": REFERENCE_FORMAT,
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
@@ -104,10 +103,12 @@ def save_reference(run: Path, out: Path = REFERENCE_DIR, samples: Path = SAMPLES
     return out
 
 
-def _save_blocks(model: Any, cfg: dict[str, Any], out: Path, samples: Path) -> dict[str, Any] | None:
-    """``blocks.npz`` when the run changed backbone weights (None, and a stale file removed, when it did not). The
-    rounded blocks are put into ``model`` itself, so that what is saved next (the outputs) is what a rebuild makes;
-    returns what ``reference.json`` records of them."""
+def _save_blocks(
+    model: Any, cfg: dict[str, Any], out: Path, samples: Path
+) -> tuple[dict[str, Any] | None, dict[str, Any]]:
+    """``blocks.npz`` when the run changed backbone weights (no file, and a stale one removed, when it did not). The
+    rounded blocks are put into ``model`` itself, so that the outputs on the sample images are what a rebuild makes;
+    returns what ``reference.json`` records of the blocks (None without them) and those outputs."""
     from derm.trainer.model import build_model
     from derm.trainer.weights import fetch_inception_2015
 
@@ -116,16 +117,16 @@ def _save_blocks(model: Any, cfg: dict[str, Any], out: Path, samples: Path) -> d
         float(cfg.get("dropout", 0.0)),
     )  # fmt: skip
     arrays = block_deltas(model, base)
+    before = reference_outputs(model, samples / "images", int(cfg["input_size"]))
     if not arrays:
         (out / BLOCKS_FILE).unlink(missing_ok=True)
-        return None
+        return None, before
     count = sum(a.size for k, a in arrays.items() if k.endswith("_delta"))
     if count > MAX_BLOCK_WEIGHTS:
         raise ReferenceError(
             f"The run changed {count:,} backbone weights; a reference folder carries at most {MAX_BLOCK_WEIGHTS:,} "
             "(the top one or two blocks). Save a run trained with --unfreeze-top 1 or 2, or share its model.keras."
         )
-    before = reference_outputs(model, samples / "images", int(cfg["input_size"]))
     apply_block_deltas(model, arrays, base)
     after = reference_outputs(model, samples / "images", int(cfg["input_size"]))
     diff = float(np.abs(np.asarray(after["training_probs"]) - np.asarray(before["training_probs"])).max())
@@ -140,7 +141,7 @@ def _save_blocks(model: Any, cfg: dict[str, Any], out: Path, samples: Path) -> d
         "layer_indices": layers,  # positions in the model's layer list (Keras's layer names vary by process)
         "rounding": "int8 difference from the backbone, one scale per output channel",
         "max_abs_diff_from_trained_on_samples": diff,
-    }
+    }, after
 
 
 def block_deltas(model: Any, base: Any) -> dict[str, np.ndarray]:

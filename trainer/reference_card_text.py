@@ -12,6 +12,7 @@ import numpy as np
 
 from derm.trainer.reference import source_of
 from derm.trainer.reference_card import _fmt, data_table, metrics_table, operating_points_table, weighting_table
+from derm.trainer.topblocks import CUTS
 
 
 def card_text(
@@ -65,7 +66,7 @@ def _what_it_is(out: Path, config: Mapping[str, Any], info: Mapping[str, Any]) -
         top = ", ".join(f"mixed{10 - k}" for k in reversed(range(n)))
         frozen = f"frozen below {top}, which was fine-tuned with the head"
         tuned = (
-            f"; then {top} and the head trained together on the cached mixed{10 - n} activations of those views "
+            f"; then {top} and the head trained together on the cached {CUTS[n]} activations of those views "
             f"(RMSProp lr {config['lr']:g}, BatchNorm frozen, up to {config['epochs']} epochs, patience "
             f"{config['patience']}), an epoch kept only if it beat the head's validation score"
         )
