@@ -46,3 +46,36 @@ def test_bad_inputs(few):
         image_dataset(few, 75, targets=[0, 1])
     with pytest.raises(ValueError, match="at least one"):
         image_dataset([], 75)
+
+
+def test_the_pydataset_of_other_backends_serves_the_same_stream(few):
+    """Keras epoch e, batch j of the PyDataset (JAX, no TensorFlow) is batch e * steps + j of the tf.data stream:
+    the same images, views, targets and weights, across the end of a pass (12 images, batches of 5)."""
+    from derm.trainer.data import _sequence_class
+
+    targets, weights = list(range(12)), [0.5 + i for i in range(12)]
+    kw = dict(targets=targets, sample_weights=weights, augment=True, seed=3, batch_size=5, repeat=True)
+    stream = iter(image_dataset(few, 75, **kw))
+    seq = _sequence_class()(few, 75, targets, weights, True, 3, 5, False, True, 3, 2)
+    assert len(seq) == 3
+    for _epoch in range(2):
+        for j in range(len(seq)):
+            x, y, w = seq[j]
+            tx, ty, tw = next(stream)
+            assert (x == tx.numpy()).all() and (y == ty.numpy()).all() and np.allclose(w, tw.numpy())
+        seq.on_epoch_end()
+
+
+def test_the_pydataset_shuffles_each_pass_reproducibly(few):
+    from derm.trainer.data import _sequence_class
+
+    make = _sequence_class()
+    a = make(few, 75, list(range(12)), None, False, 3, 12, True, True, None, 1)
+    b = make(few, 75, list(range(12)), None, False, 3, 12, True, True, None, 1)
+    (x1, y1), (z1, w1) = a[0], b[0]
+    assert (x1 == z1).all() and (y1 == w1).all() and sorted(y1.tolist()) == list(range(12))
+    a.on_epoch_end()
+    assert sorted(a[0][1].tolist()) == list(range(12)) and a[0][1].tolist() != y1.tolist()
+    plain = make(few, 75, None, None, False, 0, 5, False, False, None, 1)
+    assert len(plain) == 3 and plain[2].shape == (2, 75, 75, 3)
+    assert (plain[0][3] == preprocess(few[3], 75)).all()

@@ -349,8 +349,12 @@ def test_source_weights_weigh_a_source_within_the_class_weights(bottleneck_run, 
         prepare(dataclasses.replace(cfg, source_weights={"tablet": 2.0}))  # before any feature is extracted
     with pytest.raises(TrainError, match=r"source_weights must be .* received \{'phone': -1\}"):
         TrainConfig.from_dict({"data": "x", "out": "y", "source_weights": {"phone": -1}})
-    with pytest.raises(TrainError, match="not implemented for mode='finetune'"):
-        TrainConfig.from_dict({"data": "x", "out": "y", "mode": "finetune", "source_weights": {"phone": 2}})
+    ft = TrainConfig.from_dict({"data": "x", "out": "y", "mode": "finetune", "source_weights": {"phone": 2}})
+    assert ft.source_weights == {"phone": 2}  # every-layer fine-tuning weighs sources too (tests/test_device.py)
+    with pytest.raises(TrainError, match=r"time_budget_s bounds every-layer fine-tuning .* mode='bottleneck'"):
+        TrainConfig.from_dict({"data": "x", "out": "y", "time_budget_s": 60})
+    with pytest.raises(TrainError, match=r"time_budget_s must be a positive number of seconds or None; received -1"):
+        TrainConfig.from_dict({"data": "x", "out": "y", "mode": "finetune", "time_budget_s": -1})
 
 
 def test_derm_eval_tta_uses_the_sdks_views_and_averages_them(bottleneck_run):

@@ -115,6 +115,10 @@ EPOCHS = Annotated[int | None, _opt("Fine-tuning epochs.", "--epochs", default_o
 LR = Annotated[float | None, _opt("Fine-tuning learning rate.", "--lr", default_of="lr")]
 BATCH = Annotated[int | None, _opt("Batch size.", "--batch-size", default_of="batch_size")]
 STEPS = Annotated[int | None, _opt("Steps per fine-tuning epoch [one pass].", "--steps-per-epoch")]
+BUDGET = Annotated[
+    float | None,
+    _opt("Finetune: stop after the first epoch ending this many seconds into training.", "--time-budget-s"),
+]
 CW = Annotated[
     ClassWeighting | None, _opt("Class weights in the loss.", "--class-weighting", default_of="class_weighting")
 ]
@@ -205,6 +209,7 @@ def train_command(
     lr: LR = None,
     batch_size: BATCH = None,
     steps_per_epoch: STEPS = None,
+    time_budget_s: BUDGET = None,
     class_weighting: CW = None,
     val_fraction: VAL = None,
     blurry_quantile: BLURRY = None,
@@ -256,6 +261,7 @@ def cv_command(
     lr: LR = None,
     batch_size: BATCH = None,
     steps_per_epoch: STEPS = None,
+    time_budget_s: BUDGET = None,
     class_weighting: CW = None,
     val_fraction: VAL = None,
     blurry_quantile: BLURRY = None,

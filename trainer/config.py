@@ -82,7 +82,7 @@ class TrainConfig:
     dropout: float = 0.0
     batch_size: int = 32
     class_weighting: str = ClassWeighting.BALANCED.value
-    # per-image weight by the value of a column, multiplied into the class weights (bottleneck head only), e.g.
+    # per-image weight by the value of a column, multiplied into the class weights (every mode), e.g.
     # {"pad_ufes20": 8.0} with source_column "source" so that 360 phone photos are not drowned by 12,000 dermoscopy
     # images; values not listed weigh 1
     source_weights: dict[str, float] | None = None
@@ -102,6 +102,7 @@ class TrainConfig:
     lr_drop_every: int = 30  # epochs
     lr_drop_factor: float = 16.0
     steps_per_epoch: int | None = None  # None: one pass over the training images
+    time_budget_s: float | None = None  # finetune: stop after the first epoch ending this long after training began
     # split
     val_fraction: float = 0.1
     folds: int | None = None  # k-fold cross-validation: hold out fold `fold` as the test set
@@ -141,6 +142,14 @@ class TrainConfig:
         if self.steps_per_epoch is not None and (not isinstance(self.steps_per_epoch, int) or self.steps_per_epoch < 1):
             raise self._bad("steps_per_epoch", "a positive integer or None")
         self._check_source_weights()
+        if self.time_budget_s is not None:
+            if not (isinstance(self.time_budget_s, (int, float)) and self.time_budget_s > 0):
+                raise self._bad("time_budget_s", "a positive number of seconds or None")
+            if self.mode != "finetune":
+                raise TrainError(
+                    "time_budget_s bounds every-layer fine-tuning (mode finetune); received it with "
+                    f"mode={self.mode!r}."
+                )
 
     def _bad(self, name: str, want: str) -> TrainError:
         return TrainError(f"{name} must be {want}; received {getattr(self, name)!r}.")
@@ -220,7 +229,7 @@ class TrainConfig:
             raise TrainError("Give either holdout (a fixed test set) or folds/fold, not both.")
 
     def _check_source_weights(self) -> None:
-        """``source_weights``: positive weights, in bottleneck mode only."""
+        """``source_weights``: positive weights (every mode: the head, the top blocks and every-layer fine-tuning)."""
         if self.source_weights is None:
             return
         if not isinstance(self.source_weights, dict) or not all(
@@ -228,11 +237,6 @@ class TrainConfig:
             for k, v in self.source_weights.items()
         ):
             raise self._bad("source_weights", f"a mapping of {self.source_column} values to positive weights")
-        if self.mode != "bottleneck":
-            raise TrainError(
-                "source_weights weigh the training images of the cached modes; they are not implemented for "
-                f"mode={self.mode!r}. Leave them out there."
-            )
 
 
 def _has_type(value: Any, hint: Any) -> bool:

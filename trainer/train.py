@@ -19,6 +19,7 @@ cache. The configuration is :mod:`derm.trainer.config`, the data side :mod:`derm
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -42,12 +43,23 @@ EVAL_LEVELS: tuple[str, ...] = ("three", "nine", "labels")
 
 
 def _strategy(name: str) -> Any:
+    """tf.distribute under Keras' TensorFlow backend; other backends (JAX on a GPU machine) place the model
+    themselves, so a strategy whose scope does nothing."""
+    import keras
+
+    if keras.backend.backend() != "tensorflow":
+        return _NoStrategy()
     import tensorflow as tf
 
     gpus = tf.config.list_logical_devices("GPU")
     if name == "mirrored" or (name == "auto" and len(gpus) > 1):
         return tf.distribute.MirroredStrategy()
     return tf.distribute.get_strategy()
+
+
+class _NoStrategy:
+    def scope(self) -> contextlib.nullcontext[None]:
+        return contextlib.nullcontext()
 
 
 def _evaluate_split(prep: Prepared, idx: np.ndarray, probs: np.ndarray, seed: int) -> dict[str, Any]:
@@ -99,6 +111,24 @@ def _best_val_mpca(cfg: TrainConfig, prep: Prepared, history: EpochLog, lr_at: A
     return ValMPCA()
 
 
+def _time_budget(seconds: float) -> Any:
+    """A Keras callback that ends training after the first epoch that finishes ``seconds`` after training began
+    (a lent GPU's budget); the best validation epoch so far is still the one kept."""
+    import keras
+
+    class TimeBudget(keras.callbacks.Callback):
+        def on_train_begin(self, logs: dict[str, Any] | None = None) -> None:
+            self.t0 = time.perf_counter()
+
+        def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
+            spent = time.perf_counter() - self.t0
+            if spent >= seconds:
+                log.info("Time budget %g s spent after epoch %d (%.0f s): training stops.", seconds, epoch + 1, spent)
+                self.model.stop_training = True
+
+    return TimeBudget()
+
+
 def _finetune(
     model: Any, cfg: TrainConfig, prep: Prepared, work: Path, history: EpochLog, trainable_from: int | None
 ) -> None:
@@ -113,28 +143,34 @@ def _finetune(
         layer.trainable = trainable_from is None or i >= trainable_from
     steps = cfg.steps_per_epoch or math.ceil(len(tr) / cfg.batch_size)
     schedule = compile_paper_rmsprop(model, cfg, steps)
+    n_cls = len(prep.partition.classes)
+    # Source weights (phone photos weighed up) are per image and already hold the class weights.
+    weights = sample_weights(cfg, prep, tr) if cfg.source_weights else None
     train_ds = image_dataset(
         [prep.dataset.paths[i] for i in tr],
         cfg.input_size,
         targets=prep.targets[tr],
+        sample_weights=weights,
         augment=True,
         seed=cfg.seed,
         batch_size=cfg.batch_size,
         shuffle=True,
         repeat=True,
+        steps=steps,
     )
-    n_cls = len(prep.partition.classes)
     best_path = work / "best.weights.h5"
     callbacks = [
         keras.callbacks.BackupAndRestore(str(work / "backup"), delete_checkpoint=True),
         _best_val_mpca(cfg, prep, history, schedule, steps, best_path),
     ]
+    if cfg.time_budget_s:
+        callbacks.append(_time_budget(cfg.time_budget_s))
     keras.utils.set_random_seed(cfg.seed)
     model.fit(
         train_ds,
         epochs=cfg.epochs,
         steps_per_epoch=steps,
-        class_weight=class_weights_for(prep.targets[tr], n_cls, cfg.class_weighting),
+        class_weight=None if weights is not None else class_weights_for(prep.targets[tr], n_cls, cfg.class_weighting),
         callbacks=callbacks,
         verbose=0,
         shuffle=False,  # the dataset shuffles itself, reproducibly per seed
