@@ -1,12 +1,19 @@
 """Train the reference model on all of ``../shared`` and choose the weight of the phone photos on validation.
 
-    python -m derm.benchmarks.reference --runs runs/reference_build [--weights 1,4,12] [--save [--replace-fine-tuned]]
+    python -m derm.benchmarks.reference --runs runs/reference_weights [--weights 1,4,12] [--recipe committed|frozen]
+        [--save [--replace-fine-tuned]]
 
-Trains one run per weight of a PAD-UFES-20 photo (the feature cache is shared, so every run after the first costs
-only the head), measures each on the validation and test splits of every source, chooses the weight on validation
-alone (rule below, fixed before any run was read), writes ``benchmarks/results/reference.{json,md}`` and, with
-``--save``, the committed ``reference/`` folder and its model card from the chosen run (refused while the committed
-reference fine-tunes backbone blocks, which these frozen heads would replace, unless ``--replace-fine-tuned``).
+Trains one run per weight of a PAD-UFES-20 photo (the feature and activation caches are shared, so every run after
+the first costs only the training), measures each on the validation and test splits of every source, chooses the
+weight on validation alone (rule below, fixed before any run was read), writes the results and, with ``--save``, the
+committed ``reference/`` folder and its model card from the chosen run.
+
+``--recipe committed`` (the default) trains the committed ``reference/config.json`` recipe (its fine-tuned top block,
+views and learning rate) at each weight: ``benchmarks/results/reference_weights_committed.{json,md}``. ``--recipe
+frozen`` trains the first reference's frozen head (``benchmarks/results/reference.{json,md}``); its ``--save`` is
+refused while the committed reference fine-tunes backbone blocks, which a frozen head would replace, unless
+``--replace-fine-tuned``. A run already in ``RUNS`` is reused when its configuration is the one this command would
+train (apart from its paths), else refused.
 
 Choice: the highest PAD-UFES-20 validation score (9-way mean per-class accuracy + carcinoma-vs-SK AUC) among the
 weights whose validation 9-way mean per-class accuracy over all sources is within 0.02 of the unweighted run's.
@@ -38,6 +45,19 @@ def choose(rows: list[dict[str, Any]], tolerance: float = 0.02) -> dict[str, Any
     return max(ok, key=lambda r: _score(r["val"]))
 
 
+def _check_reused(run: Path, cfg: Any) -> None:
+    """Refuse to reuse ``run`` unless it was trained with ``cfg`` apart from its data and output paths."""
+    had = json.loads((run / "config.json").read_text(encoding="utf-8"))
+    want = json.loads(json.dumps(cfg.to_dict()))
+    paths = ("data", "out", "overwrite")
+    diff = sorted(k for k in set(had) | set(want) if k not in paths and had.get(k) != want.get(k))
+    if diff:
+        raise SystemExit(
+            f"{run} was trained with another configuration ({', '.join(f'{k}: {had.get(k)!r}' for k in diff)}; this "
+            f"command trains {', '.join(f'{k}: {want.get(k)!r}' for k in diff)}). Give another --runs or remove it."
+        )
+
+
 def main(argv: list[str] | None = None) -> None:
     from derm.trainer.reference import (
         REFERENCE_DIR,
@@ -54,6 +74,12 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--runs", type=Path, default=Path("runs/reference_build"))
     ap.add_argument("--shared", type=Path, default=None)
     ap.add_argument("--weights", default="1,4,12", help="weights of a PAD-UFES-20 photo to compare")
+    ap.add_argument(
+        "--recipe",
+        choices=("committed", "frozen"),
+        default="committed",
+        help="committed: reference/config.json's recipe at each weight; frozen: the first reference's frozen head",
+    )
     ap.add_argument("--save", action="store_true", help="write reference/ and its model card from the chosen run")
     ap.add_argument(
         "--replace-fine-tuned",
@@ -62,11 +88,11 @@ def main(argv: list[str] | None = None) -> None:
     )
     args = ap.parse_args(argv)
     tuned = committed_top_blocks(REFERENCE_DIR / "config.json")
-    if args.save and tuned and not args.replace_fine_tuned:
+    if args.save and tuned and args.recipe == "frozen" and not args.replace_fine_tuned:
         ap.error(
             f"--save: the committed reference fine-tunes its top {tuned} block(s) (reference/config.json unfreeze_top "
-            f"{tuned}), and this comparison trains frozen heads, so saving its choice would replace it with a weaker "
-            "recipe. Compare without --save, or pass --replace-fine-tuned to replace it anyway."
+            f"{tuned}), and --recipe frozen trains frozen heads, so saving its choice would replace it with a weaker "
+            "recipe. Compare with --recipe committed, or without --save, or pass --replace-fine-tuned."
         )
     setup_logging(logging.INFO, timestamps=True)
     data = reference_csv(args.shared or shared_dir(), args.runs / "data.csv")
@@ -74,13 +100,17 @@ def main(argv: list[str] | None = None) -> None:
     for w in (float(x) for x in args.weights.split(",")):
         out = args.runs / f"w{w:g}"
         t = time.perf_counter()
-        if not (out / "run.json").is_file():
-            extra = {"source_weights": {"pad_ufes20": w}} if w != 1.0 else {}
-            train(reference_config(data, out, ref=None, **extra))
+        weighting = {"source_weights": {"pad_ufes20": w} if w != 1.0 else None}
+        cfg = reference_config(data, out, ref=REFERENCE_DIR if args.recipe == "committed" else None, **weighting)
+        if (out / "run.json").is_file():
+            _check_reused(out, cfg)
+        else:
+            train(cfg)
         metrics = json.loads((out / "metrics.json").read_text(encoding="utf-8"))
         rows.append(
             {
                 "weight": w,
+                "recipe": args.recipe,
                 "run": str(out),
                 "seconds": round(time.perf_counter() - t, 1),
                 "timings": metrics.get("timings"),
@@ -91,13 +121,22 @@ def main(argv: list[str] | None = None) -> None:
     best = choose(rows)
     best["chosen"] = True
     res = {"rule": __doc__.split("Choice: ", 1)[1].strip(), "runs": rows, "chosen_weight": best["weight"]}
+    res["recipe"] = args.recipe
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "reference.json").write_text(json.dumps(res, indent=1) + "\n", encoding="utf-8")
+    name = "reference" if args.recipe == "frozen" else "reference_weights_committed"
+    (RESULTS / f"{name}.json").write_text(json.dumps(res, indent=1) + "\n", encoding="utf-8")
+    recipe = (
+        "the first reference's frozen head"
+        if args.recipe == "frozen"
+        else f"the committed recipe (reference/config.json: top {tuned} block(s) fine-tuned, {cfg.views} views, "
+        f"lr {cfg.lr:g})"
+    )
     md = (
         f"# Reference model: weighting the phone photos\n\nRun `python -m derm.benchmarks.reference --runs {args.runs} "
-        f"--weights {args.weights}` on 2 CPU cores. Rule: {res['rule']}\n\n{weighting_table(rows)}\n"
+        f"--weights {args.weights} --recipe {args.recipe}` on 2 CPU cores, {recipe}. Rule: {res['rule']}\n\n"
+        f"{weighting_table(rows)}\n"
     )
-    (RESULTS / "reference.md").write_text(md, encoding="utf-8")
+    (RESULTS / f"{name}.md").write_text(md, encoding="utf-8")
     print(md)
     if args.save:
         save_reference(Path(best["run"]), REFERENCE_DIR)

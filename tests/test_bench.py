@@ -233,17 +233,35 @@ def test_reference_top_refuses_a_bad_lr_or_block_count_before_training(argv, ech
 
 
 def test_reference_weighting_refuses_to_save_frozen_heads_over_the_fine_tuned_reference(tmp_path, capsys):
-    """The weighting comparison trains frozen heads: with --save it would replace the committed reference, which
-    fine-tunes mixed10, by a weaker recipe, so it refuses before training anything unless told to."""
+    """The weighting comparison's frozen recipe trains frozen heads: with --save it would replace the committed
+    reference, which fine-tunes mixed10, by a weaker recipe, so it refuses before training anything unless told to."""
     from derm.benchmarks import reference as rb
     from derm.trainer.reference import REFERENCE_DIR, committed_top_blocks
 
     assert committed_top_blocks(REFERENCE_DIR / "config.json") == 1  # the committed reference fine-tunes mixed10
     with pytest.raises(SystemExit) as exc:
-        rb.main(["--save", "--runs", str(tmp_path / "runs")])
+        rb.main(["--save", "--recipe", "frozen", "--runs", str(tmp_path / "runs")])
     err = capsys.readouterr().err
     assert exc.value.code == 2 and "unfreeze_top 1" in err and "--replace-fine-tuned" in err
     assert not (tmp_path / "runs").exists()  # nothing trained or written
     config = tmp_path / "config.json"
     config.write_text(json.dumps({"views": 1}), encoding="utf-8")
     assert committed_top_blocks(config) == 0 and committed_top_blocks(tmp_path / "missing.json") == 0
+
+
+def test_reference_weighting_reuses_a_run_only_of_the_same_recipe(tmp_path):
+    """A run already in --runs is reused only when it was trained with the configuration the comparison would train
+    (paths apart); another recipe is refused, naming the keys that differ."""
+    from derm.benchmarks.reference import _check_reused
+    from derm.trainer.reference import REFERENCE_DIR, reference_config
+
+    weighting = {"source_weights": {"pad_ufes20": 4.0}}
+    cfg = reference_config(tmp_path / "data.csv", tmp_path / "w4", ref=REFERENCE_DIR, **weighting)
+    run = tmp_path / "w4"
+    run.mkdir()
+    same = {**cfg.to_dict(), "data": "elsewhere.csv", "out": "runs/other"}
+    (run / "config.json").write_text(json.dumps(same), encoding="utf-8")
+    _check_reused(run, cfg)
+    (run / "config.json").write_text(json.dumps({**same, "unfreeze_top": 0, "lr": 0.001}), encoding="utf-8")
+    with pytest.raises(SystemExit, match=r"\(lr: 0\.001, unfreeze_top: 0; this command trains lr: 0\.0001, unfreeze"):
+        _check_reused(run, cfg)

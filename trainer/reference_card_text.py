@@ -135,12 +135,20 @@ sources has inflammatory or infectious disease), so the 3-way numbers are over t
 
 def _weighting(weighting: list[Mapping[str, Any]], config: Mapping[str, Any]) -> str:
     """The comparison of the weights of a phone photo."""
-    kept = (
-        " The weights were compared for the head on frozen features, one view each; the fine-tuned block was added to"
-        " the chosen weight's recipe afterwards (`python -m derm.benchmarks.reference_top`, chosen on validation too)."
-        if config.get("unfreeze_top")
-        else ""
-    )
+    if all(r.get("recipe") == "committed" for r in weighting):
+        kept = (
+            f" Each weight was trained with this model's recipe (top {config.get('unfreeze_top') or 0} block(s)"
+            f" fine-tuned, {config.get('views')} views, top-block lr {config.get('lr')};"
+            " `python -m derm.benchmarks.reference --recipe committed`)."
+        )
+    elif config.get("unfreeze_top"):
+        kept = (
+            " The weights were compared for the head on frozen features, one view each; the fine-tuned block was added"
+            " to the chosen weight's recipe afterwards (`python -m derm.benchmarks.reference_top`, chosen on validation"
+            " too)."
+        )
+    else:
+        kept = ""
     return f"""## Phone photos: weighting them
 
 PAD-UFES-20's smartphone photos are 3% of the images and look nothing like dermoscopy. The weight of a PAD photo in
