@@ -147,6 +147,14 @@ def test_finetune_under_jax_without_tensorflow_unpacks_to_the_same_predictions(
     assert metrics["mode"] == "finetune" and metrics["test"]["source"] == "model on images"
     assert 0.0 <= metrics["test"]["training_classes"]["mean_per_class_accuracy"] <= 1.0
 
+    from derm.exporter.config import ExportConfig
+    from derm.exporter.export import export
+
+    exported = export(
+        ExportConfig(str(run), quantize="fp16", out=str(tmp_path / "m.tflite"), calibration_size=8, validation_size=8)
+    )
+    assert exported.ok and exported.manifest["training"]["mode"] == "finetune"  # derm-export takes it as it is
+
 
 def test_unpack_refuses_a_folder_without_the_returned_files(tmp_path):
     from derm.trainer.device import unpack
