@@ -161,3 +161,23 @@ def test_unpack_refuses_a_folder_without_the_returned_files(tmp_path):
 
     with pytest.raises(DeviceError, match=r"lacks run\.tar\.gz or weights\.npz\.N"):
         unpack(tmp_path, tmp_path / "run")
+
+
+def test_jobs_are_the_cpu_benchmarks_configurations_in_every_layer_mode(tmp_path):
+    """Each GPU job trains what the CPU benchmarks train (same data, split, partition, weighting), every layer."""
+    from derm.trainer.device import job_config
+    from derm.trainer.reference import REFERENCE_DIR, reference_config, shared_dir
+
+    shared = shared_dir()
+    if not (shared / "data" / "pad_ufes20" / "labels.csv").is_file():
+        pytest.skip(f"the shared data sets are not at {shared} (set DERM_SHARED)")
+    ham = job_config("ham-fold", shared, tmp_path / "h", fold=3)
+    assert (ham.mode, ham.within, ham.max_class_size, ham.folds, ham.fold) == ("finetune", "nine", 100, 5, 3)
+    isic = job_config("isic2017", shared, tmp_path / "i")
+    assert (isic.holdout, isic.within, isic.unfreeze_top) == ("split=val", "labels", 0)
+    ref = job_config("reference", shared, tmp_path / "r")
+    committed = reference_config(Path(ref.data), tmp_path / "r", ref=REFERENCE_DIR)
+    differ = {k for k, v in ref.to_dict().items() if committed.to_dict()[k] != v}
+    assert differ == {"mode", "unfreeze_top"} and ref.source_weights == committed.source_weights
+    with pytest.raises(DeviceError, match="Unknown job 'all'"):
+        job_config("all", shared, tmp_path / "x")

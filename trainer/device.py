@@ -220,19 +220,15 @@ def join(parts: Path, dest: Path) -> tuple[Path, Path, dict[str, Any]]:
 
 
 def job_config(job: str, shared: Path, out: Path, fold: int = 0, **overrides: Any) -> Any:
-    """The training configuration of ``job``, in every-layer mode: the HAM10000 benchmark's fold ``fold`` (5
-    lesion-grouped folds, within nine, maxClassSize 100, as ``derm.benchmarks.trainer``), ISIC 2017 train ->
-    validation, or the reference model (its committed configuration, every layer instead of the top block)."""
+    """The training configuration of ``job``, in every-layer mode, else as the CPU benchmarks train it: the HAM10000
+    benchmark's fold ``fold`` (5 lesion-grouped folds, within nine, maxClassSize 100) and ISIC 2017 train ->
+    validation (within its labels) as ``derm.benchmarks.trainer``, or the reference model (its committed
+    configuration, every layer instead of the top block)."""
     import dataclasses as dc
 
     from derm.trainer.config import TrainConfig
 
-    common = {
-        "mode": "finetune",
-        "pool_layers": ["mixed7", "mixed8", "mixed9", "mixed10"],
-        "unfreeze_top": 0,
-        "feature_cache": None,
-    }
+    common = {"mode": "finetune", "pool_layers": ["mixed7", "mixed8", "mixed9", "mixed10"], "unfreeze_top": 0}
     if job == "ham-fold":
         cfg = TrainConfig(
             data=str(shared / "data/ham10000/labels.csv"),
@@ -245,7 +241,11 @@ def job_config(job: str, shared: Path, out: Path, fold: int = 0, **overrides: An
         )
     elif job == "isic2017":
         cfg = TrainConfig(
-            data=str(shared / "data/isic2017_trainval/labels.csv"), out=str(out), holdout="split=validation", **common
+            data=str(shared / "data/isic2017_trainval/labels.csv"),
+            out=str(out),
+            within="labels",
+            holdout="split=val",
+            **common,
         )
     elif job == "reference":
         from derm.trainer.reference import reference_config, reference_csv
