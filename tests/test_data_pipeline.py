@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 
 from derm.preprocess import preprocess
-from derm.trainer.data import class_weights, image_dataset
+from derm.trainer.data import Stream, class_weights, image_dataset
 
 tf = pytest.importorskip("tensorflow")
 
@@ -56,7 +56,7 @@ def test_the_pydataset_of_other_backends_serves_the_same_stream(few):
     targets, weights = list(range(12)), [0.5 + i for i in range(12)]
     kw = dict(targets=targets, sample_weights=weights, augment=True, seed=3, batch_size=5, repeat=True)
     stream = iter(image_dataset(few, 75, **kw))
-    seq = _sequence_class()(few, 75, targets, weights, True, 3, 5, False, True, 3, 2)
+    seq = _sequence_class()(Stream(tuple(few), 75, np.array(targets), np.array(weights), True, 3, 5, False, True, 3, 2))
     assert len(seq) == 3
     for _epoch in range(2):
         for j in range(len(seq)):
@@ -70,12 +70,12 @@ def test_the_pydataset_shuffles_each_pass_reproducibly(few):
     from derm.trainer.data import _sequence_class
 
     make = _sequence_class()
-    a = make(few, 75, list(range(12)), None, False, 3, 12, True, True, None, 1)
-    b = make(few, 75, list(range(12)), None, False, 3, 12, True, True, None, 1)
+    a = make(Stream(tuple(few), 75, np.arange(12), None, False, 3, 12, True, True, None, 1))
+    b = make(Stream(tuple(few), 75, np.arange(12), None, False, 3, 12, True, True, None, 1))
     (x1, y1), (z1, w1) = a[0], b[0]
     assert (x1 == z1).all() and (y1 == w1).all() and sorted(y1.tolist()) == list(range(12))
     a.on_epoch_end()
     assert sorted(a[0][1].tolist()) == list(range(12)) and a[0][1].tolist() != y1.tolist()
-    plain = make(few, 75, None, None, False, 0, 5, False, False, None, 1)
+    plain = make(Stream(tuple(few), 75, batch_size=5, parallel=1))
     assert len(plain) == 3 and plain[2].shape == (2, 75, 75, 3)
     assert (plain[0][3] == preprocess(few[3], 75)).all()

@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Sequence
+from dataclasses import dataclass
 from functools import cache
 from typing import Any
 
@@ -28,6 +29,29 @@ def load_view(path: str | os.PathLike[str], size: int, augment: bool, seed: int,
     if not augment:
         return resize(im, size)
     return augment_view(im, view_rng(seed, index, view), size)
+
+
+@dataclass(frozen=True)
+class Stream:
+    """What :func:`image_dataset` serves: ``paths`` at ``size``, with ``targets`` (and per-image ``weights``), plain or
+    augmented views, in batches; ``repeat``: endless passes, reshuffled each pass when ``shuffle``; ``steps``: batches
+    in one Keras epoch of the ``PyDataset`` (None: one pass); ``parallel``: decoding workers (None: automatic)."""
+
+    paths: tuple[str, ...]
+    size: int
+    targets: np.ndarray | None = None
+    weights: np.ndarray | None = None
+    augment: bool = False
+    seed: int = 0
+    batch_size: int = 32
+    shuffle: bool = False
+    repeat: bool = False
+    steps: int | None = None
+    parallel: int | None = None
+
+    def view(self, i: int, k: int) -> np.ndarray:
+        """Image ``i`` as it appears in pass ``k`` over the data."""
+        return load_view(self.paths[i], self.size, self.augment, self.seed, i, k)
 
 
 def image_dataset(
@@ -53,7 +77,6 @@ def image_dataset(
     """
     import keras
 
-    paths = [str(p) for p in paths]
     n = len(paths)
     if n == 0:
         raise ValueError("image_dataset needs at least one image path.")
@@ -61,62 +84,57 @@ def image_dataset(
         raise ValueError(f"{len(targets)} targets for {n} images.")
     if sample_weights is not None and (targets is None or len(sample_weights) != n):
         raise ValueError(f"{len(sample_weights)} sample weights for {n} images (weights need targets too).")
-    if keras.backend.backend() != "tensorflow":
-        return _sequence_class()(
-            paths, size, targets, sample_weights, augment, seed, batch_size, shuffle, repeat, steps, parallel
-        )
-    return _tf_dataset(paths, size, targets, sample_weights, augment, seed, batch_size, shuffle, repeat, parallel)
+    stream = Stream(
+        tuple(str(p) for p in paths),
+        int(size),
+        None if targets is None else np.asarray(targets, dtype=np.int64),
+        None if sample_weights is None else np.asarray(sample_weights, dtype=np.float32),
+        bool(augment),
+        int(seed),
+        int(batch_size),
+        bool(shuffle),
+        bool(repeat),
+        steps,
+        parallel,
+    )
+    return _tf_dataset(stream) if keras.backend.backend() == "tensorflow" else _sequence_class()(stream)
 
 
-def _tf_dataset(
-    paths: list[str],
-    size: int,
-    targets: Sequence[int] | None,
-    sample_weights: Sequence[float] | None,
-    augment: bool,
-    seed: int,
-    batch_size: int,
-    shuffle: bool,
-    repeat: bool,
-    parallel: int | None,
-) -> Any:
+def _tf_dataset(s: Stream) -> Any:
     import tensorflow as tf
 
-    n = len(paths)
+    n = len(s.paths)
 
     def load(i: np.int64, epoch: np.int64) -> np.ndarray:
-        return load_view(paths[int(i)], size, augment, seed, int(i), int(epoch))
+        return s.view(int(i), int(epoch))
 
     def one(i, epoch):
         img = tf.numpy_function(load, [i, epoch], tf.uint8, stateful=False)
-        img = tf.ensure_shape(img, (size, size, 3))
+        img = tf.ensure_shape(img, (s.size, s.size, 3))
         return tf.cast(img, tf.float32)
 
-    epochs = tf.data.Dataset.range(1 if not repeat else 2**31 - 1)
+    epochs = tf.data.Dataset.range(1 if not s.repeat else 2**31 - 1)
 
     def epoch_indices(epoch):
         idx = tf.data.Dataset.range(n)
-        if shuffle:
-            idx = idx.shuffle(n, seed=seed + 1, reshuffle_each_iteration=True)
+        if s.shuffle:
+            idx = idx.shuffle(n, seed=s.seed + 1, reshuffle_each_iteration=True)
         return idx.map(lambda i: (i, epoch))
 
     # Without repeat, a dataset of known cardinality: Keras' predict/evaluate then stop cleanly at the end.
-    ds = epochs.flat_map(epoch_indices) if repeat else epoch_indices(tf.constant(0, dtype=tf.int64))
-    autotune = parallel or tf.data.AUTOTUNE
-    if targets is not None:
-        t = tf.constant(np.asarray(targets, dtype=np.int64))
-        if sample_weights is not None:
-            w = tf.constant(np.asarray(sample_weights, dtype=np.float32))
-            ds = ds.map(
-                lambda i, e: (one(i, e), tf.gather(t, i), tf.gather(w, i)),
-                num_parallel_calls=autotune,
-                deterministic=True,
-            )
-        else:
-            ds = ds.map(lambda i, e: (one(i, e), tf.gather(t, i)), num_parallel_calls=autotune, deterministic=True)
-    else:
+    ds = epochs.flat_map(epoch_indices) if s.repeat else epoch_indices(tf.constant(0, dtype=tf.int64))
+    autotune = s.parallel or tf.data.AUTOTUNE
+    if s.targets is None:
         ds = ds.map(lambda i, e: one(i, e), num_parallel_calls=autotune, deterministic=True)
-    return ds.batch(batch_size).prefetch(tf.data.AUTOTUNE)
+    elif s.weights is None:
+        t = tf.constant(s.targets)
+        ds = ds.map(lambda i, e: (one(i, e), tf.gather(t, i)), num_parallel_calls=autotune, deterministic=True)
+    else:
+        t, w = tf.constant(s.targets), tf.constant(s.weights)
+        ds = ds.map(
+            lambda i, e: (one(i, e), tf.gather(t, i), tf.gather(w, i)), num_parallel_calls=autotune, deterministic=True
+        )
+    return ds.batch(s.batch_size).prefetch(tf.data.AUTOTUNE)
 
 
 @cache
@@ -129,58 +147,37 @@ def _sequence_class() -> type:
         ``(e * steps + j) * batch_size`` onwards of the stream of passes (pass ``k``: every image once, in the
         ``(seed + 1, k)`` permutation when shuffling, each as view ``k``); without ``repeat``, one pass."""
 
-        def __init__(
-            self,
-            paths: list[str],
-            size: int,
-            targets: Sequence[int] | None,
-            sample_weights: Sequence[float] | None,
-            augment: bool,
-            seed: int,
-            batch_size: int,
-            shuffle: bool,
-            repeat: bool,
-            steps: int | None,
-            parallel: int | None,
-        ) -> None:
-            workers = parallel or min(32, os.cpu_count() or 1)
+        def __init__(self, stream: Stream) -> None:
+            workers = stream.parallel or min(32, os.cpu_count() or 1)
             super().__init__(workers=workers, use_multiprocessing=False, max_queue_size=4 * workers)
-            self.paths, self.size, self.augment, self.seed = paths, int(size), bool(augment), int(seed)
-            self.targets = None if targets is None else np.asarray(targets, dtype=np.int64)
-            self.weights = None if sample_weights is None else np.asarray(sample_weights, dtype=np.float32)
-            self.batch_size, self.shuffle, self.repeat = int(batch_size), bool(shuffle), bool(repeat)
-            one_pass = math.ceil(len(paths) / self.batch_size)
-            self.steps = int(steps) if repeat and steps else one_pass
+            self.s = stream
+            one_pass = math.ceil(len(stream.paths) / stream.batch_size)
+            self.steps = int(stream.steps) if stream.repeat and stream.steps else one_pass
             self.epoch = 0  # Keras epochs served so far (on_epoch_end)
 
         def __len__(self) -> int:
             return self.steps
 
         def _order(self, k: int) -> np.ndarray:
-            n = len(self.paths)
-            return np.random.default_rng([self.seed + 1, k]).permutation(n) if self.shuffle else np.arange(n)
+            n = len(self.s.paths)
+            return np.random.default_rng([self.s.seed + 1, k]).permutation(n) if self.s.shuffle else np.arange(n)
 
         def __getitem__(self, j: int) -> Any:
-            n = len(self.paths)
-            if self.repeat:
-                start = (self.epoch * self.steps + int(j)) * self.batch_size
-                pos = np.arange(start, start + self.batch_size)
+            s, n = self.s, len(self.s.paths)
+            if s.repeat:
+                start = (self.epoch * self.steps + int(j)) * s.batch_size
+                pos = np.arange(start, start + s.batch_size)
             else:
-                pos = np.arange(int(j) * self.batch_size, min(n, (int(j) + 1) * self.batch_size))
+                pos = np.arange(int(j) * s.batch_size, min(n, (int(j) + 1) * s.batch_size))
             passes = pos // n
             orders = {int(k): self._order(int(k)) for k in np.unique(passes)}
             idx = np.asarray([orders[int(k)][p % n] for k, p in zip(passes, pos, strict=True)])
-            x = np.stack(
-                [
-                    load_view(self.paths[i], self.size, self.augment, self.seed, int(i), int(k))
-                    for i, k in zip(idx, passes, strict=True)
-                ]
-            ).astype(np.float32)
-            if self.targets is None:
+            x = np.stack([s.view(int(i), int(k)) for i, k in zip(idx, passes, strict=True)]).astype(np.float32)
+            if s.targets is None:
                 return x
-            if self.weights is None:
-                return x, self.targets[idx]
-            return x, self.targets[idx], self.weights[idx]
+            if s.weights is None:
+                return x, s.targets[idx]
+            return x, s.targets[idx], s.weights[idx]
 
         def on_epoch_end(self) -> None:
             self.epoch += 1
