@@ -9,7 +9,6 @@ import csv
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -82,7 +81,16 @@ def test_join_refuses_a_changed_or_missing_part(packed, tmp_path):
         join(copy, tmp_path / "j2")
 
 
-# TensorFlow cannot be imported in the run below, as on the GPU machines (PyTorch and JAX, no TensorFlow).
+def _jax_python() -> str | None:
+    """The interpreter of the ``[jax]`` environment (Keras on JAX, no TensorFlow): ``$DERM_JAX_PYTHON``, else the
+    test command's ``.venv-jax``."""
+    given = os.environ.get("DERM_JAX_PYTHON")
+    local = Path(__file__).resolve().parents[1] / ".venv-jax" / "bin" / "python"
+    return given or (str(local) if local.is_file() else None)
+
+
+# TensorFlow cannot be imported in the run below, as on the GPU machines (PyTorch and JAX, no TensorFlow); the [jax]
+# environment does not hold it, and the finder makes sure.
 _NO_TENSORFLOW = """
 import importlib.abc, sys
 class _NoTensorFlow(importlib.abc.MetaPathFinder):
@@ -95,16 +103,16 @@ sys.exit(main(sys.argv[1:]))
 """
 
 
+@pytest.mark.skipif(_jax_python() is None, reason="no [jax] environment (.venv-jax or DERM_JAX_PYTHON)")
 def test_finetune_under_jax_without_tensorflow_unpacks_to_the_same_predictions(
     packed, small_shared, tmp_path, monkeypatch
 ):
-    pytest.importorskip("jax")
     out, _ = packed
     back, work = tmp_path / "back", tmp_path / "work"
     env = {**os.environ, "KERAS_BACKEND": "jax", "JAX_PLATFORMS": "cpu"}
     sets = ["input_size=80", "epochs=3", "steps_per_epoch=2", "batch_size=8", "near_duplicates=false"]
     sets += ['source_weights={"histo": 3.0}', "source_column=dx_type"]  # per-image weights through the PyDataset
-    cmd = [sys.executable, "-c", _NO_TENSORFLOW, "run", "ham-fold", "--fold", "1", "--parts", str(out)]
+    cmd = [_jax_python(), "-c", _NO_TENSORFLOW, "run", "ham-fold", "--fold", "1", "--parts", str(out)]
     cmd += ["--out", str(back), "--work", str(work), "--set", "time_budget_s=0.5"]
     for s in sets:
         cmd += ["--set", s]
