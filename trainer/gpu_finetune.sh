@@ -6,8 +6,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 site="${DERM_SITE:-/tmp/derm-site}"
-if [ ! -f "$site/.installed" ]; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$site" .device/p1/whl/*.whl
+wheels=(.device/p1/whl/*.whl)
+if [ -e "${wheels[0]}" ] && [ ! -f "$site/.installed" ]; then  # none when packed with --no-wheels
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$site" "${wheels[@]}"
   touch "$site/.installed"
 fi
 export PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}" KERAS_BACKEND="${KERAS_BACKEND:-jax}" PYTHONUNBUFFERED=1
