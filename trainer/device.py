@@ -42,6 +42,7 @@ from typing import Any
 
 import numpy as np
 
+from derm._util import sha256_file
 from derm.errors import DermError
 
 log = logging.getLogger(__name__)
@@ -65,14 +66,6 @@ class DeviceError(DermError, RuntimeError):
 
 
 # --------------------------------------------------------------------------------------------------- pack (here)
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(MiB), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def tree_bytes(repo: Path) -> int:
     """Bytes of what every device call sends anyway: tracked files and untracked files git does not ignore."""
     out = subprocess.run(
@@ -162,7 +155,7 @@ def pack(
     parts = [used]
     for dest, src in files:
         size = src.stat().st_size
-        table[dest] = {"size": size, "sha256": _sha256(src), "chunks": []}
+        table[dest] = {"size": size, "sha256": sha256_file(src), "chunks": []}
         with open(src, "rb") as f:
             offset = 0
             while offset < size or not table[dest]["chunks"]:
@@ -213,7 +206,7 @@ def join(parts: Path, dest: Path) -> tuple[Path, Path, dict[str, Any]]:
         with open(target, "wb") as f:
             for c in info["chunks"]:
                 f.write((parts / c).read_bytes())
-        if target.stat().st_size != info["size"] or _sha256(target) != info["sha256"]:
+        if target.stat().st_size != info["size"] or sha256_file(target) != info["sha256"]:
             raise DeviceError(f"{rel} arrived changed (size or sha256 differs from the plan); pack and carry it again.")
     (cache / SIDECAR).write_text(json.dumps(plan["weights_sidecar"], indent=1), encoding="utf-8")
     return shared, cache, plan
@@ -224,8 +217,6 @@ def job_config(job: str, shared: Path, out: Path, fold: int = 0, **overrides: An
     benchmark's fold ``fold`` (5 lesion-grouped folds, within nine, maxClassSize 100) and ISIC 2017 train ->
     validation (within its labels) as ``derm.benchmarks.trainer``, or the reference model (its committed
     configuration, every layer instead of the top block)."""
-    import dataclasses as dc
-
     from derm.trainer.config import TrainConfig
 
     common = {"mode": "finetune", "pool_layers": ["mixed7", "mixed8", "mixed9", "mixed10"], "unfreeze_top": 0}
@@ -254,7 +245,7 @@ def job_config(job: str, shared: Path, out: Path, fold: int = 0, **overrides: An
         cfg = reference_config(data, out, **common)
     else:
         raise DeviceError(f"Unknown job {job!r}; one of {', '.join(JOBS)}.")
-    cfg = dc.replace(cfg, **overrides)
+    cfg = dataclasses.replace(cfg, **overrides)
     cfg.check()
     return cfg
 
@@ -367,9 +358,8 @@ def unpack(back: Path, out: Path, shared: Path | None = None) -> dict[str, Any]:
     directory (``model.keras`` rebuilt here, the machine's image paths moved to ``shared``, this machine's copy of the
     data, ``run.json`` listing the files anew). Its held-out images are predicted again here; the largest difference
     from the machine's predictions goes to ``out/unpack.json``."""
-    from derm._util import sha256_file
     from derm.trainer.reference import shared_dir
-    from derm.trainer.rundir import write_json
+    from derm.trainer.rundir import file_hashes, write_json
 
     shared = Path(shared) if shared is not None else shared_dir()
     chunks = sorted(back.glob("weights.npz.*"), key=lambda p: int(p.suffix[1:]))
@@ -409,9 +399,9 @@ def unpack(back: Path, out: Path, shared: Path | None = None) -> dict[str, Any]:
             "mean_abs_diff": float(np.abs(here - there).mean()),
             "argmax_agreement": float((here.argmax(1) == there.argmax(1)).mean()),
         }
-    (tmp / "unpack.json").write_text(json.dumps(report, indent=1), encoding="utf-8")
+    write_json(tmp / "unpack.json", report)
     run = json.loads((tmp / "run.json").read_text(encoding="utf-8"))
-    run["files"] = {p.name: sha256_file(p) for p in sorted(tmp.iterdir()) if p.is_file() and p.name != "run.json"}
+    run["files"] = file_hashes(tmp)
     write_json(tmp / "run.json", run)
     shutil.rmtree(out, ignore_errors=True)
     os.replace(tmp, out)

@@ -213,6 +213,11 @@ def open_work_dir(out: Path, cfg: TrainConfig) -> Path:
     return work
 
 
+def file_hashes(run: Path) -> dict[str, str]:
+    """``run.json``'s ``files``: the sha256 of every file in the run directory but ``run.json`` itself."""
+    return {p.name: sha256_file(p) for p in sorted(run.iterdir()) if p.is_file() and p.name != "run.json"}
+
+
 def publish(
     work: Path, out: Path, cfg: TrainConfig, prep: Prepared, model: Any, history: EpochLog, result: dict
 ) -> Path:
@@ -237,7 +242,7 @@ def publish(
         "partition_sha256": prep.partition.sha256,
         "classes": prep.partition.labels,
         "input_size": cfg.input_size,
-        "files": {p.name: sha256_file(p) for p in sorted(work.iterdir()) if p.is_file() and p.name != "run.json"},
+        "files": file_hashes(work),
     }
     write_json(work / "run.json", run)
     if out.exists():
