@@ -85,7 +85,7 @@ def paired(
     from derm import metrics
 
     if not np.array_equal(a["image"], b["image"]):
-        raise ValueError("the head-only runs were tested on other images; rerun them with the same splits")
+        raise ValueError("the runs compared were tested on other images; rerun them with the same splits")
     out = {}
     for key, *_ in aucs:
         keep = a[f"{key}_y"] >= 0
@@ -102,25 +102,32 @@ def _columns(aucs: Aucs) -> list[str]:
     return ["fold", "image", "truth", "call"] + [f"{k}_{x}" for k, *_ in aucs for x in ("y", "score")]
 
 
-def write_predictions(path: Path, aucs: Aucs, tables: dict[tuple[int, float], dict[str, np.ndarray]]) -> None:
-    """Every row's test predictions, one line per (blocks trained, image), gzipped deterministically and atomically:
-    what ``--pool-with`` reads to pool folds run on another day or machine with new ones."""
+Row = tuple[int, float, int]  # a benchmark row: (unfreeze_top, lr, views)
+LEGACY_VIEWS = 2  # the views of every row in predictions files written before they named them
+
+
+def write_predictions(path: Path, aucs: Aucs, tables: dict[Row, dict[str, np.ndarray]]) -> None:
+    """Every row's test predictions, one line per (row, image), gzipped deterministically and atomically: what
+    ``--pool-with`` reads to pool folds run on another day or machine with new ones."""
     import csv
     import gzip
     import io
 
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
-    w.writerow(["unfreeze_top", "lr", *_columns(aucs)])
-    for (n, lr), t in tables.items():
+    w.writerow(["unfreeze_top", "lr", "views", *_columns(aucs)])
+    for (n, lr, views), t in tables.items():
         for i in range(len(t["image"])):
-            w.writerow([n, f"{lr:g}"] + [f"{t[c][i]:.6f}" if c.endswith("_score") else t[c][i] for c in _columns(aucs)])
+            w.writerow(
+                [n, f"{lr:g}", views] + [f"{t[c][i]:.6f}" if c.endswith("_score") else t[c][i] for c in _columns(aucs)]
+            )
     with atomic_write(path, "wb") as f:
         f.write(gzip.compress(buf.getvalue().encode("utf-8"), mtime=0))
 
 
-def read_predictions(path: Path, aucs: Aucs) -> dict[tuple[int, float], dict[str, np.ndarray]]:
-    """The tables :func:`write_predictions` wrote, by (unfreeze_top, lr)."""
+def read_predictions(path: Path, aucs: Aucs) -> dict[Row, dict[str, np.ndarray]]:
+    """The tables :func:`write_predictions` wrote, by (unfreeze_top, lr, views); files without a views column are
+    the 2-view runs of 2026-12-01..07."""
     import csv
     import gzip
     import io
@@ -132,9 +139,13 @@ def read_predictions(path: Path, aucs: Aucs) -> dict[tuple[int, float], dict[str
             f"--pool-with {str(path)!r}: not predictions of this benchmark for these AUCs (no {sorted(missing)})"
         )
     kinds = {"fold": np.int64, "image": str, "truth": str, "call": str}
-    out: dict[tuple[int, float], dict[str, np.ndarray]] = {}
-    for key in sorted({(int(r["unfreeze_top"]), float(r["lr"])) for r in rows}):
-        mine = [r for r in rows if (int(r["unfreeze_top"]), float(r["lr"])) == key]
+
+    def row(r: dict[str, str]) -> Row:
+        return int(r["unfreeze_top"]), float(r["lr"]), int(r.get("views") or LEGACY_VIEWS)
+
+    out: dict[Row, dict[str, np.ndarray]] = {}
+    for key in sorted({row(r) for r in rows}):
+        mine = [r for r in rows if row(r) == key]
         out[key] = {
             c: np.asarray([r[c] for r in mine]).astype(kinds.get(c, np.float64 if c.endswith("_score") else np.int64))
             for c in _columns(aucs)

@@ -2,8 +2,9 @@
 activations (``--unfreeze-top``), on this CPU.
 
 Every run is one of the trainer benchmark's runs (see :mod:`derm.benchmarks.trainer`: head on pooled
-mixed7..mixed10, 2 augmented views) with only ``unfreeze_top`` changed, so the rows differ in the blocks trained and
-nothing else:
+mixed7..mixed10, 2 augmented views) with only ``unfreeze_top`` changed, and with ``--views 1,2,4`` the views per
+training image too (the rows then differ in blocks and views, and are paired with the head-only run of as many views),
+so the rows differ in nothing else:
 
 - ``--data isic2017``: ISIC 2017 train split -> validation split; melanoma vs nevus, seborrheic keratosis vs rest,
   3-diagnosis mean per-class accuracy.
@@ -22,6 +23,7 @@ not retrained.
 
     python -m derm.benchmarks.topblocks --shared ../shared --unfreeze 0,1,2,1@0.0001
     python -m derm.benchmarks.topblocks --shared ../shared --data ham10000 --folds 0 --unfreeze 0,1
+    python -m derm.benchmarks.topblocks --shared ../shared --unfreeze 0,1 --views 1,2,4,8 --name topblocks_views
 
 (``N@LR``: that run with another top-block learning rate; the run to keep is chosen on the validation column, never
 on the test columns) writes ``benchmarks/results/topblocks.json`` and ``topblocks.md`` (``topblocks_ham10000.*``).
@@ -44,6 +46,7 @@ import numpy as np
 from derm._cli import setup_logging
 from derm.benchmarks._results import write_results
 from derm.benchmarks._topblocks_predictions import (
+    LEGACY_VIEWS,
     mpca,
     paired,
     per_fold,
@@ -121,7 +124,7 @@ def train_runs(data: str, cfg: Any, shared: Path, folder: Path, folds: list[int]
 
 
 def _row(
-    data: str, n: int, lr: float, runs: list[Path], t: dict[str, np.ndarray], classes: list[str]
+    data: str, n: int, lr: float, views: int, runs: list[Path], t: dict[str, np.ndarray], classes: list[str]
 ) -> dict[str, Any]:
     from derm import metrics
 
@@ -137,6 +140,7 @@ def _row(
     row = {
         "unfreeze_top": n,
         "lr": lr,
+        "views": views,
         "runs": [str(r) for r in runs],
         "trained_blocks": BLOCKS[n] + (f", lr {lr:g}" if n and lr != DEFAULT_LR else ""),
         "timings_s": timings,
@@ -194,8 +198,26 @@ def _per_fold_lines(report: dict[str, Any]) -> list[str]:
             + f", {spec['mpca'].split(' (')[0]} {v['labels_mpca']:.3f}"
             for k, v in r["per_fold"].items()
         ]
-        lines.append(f"- {r['trained_blocks']}: " + "; ".join(cells))
+        lines.append(f"- {_label(r, report)}: " + "; ".join(cells))
     return lines
+
+
+def _differences(d: dict[str, Any], spec: dict[str, Any]) -> str:
+    parts = [
+        f"{title.split(' (')[0]} {d[k][0]:+.3f} ({d[k][1]:+.3f} to {d[k][2]:+.3f})" for k, title, *_ in spec["aucs"]
+    ]
+    parts.append(
+        f"{spec['mpca'].split(' (')[0]} {d['labels_mpca'][0]:+.3f} "
+        f"({d['labels_mpca'][1]:+.3f} to {d['labels_mpca'][2]:+.3f})"
+    )
+    return ", ".join(parts)
+
+
+def _label(r: dict[str, Any], report: dict[str, Any]) -> str:
+    """A row's name in the lines under the table: its blocks, and its views when the rows differ in them."""
+    views = {x.get("views", LEGACY_VIEWS) for x in report["rows"]}
+    n = r.get("views", LEGACY_VIEWS)
+    return r["trained_blocks"] + (f", {n} view{'s' if n != 1 else ''}" if len(views) > 1 else "")
 
 
 def markdown(report: dict[str, Any]) -> str:
@@ -206,32 +228,27 @@ def markdown(report: dict[str, Any]) -> str:
         "",
         f"`{report['command']}` on {report['machine']}, {report['date']}. {report['setup']}",
         "",
-        "| blocks trained | top epochs (kept) | extraction s | head s | top blocks s | total h | validation MPCA | "
-        + " | ".join(f"{title} (95% CI)" for _, title, *_ in aucs)
-        + f" | {spec['mpca']} |",
-        "|---" * (7 + len(aucs) + 1) + "|",
+        "| blocks trained | views | top epochs (kept) | extraction s | head s | top blocks s | total h | "
+        "validation MPCA | " + " | ".join(f"{title} (95% CI)" for _, title, *_ in aucs) + f" | {spec['mpca']} |",
+        "|---" * (8 + len(aucs) + 1) + "|",
     ]
     for r in report["rows"]:
         t = r["timings_s"]
         lines.append(
-            f"| {r['trained_blocks']} | {_epochs(r)} | {t.get('features_s', 0):.0f} | {t.get('head_s', 0):.0f} | "
+            f"| {r['trained_blocks']} | {r.get('views', LEGACY_VIEWS)} | {_epochs(r)} | "
+            f"{t.get('features_s', 0):.0f} | {t.get('head_s', 0):.0f} | "
             f"{t.get('top_blocks_s', 0):.0f} | {t.get('total_s', 0) / 3600:.2f} | {r['val_mpca']:.3f} | "
             + " | ".join(f"{r[k]['auc']:.3f} ({r[k]['lo']:.3f}-{r[k]['hi']:.3f})" for k, *_ in aucs)
             + f" | {r['labels_mpca']:.3f} |"
         )
-    diffs = [r for r in report["rows"] if "vs_head_only" in r]
-    if diffs:
-        lines += ["", "Paired against the head-only run on the same test images (95% paired bootstrap interval):", ""]
-        for r in diffs:
-            d = r["vs_head_only"]
-            parts = [
-                f"{title.split(' (')[0]} {d[k][0]:+.3f} ({d[k][1]:+.3f} to {d[k][2]:+.3f})" for k, title, *_ in aucs
-            ]
-            parts.append(
-                f"{spec['mpca'].split(' (')[0]} {d['labels_mpca'][0]:+.3f} "
-                f"({d['labels_mpca'][1]:+.3f} to {d['labels_mpca'][2]:+.3f})"
-            )
-            lines.append(f"- {r['trained_blocks']}: " + ", ".join(parts))
+    for field, against in (
+        ("vs_head_only", "the head-only run with as many views"),
+        ("vs_legacy_views", f"the same blocks trained on {LEGACY_VIEWS} views (the earlier runs' views)"),
+    ):
+        diffs = [r for r in report["rows"] if field in r]
+        if diffs:
+            lines += ["", f"Paired against {against}, on the same test images (95% paired bootstrap interval):", ""]
+            lines += [f"- {_label(r, report)}: " + _differences(r[field], spec) for r in diffs]
     lines += _per_fold_lines(report)
     lines += ["", report["notes"], ""]
     return "\n".join(lines)
@@ -247,11 +264,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--data", choices=sorted(DATASETS), default="isic2017")
     ap.add_argument("--folds", default="0", help=f"ham10000, pad_ufes20: comma-separated folds of {HAM_FOLDS} to run")
     ap.add_argument("--unfreeze", default="0,1,2", help="comma-separated unfreeze_top values (0: head only)")
-    ap.add_argument("--views", type=int, default=2)
+    ap.add_argument(
+        "--views",
+        default=str(LEGACY_VIEWS),
+        help="comma-separated augmented views per training image; each unfreeze value runs with each (the curve of "
+        "accuracy against views)",
+    )
     ap.add_argument("--epochs", type=int, default=15)
     ap.add_argument("--patience", type=int, default=5)
     ap.add_argument("--notes", default="", help="what the table shows, written under it")
     ap.add_argument("--results", type=Path, default=RESULTS)
+    ap.add_argument("--name", help="results file name (default: topblocks, or topblocks_DATA)")
     ap.add_argument(
         "--pool-with",
         type=Path,
@@ -262,11 +285,16 @@ def main(argv: list[str] | None = None) -> int:
     folds = [int(k) for k in args.folds.split(",")]
     if any(not 0 <= k < HAM_FOLDS for k in folds):
         ap.error(f"--folds {args.folds!r}: folds are 0..{HAM_FOLDS - 1}")
+    try:
+        view_counts = [int(v) for v in args.views.split(",")]
+    except ValueError:
+        view_counts = []
+    if not view_counts or min(view_counts) < 1:
+        ap.error(f"--views {args.views!r}: give whole numbers of at least 1, comma-separated (e.g. 1,2,4)")
     setup_logging(logging.INFO)
     base = TrainConfig(
         data="",
         out="",
-        views=args.views,
         pool_layers=["mixed7", "mixed8", "mixed9", "mixed10"],
         epochs=args.epochs,
         patience=args.patience,
@@ -274,25 +302,41 @@ def main(argv: list[str] | None = None) -> int:
     aucs = DATASETS[args.data]["aucs"]
     earlier = read_predictions(args.pool_with, aucs) if args.pool_with else {}
     rows, tables, classes = [], {}, []
-    for spec in args.unfreeze.split(","):
-        n, _, lr_text = spec.partition("@")
-        n, lr = int(n), float(lr_text or DEFAULT_LR)
-        folder = args.runs / (f"top{n}" if lr == DEFAULT_LR else f"top{n}_lr{lr:g}")
-        runs = train_runs(args.data, dataclasses.replace(base, unfreeze_top=n, lr=lr), args.shared, folder, folds)
-        classes = load_partition(runs[0])[1].labels
-        t = pooled(table(aucs, runs, folds if args.data in CROSS_VALIDATED else [-1]), earlier.get((n, lr)))
-        tables[(n, lr)] = t
-        rows.append(_row(args.data, n, lr, runs, t, classes))
-    head_only = next((t for (n, _), t in tables.items() if n == 0), None)
+    # fewer views first: a run with more views finds the first ones in the activation cache
+    for views in sorted(view_counts):
+        for spec in args.unfreeze.split(","):
+            n, _, lr_text = spec.partition("@")
+            n, lr = int(n), float(lr_text or DEFAULT_LR)
+            cfg = dataclasses.replace(base, unfreeze_top=n, lr=lr, views=views)
+            runs = train_runs(args.data, cfg, args.shared, run_folder(args.runs, n, lr, views), folds)
+            classes = load_partition(runs[0])[1].labels
+            t = table(aucs, runs, folds if args.data in CROSS_VALIDATED else [-1])
+            tables[(n, lr, views)] = t = pooled(t, earlier.get((n, lr, views)))
+            rows.append(_row(args.data, n, lr, views, runs, t, classes))
     for r in rows:
+        mine = tables[(r["unfreeze_top"], r["lr"], r["views"])]
+        head_only = tables.get((0, DEFAULT_LR, r["views"]))
         if r["unfreeze_top"] and head_only is not None:
-            r["vs_head_only"] = paired(aucs, tables[(r["unfreeze_top"], r["lr"])], head_only, classes)
+            r["vs_head_only"] = paired(aucs, mine, head_only, classes)
+        # the same blocks on the earlier runs' 2 views, run now or read from --pool-with, on the same images
+        key = (r["unfreeze_top"], r["lr"], LEGACY_VIEWS)
+        legacy = tables.get(key, earlier.get(key))
+        if r["views"] != LEGACY_VIEWS and legacy is not None and np.array_equal(legacy["image"], mine["image"]):
+            r["vs_legacy_views"] = paired(aucs, mine, legacy, classes)
     pooled_folds = sorted({int(k) for r in rows for k in r["per_fold"]})
-    name = "topblocks" if args.data == "isic2017" else f"topblocks_{args.data}"
+    name = args.name or ("topblocks" if args.data == "isic2017" else f"topblocks_{args.data}")
     write_predictions(args.results / f"{name}_predictions.csv.gz", aucs, tables)
     report = _report(args, folds, pooled_folds, rows)
     write_results(args.results, name, report, markdown(report))
     return 0
+
+
+def run_folder(runs: Path, n: int, lr: float, views: int) -> Path:
+    """Where a row's runs live: ``top{N}`` (``_lr{LR}`` at another learning rate, ``_v{V}`` at other than the
+    2 views every run had before ``--views`` took a list, so those runs are found again)."""
+    return runs / (
+        f"top{n}" + (f"_lr{lr:g}" if lr != DEFAULT_LR else "") + (f"_v{views}" if views != LEGACY_VIEWS else "")
+    )
 
 
 def _report(args: argparse.Namespace, folds: list[int], pooled_folds: list[int], rows: list[Any]) -> dict[str, Any]:
@@ -314,7 +358,7 @@ def _report(args: argparse.Namespace, folds: list[int], pooled_folds: list[int],
         ),
         "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, no GPU",
         "date": time.strftime("%Y-%m-%d"),
-        "setup": f"inception-2015 weights, 299x299, head on pooled mixed7..mixed10, {args.views} augmented views per "
+        "setup": f"inception-2015 weights, 299x299, head on pooled mixed7..mixed10, {_views_text(args.views)} per "
         f"training image, head 40 epochs, then up to {args.epochs} top-block epochs (paper's RMSProp, lr 0.001, "
         f"BatchNorm frozen, patience {args.patience}); test: {DATASETS[args.data]['test']}"
         + (tested if ham else "")
@@ -322,6 +366,13 @@ def _report(args: argparse.Namespace, folds: list[int], pooled_folds: list[int],
         "notes": args.notes,
         "rows": rows,
     }
+
+
+def _views_text(views: Any) -> str:
+    counts = [int(v) for v in str(views).split(",")]
+    if len(counts) == 1:
+        return f"{counts[0]} augmented view" + ("s" if counts[0] != 1 else "")
+    return f"{', '.join(map(str, counts[:-1]))} or {counts[-1]} augmented views (the views column)"
 
 
 if __name__ == "__main__":

@@ -76,14 +76,14 @@ def test_topblocks_predictions_pool_folds_run_on_another_day(tmp_path):
 
     f0 = tab(0, ["a.jpg", "c.jpg", "e.jpg"], ["nv", "mel", "bcc"], ["nv", "mel", "nv"])
     f1 = tab(1, ["b.jpg", "d.jpg"], ["mel", "nv"], ["nv", "nv"])
-    old = {(1, 0.001): {c: np.concatenate([f0[c], f1[c]]) for c in f0}}
+    old = {(1, 0.001, 2): {c: np.concatenate([f0[c], f1[c]]) for c in f0}}
     path = tmp_path / "p.csv.gz"
     tp.write_predictions(path, aucs, old)
     first = path.read_bytes()
     tp.write_predictions(path, aucs, old)
     assert path.read_bytes() == first  # no timestamp in the gzip header
     back = tp.read_predictions(path, aucs)
-    assert list(back) == [(1, 0.001)] and back[(1, 0.001)]["image"].tolist() == [
+    assert list(back) == [(1, 0.001, 2)] and back[(1, 0.001, 2)]["image"].tolist() == [
         "a.jpg",
         "c.jpg",
         "e.jpg",
@@ -91,7 +91,7 @@ def test_topblocks_predictions_pool_folds_run_on_another_day(tmp_path):
         "d.jpg",
     ]
     new = tab(1, ["b.jpg", "d.jpg"], ["mel", "nv"], ["mel", "nv"])  # fold 1 run again, now right on both
-    both = tp.pooled(new, back[(1, 0.001)])
+    both = tp.pooled(new, back[(1, 0.001, 2)])
     assert both["image"].tolist() == ["a.jpg", "b.jpg", "c.jpg", "d.jpg", "e.jpg"]
     assert both["fold"].tolist() == [0, 1, 0, 1, 0] and both["call"].tolist() == ["nv", "mel", "mel", "nv", "nv"]
     assert tp.mpca(both, classes) == pytest.approx((1 + 1 + 0) / 3)  # mel 2/2, nv 2/2, bcc 0/1
@@ -101,6 +101,15 @@ def test_topblocks_predictions_pool_folds_run_on_another_day(tmp_path):
         tp.mpca(both, ["mel", "nv"])
     with pytest.raises(ValueError, match="not predictions of this benchmark"):
         tp.read_predictions(path, DATASETS["isic2017"]["aucs"])
+    # files written before rows named their views (2026-12-01..07, all at 2 views) read as 2-view rows
+    import gzip
+
+    legacy = gzip.decompress(path.read_bytes()).decode("utf-8").splitlines()
+    legacy = [",".join(line.split(",")[:2] + line.split(",")[3:]) for line in legacy]
+    path.write_bytes(gzip.compress(("\n".join(legacy) + "\n").encode("utf-8")))
+    assert list(tp.read_predictions(path, aucs)) == [(1, 0.001, 2)]
+    tp.write_predictions(path, aucs, {(1, 0.001, 4): old[(1, 0.001, 2)], (0, 0.001, 1): f0})
+    assert list(tp.read_predictions(path, aucs)) == [(0, 0.001, 1), (1, 0.001, 4)]
 
 
 def test_topblocks_report_the_top_epoch_kept_or_that_the_head_was_kept():
