@@ -9,8 +9,8 @@ committed model's test numbers: the check is reported) and ``top{N}_v{V}`` with 
 (the top-blocks benchmark's mode, :mod:`derm.benchmarks.topblocks`). Each row: validation (what a choice would be
 made on) and test numbers per source, paired bootstrap differences on the same test images, and this machine's
 hours. A run already in ``RUNS`` is reused. Writes ``benchmarks/results/reference_topblocks.{json,md}``
-(``reference_topblocks_lr{LR}.*`` with another top-block ``--lr``); it does not touch the committed ``reference/``
-folder.
+(``reference_topblocks_lr{LR}.*`` with another top-block ``--lr``, ``..._v{V}.*`` with other than 2 ``--views``); it
+does not touch the committed ``reference/`` folder.
 """
 
 from __future__ import annotations
@@ -131,15 +131,20 @@ def reproduces_committed(test: dict[str, Any], committed: Path) -> dict[str, Any
     return {"checked": True, "max_abs_difference": float(max(diffs)), "numbers_compared": len(diffs)}
 
 
-def committed_recipe(config: Path, unfreeze_top: int, views: int, lr: float) -> int:
-    """Which of the two runs the committed reference was trained as: 1 when its ``config.json`` fine-tuned the same
-    top blocks at the same learning rate and views, else 0 (the frozen head)."""
+def committed_recipe(config: Path, unfreeze_top: int, views: int, lr: float) -> int | None:
+    """Which of the two runs the committed reference was trained as: 0 when its ``config.json`` is the frozen head
+    (or unreadable), 1 when it fine-tuned the same top blocks at the same learning rate and views, None when it
+    fine-tuned blocks in another way than the run compared here (then neither run retrains it, and nothing is
+    checked against its numbers)."""
     from derm.trainer.reference import committed_top_blocks
 
-    if committed_top_blocks(config) != unfreeze_top:
+    committed = committed_top_blocks(config)
+    if committed == 0:
         return 0
+    if committed != unfreeze_top:
+        return None
     conf = json.loads(config.read_text(encoding="utf-8"))  # readable: it named the same top blocks
-    return int((int(conf.get("views", 1)), float(conf.get("lr", DEFAULT_LR))) == (views, lr))
+    return 1 if (int(conf.get("views", 1)), float(conf.get("lr", DEFAULT_LR))) == (views, lr) else None
 
 
 def _cell(entry: dict[str, Any], level: str | None = None, task: str | None = None) -> str:
@@ -194,7 +199,7 @@ def markdown(res: dict[str, Any]) -> str:
         f"The {res['committed_recipe']} run (the committed reference's recipe) retrained here, against its test "
         "numbers: "
         if res.get("committed_recipe")
-        else "The frozen run retrained here against the committed reference's test numbers: "
+        else "The committed reference's test numbers: "
     )
     lines += [
         "",
@@ -253,11 +258,14 @@ def main(argv: list[str] | None = None) -> None:
         "date": datetime.date.today().isoformat(),
         "rows": rows,
         "paired": paired(scores[1], scores[0]),
-        "committed_recipe": rows[recipe]["name"],
-        "frozen_reproduces_committed": reproduces_committed(rows[recipe]["test"], committed),
+        "committed_recipe": rows[recipe]["name"] if recipe is not None else None,
+        "frozen_reproduces_committed": reproduces_committed(rows[recipe]["test"], committed)
+        if recipe is not None
+        else {"checked": False, "why": "the committed reference was trained as neither of these runs"},
         "notes": args.notes,
     }
-    write_results(args.results, f"reference_topblocks{tuned}", res, markdown(res))
+    other_views = f"_v{args.views}" if args.views != 2 else ""  # 2: the views of the files written before this
+    write_results(args.results, f"reference_topblocks{tuned}{other_views}", res, markdown(res))
 
 
 if __name__ == "__main__":

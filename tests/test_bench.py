@@ -226,7 +226,10 @@ def test_reference_top_pairs_the_two_runs_per_source_and_checks_the_committed_nu
     config = tmp_path / "config.json"
     config.write_text(json.dumps({"unfreeze_top": 1, "views": 2, "lr": 0.0001}), encoding="utf-8")
     assert rt.committed_recipe(config, 1, 2, 0.0001) == 1
-    assert [rt.committed_recipe(config, 1, 2, 0.001), rt.committed_recipe(config, 2, 2, 0.0001)] == [0, 0]
+    # another learning rate, views count or block count: the committed reference is neither run, nothing is checked
+    assert [rt.committed_recipe(config, *other) for other in ((1, 2, 0.001), (1, 4, 0.0001), (2, 2, 0.0001))] == [
+        None
+    ] * 3
     config.write_text(json.dumps({"views": 1}), encoding="utf-8")  # the frozen head's recipe
     assert rt.committed_recipe(config, 1, 2, 0.0001) == 0 and rt.committed_recipe(tmp_path / "none.json", 1, 2, 1) == 0
 
