@@ -343,6 +343,7 @@ def _report(args: argparse.Namespace, folds: list[int], pooled_folds: list[int],
     ham = args.data in CROSS_VALIDATED
     flags = f"--data {args.data} --folds {args.folds} " if ham else ""
     flags += f"--pool-with {args.pool_with} " if args.pool_with else ""
+    flags += f"--name {args.name} " if args.name else ""  # rerun as written, it rewrites the same results file
     earlier = sorted(set(pooled_folds) - set(folds))
     tested = f" (folds {','.join(map(str, pooled_folds))} of {HAM_FOLDS}" + (
         f"; folds {','.join(map(str, earlier))} from {args.pool_with}, run earlier)" if earlier else ")"

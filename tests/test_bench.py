@@ -138,7 +138,7 @@ def test_topblocks_reports_the_phone_photo_folds_with_their_own_task_and_words()
 
     args = argparse.Namespace(
         data="pad_ufes20", folds="1", pool_with=Path("p.csv.gz"), shared=Path("s"), runs=Path("r"), unfreeze="1,0",
-        views=2, epochs=15, patience=5, notes="",
+        views=2, epochs=15, patience=5, notes="", name=None,
     )  # fmt: skip
     fold = {"n_test_images": 70, "carcinoma_vs_seborrheic_keratosis": 0.9, "labels_mpca": 0.5}
     row = {
@@ -149,6 +149,10 @@ def test_topblocks_reports_the_phone_photo_folds_with_their_own_task_and_words()
     report = tb._report(args, [1], [0, 1], [row])
     assert "--data pad_ufes20 --folds 1 --pool-with p.csv.gz" in report["command"]
     assert "folds 0,1 of 5; folds 0 from p.csv.gz, run earlier" in report["setup"]
+    args.name, args.views = "topblocks_pad_views", "1,4"
+    again = tb._report(args, [1], [0, 1], [row])  # the command, rerun as written, rewrites the same results file
+    assert "--name topblocks_pad_views --unfreeze 1,0 --views 1,4" in again["command"]
+    assert "1 or 4 augmented views (the views column) per training image" in again["setup"]
     text = tb.markdown(report)
     assert "| carcinoma vs keratosis AUC (pooled) (95% CI) | PAD diagnoses MPCA (pooled) |" in text
     assert "| 0.910 (0.850-0.960) | 0.550 |" in text and "melanoma" not in text
