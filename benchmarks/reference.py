@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from derm._cli import setup_logging
+from derm.benchmarks._results import write_results
 
 RESULTS = Path(__file__).resolve().parent / "results"
 log = logging.getLogger("derm.benchmarks.reference")
@@ -124,7 +125,6 @@ def main(argv: list[str] | None = None) -> None:
     res["recipe"] = args.recipe
     RESULTS.mkdir(exist_ok=True)
     name = "reference" if args.recipe == "frozen" else "reference_weights_committed"
-    (RESULTS / f"{name}.json").write_text(json.dumps(res, indent=1) + "\n", encoding="utf-8")
     recipe = (
         "the first reference's frozen head"
         if args.recipe == "frozen"
@@ -136,8 +136,7 @@ def main(argv: list[str] | None = None) -> None:
         f"--weights {args.weights} --recipe {args.recipe}` on 2 CPU cores, {recipe}. Rule: {res['rule']}\n\n"
         f"{weighting_table(rows)}\n"
     )
-    (RESULTS / f"{name}.md").write_text(md, encoding="utf-8")
-    print(md)
+    write_results(RESULTS, name, res, md)
     if args.save:
         save_reference(Path(best["run"]), REFERENCE_DIR)
         from derm.benchmarks.decisions import decisions

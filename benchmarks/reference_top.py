@@ -28,6 +28,7 @@ import numpy as np
 
 from derm._cli import setup_logging
 from derm.benchmarks._results import write_results
+from derm.benchmarks._topblocks_predictions import LEGACY_VIEWS
 from derm.benchmarks.topblocks import BLOCKS, DEFAULT_LR, epochs_cell, kept_top_epoch
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -223,7 +224,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--runs", type=Path, default=Path("runs/reference_top"))
     ap.add_argument("--shared", type=Path, default=None)
     ap.add_argument("--unfreeze-top", type=int, default=1, help="top Inception blocks fine-tuned (1-3)")
-    ap.add_argument("--views", type=int, default=2, help="augmented views per training image for that run")
+    ap.add_argument("--views", type=int, default=LEGACY_VIEWS, help="augmented views per training image for that run")
     ap.add_argument("--lr", type=float, default=DEFAULT_LR, help="the top blocks' learning rate (the head's stays)")
     ap.add_argument("--results", type=Path, default=RESULTS)
     ap.add_argument("--notes", default="", help="a paragraph appended to the markdown")
@@ -264,7 +265,7 @@ def main(argv: list[str] | None = None) -> None:
         else {"checked": False, "why": "the committed reference was trained as neither of these runs"},
         "notes": args.notes,
     }
-    other_views = f"_v{args.views}" if args.views != 2 else ""  # 2: the views of the files written before this
+    other_views = f"_v{args.views}" if args.views != LEGACY_VIEWS else ""  # the views of the files written before
     write_results(args.results, f"reference_topblocks{tuned}{other_views}", res, markdown(res))
 
 
